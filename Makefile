@@ -1,0 +1,44 @@
+# One-command set-up + run. `make demo` and `make test` each create .venv on first use.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# The CUDA build of torch lets every install compile the CUDA kernels (msff._C) even on a
+# machine without a GPU; set TORCH_SPEC=torch==2.13.0 for the small CPU-only build.
+TORCH_SPEC  ?= torch==2.14.1
+TRITON_SPEC ?= triton==3.8.0
+PYTEST_ARGS ?=
+
+.PHONY: install demo test test-gpu test-slow bench lint env clean
+
+$(BIN)/.msff-installed: pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cu csrc/cuda/*.cuh)
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH_SPEC)" "$(TRITON_SPEC)" numpy pybind11 ninja setuptools wheel
+	$(BIN)/pip install --no-build-isolation -e ".[test,vector]"
+	touch $@
+
+install: $(BIN)/.msff-installed
+
+demo: install
+	$(BIN)/msff demo --out demo_out
+
+test: install
+	$(BIN)/python -m pytest tests $(PYTEST_ARGS)
+
+test-gpu: install
+	$(BIN)/python -m pytest tests -m gpu $(PYTEST_ARGS)
+
+test-slow: install
+	$(BIN)/python -m pytest tests -m slow $(PYTEST_ARGS)
+
+bench: install
+	$(BIN)/python -m pytest benchmarks --benchmark-only $(PYTEST_ARGS)
+
+lint: install
+	$(BIN)/ruff check msff kernels tests benchmarks setup.py
+
+env: install
+	$(BIN)/python -m msff.env
+
+clean:
+	rm -rf $(VENV) build *.egg-info msff/_C*.so demo_out .pytest_cache .benchmarks

@@ -1,0 +1,1 @@
+"""Triton kernels of msff, installed as ``msff.kernels``."""

@@ -1,0 +1,1 @@
+"""msff.engine"""

@@ -1,0 +1,57 @@
+"""nn.Modules: MSFFNet, its blocks, and presets."""
+from msff.models.blocks import (
+    ASPP,
+    ChannelAttention,
+    ConvBNReLU,
+    DecoderBlock,
+    LKAMBlock,
+    LKAMLayer,
+    SeparableLargeKernelConv,
+    VGGLayer,
+)
+from msff.models.msffnet import CheckpointError, MSFFEncoder, MSFFNet, load_state_dict_checked
+
+#: Named configurations. ``paper`` is Yi & Tan (2025); ``cpu`` is sized for 2-core CPU runs;
+#: the ablation variants of the paper's Table 4 are switches, not copies of the model.
+PRESETS = {
+    "paper": dict(),
+    "cpu": dict(width_multiplier=0.25),
+    "tiny": dict(width_multiplier=0.125, lkam_blocks=1, kernel_size=7),
+    "baseline": dict(use_lkam=False, use_aspp=False),
+    "lkam": dict(use_lkam=True, use_aspp=False),
+    "aspp": dict(use_lkam=False, use_aspp=True),
+    "full": dict(use_lkam=True, use_aspp=True),
+}
+
+
+def build_model(preset: str = "paper", **kwargs) -> MSFFNet:
+    """Build an MSFFNet from a named preset, overridden by keyword arguments.
+
+    Example:
+        >>> m = build_model("cpu", in_channels=14)
+        >>> m.widths
+        (16, 32, 64, 128, 256)
+    """
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
+    cfg = dict(PRESETS[preset])
+    cfg.update(kwargs)
+    return MSFFNet(**cfg)
+
+
+__all__ = [
+    "ASPP",
+    "ChannelAttention",
+    "CheckpointError",
+    "ConvBNReLU",
+    "DecoderBlock",
+    "LKAMBlock",
+    "LKAMLayer",
+    "MSFFEncoder",
+    "MSFFNet",
+    "PRESETS",
+    "SeparableLargeKernelConv",
+    "VGGLayer",
+    "build_model",
+    "load_state_dict_checked",
+]
