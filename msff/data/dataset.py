@@ -1,0 +1,284 @@
+"""Segmentation datasets: image/mask pairs → normalised tensors, with splits, normalisation
+statistics and reproducible per-epoch augmentation."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from msff.data.discover import Pair
+from msff.data.io import IGNORE_INDEX, DataError, MaskEncoding, raster_shape, read_image, read_mask
+from msff.data.transforms import Augment, pad_to, random_crop_affine
+
+__all__ = [
+    "SegmentationDataset",
+    "EpochSampler",
+    "collate",
+    "compute_normalization",
+    "split_pairs",
+    "read_list",
+    "select_pairs",
+]
+
+
+class SegmentationDataset(Dataset):
+    """Image/mask pairs as tensors.
+
+    Each item is a dict: ``image`` float32 (C, H, W) normalised as ``(x - mean) / std`` (raw
+    values when ``normalization`` is None), ``target`` uint8 (H, W) with 1 landslide, 0 background,
+    255 ignore (nodata, padding), and ``name`` (the image stem).
+
+    With ``crop`` and/or ``augment`` set (training), items are random crops of size ``crop`` with the
+    paper's augmentations, drawn from a generator seeded by ``(seed, epoch, draw)`` so a seeded run
+    repeats exactly, resumed or not and with any number of loader workers (use
+    :class:`EpochSampler`, which passes the draw number). Without them (evaluation), items are whole
+    images.
+
+    All files are checked when the dataset is built (existence, sizes, band counts, and with
+    ``cache=True`` the full decode), so bad input fails before any training starts.
+
+    Args:
+        pairs: :class:`~msff.data.discover.Pair` list (masks required).
+        encoding: :class:`~msff.data.io.MaskEncoding` of the masks.
+        bands: 1-based band indices to read; None: all.
+        crop: training crop size; None: whole images.
+        augment: :class:`~msff.data.transforms.Augment`; None: no augmentation.
+        normalization: ``{"mean": [...], "std": [...]}`` per band, or None.
+        seed: augmentation seed.
+        cache: read and decode every file now and keep them in memory (raw dtype).
+
+    Example:
+        >>> ds = SegmentationDataset(find_pairs("/data/bijie_landslide"), crop=256, augment=Augment())  # doctest: +SKIP
+        >>> ds.normalization = compute_normalization(ds)  # doctest: +SKIP
+        >>> item = ds[0]; item["image"].shape, item["target"].shape  # doctest: +SKIP
+        (torch.Size([3, 256, 256]), torch.Size([256, 256]))
+    """
+
+    def __init__(
+        self,
+        pairs: Sequence[Pair],
+        encoding: Optional[MaskEncoding] = None,
+        bands: Optional[Sequence[int]] = None,
+        crop: Optional[int] = None,
+        augment: Optional[Augment] = None,
+        normalization: Optional[dict] = None,
+        seed: int = 0,
+        cache: bool = True,
+    ):
+        if len(pairs) == 0:
+            raise DataError("empty dataset: no image/mask pairs")
+        self.pairs = list(pairs)
+        self.encoding = encoding or MaskEncoding()
+        self.bands = list(bands) if bands is not None else None
+        self.crop = crop
+        self.augment = augment
+        self.normalization = normalization
+        self.seed = int(seed)
+        self.epoch = 0
+        self._cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self.in_channels = self._check_headers()
+        if cache:
+            for i in range(len(self.pairs)):
+                self._cache[i] = self._read(i)
+
+    def _check_headers(self) -> int:
+        nb = None
+        for p in self.pairs:
+            if p.mask is None:
+                raise DataError(f"{p.image}: no mask file paired with this image")
+            c, h, w = raster_shape(p.image)
+            if self.bands is not None:
+                bad = [b for b in self.bands if b < 1 or b > c]
+                if bad:
+                    raise DataError(f"{p.image}: band(s) {bad} out of range; the file has {c} bands")
+                c = len(self.bands)
+            _, mh, mw = raster_shape(p.mask)
+            if (mh, mw) != (h, w):
+                raise DataError(f"{p.mask}: mask size {mw}x{mh} (WxH) differs from image {p.image.name} size {w}x{h}")
+            if nb is None:
+                nb, first = c, p.image
+            elif c != nb:
+                raise DataError(f"{p.image}: has {c} bands but {first.name} has {nb}; all images need the same bands")
+        return int(nb)
+
+    def _read(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        if i in self._cache:
+            return self._cache[i]
+        p = self.pairs[i]
+        img, valid = read_image(p.image, self.bands)
+        tgt = read_mask(p.mask, self.encoding)
+        if tgt.shape != img.shape[1:]:
+            raise DataError(f"{p.mask}: mask size {tgt.shape[::-1]} differs from image {p.image.name} size {img.shape[:0:-1]}")
+        if valid is not None:
+            tgt = tgt.copy()
+            tgt[~valid] = IGNORE_INDEX
+        return img, tgt
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the augmentation draws of ``epoch`` (call before each training epoch)."""
+        self.epoch = int(epoch)
+
+    def raw(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """(image (C, H, W) as stored, target (H, W) uint8) of sample ``i``, unnormalised."""
+        return self._read(i)
+
+    def normalize(self, image: torch.Tensor) -> torch.Tensor:
+        if self.normalization is None:
+            return image
+        mean = torch.tensor(self.normalization["mean"], dtype=torch.float32).view(-1, 1, 1)
+        std = torch.tensor(self.normalization["std"], dtype=torch.float32).view(-1, 1, 1)
+        return (image - mean) / std
+
+    def __getitem__(self, key) -> dict:
+        # key is an index, or (index, draw) from EpochSampler: draw numbers the random crop.
+        i, draw = key if isinstance(key, tuple) else (key, key)
+        img, tgt = self._read(i)
+        image = torch.from_numpy(img.astype(np.float32, copy=False))
+        target = torch.from_numpy(np.ascontiguousarray(tgt))
+        valid = target != IGNORE_INDEX
+        # Invalid pixels become 0 after normalisation (the band mean), not nodata values.
+        image = self.normalize(image)
+        image = torch.where(valid[None], image, torch.zeros(()))
+        if self.crop is not None or self.augment is not None:
+            rng = np.random.default_rng([self.seed, self.epoch, int(draw)])
+            image, target = random_crop_affine(image, target, self.crop, rng, self.augment or Augment.none())
+        return {"image": image.contiguous(), "target": target.contiguous(), "name": self.pairs[i].name}
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """Yields ``(index, draw)`` keys for one epoch: ``samples_per_epoch`` draws from shuffled
+    passes over the dataset, seeded by ``(seed, epoch)``, split across ``world_size`` ranks.
+
+    Args:
+        n: dataset length.
+        samples_per_epoch: draws per epoch over all ranks (None: ``n``).
+        seed: shuffle seed.
+        rank, world_size: this process's share under DDP (each rank gets the same count).
+
+    Example:
+        >>> s = EpochSampler(5, samples_per_epoch=8, seed=0); s.set_epoch(1); len(list(s))
+        8
+    """
+
+    def __init__(self, n: int, samples_per_epoch: Optional[int] = None, seed: int = 0, rank: int = 0, world_size: int = 1):
+        self.n, self.seed, self.rank, self.world = int(n), int(seed), int(rank), int(world_size)
+        self.total = int(samples_per_epoch or n)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def _order(self) -> list[int]:
+        g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
+        reps = -(-self.total // self.n)
+        return torch.cat([torch.randperm(self.n, generator=g) for _ in range(reps)])[: self.total].tolist()
+
+    def __len__(self) -> int:
+        return self.total // self.world
+
+    def __iter__(self):
+        order = self._order()
+        per = len(self)
+        for k in range(self.rank, per * self.world, self.world):
+            yield (order[k], self.epoch * 1_000_003 + k)
+
+
+def collate(items: list[dict]) -> dict:
+    """Batch items, padding images (0) and targets (255, ignored) to the largest size in the batch."""
+    h = max(it["image"].shape[-2] for it in items)
+    w = max(it["image"].shape[-1] for it in items)
+    imgs, tgts = zip(*(pad_to(it["image"], it["target"], h, w) for it in items), strict=True)
+    return {"image": torch.stack(imgs), "target": torch.stack(tgts), "name": [it["name"] for it in items]}
+
+
+def compute_normalization(dataset: SegmentationDataset) -> dict:
+    """Per-band mean and standard deviation of the raw values over valid pixels of ``dataset``.
+
+    Returns:
+        ``{"mean": [float per band], "std": [float per band]}`` (std floored at 1e-6), the
+        checkpoint metadata form: prediction applies ``(x - mean) / std`` to raw band values.
+
+    Example:
+        >>> stats = compute_normalization(train_ds)  # doctest: +SKIP
+    """
+    c = dataset.in_channels
+    s = np.zeros(c, np.float64)
+    ss = np.zeros(c, np.float64)
+    n = 0
+    for i in range(len(dataset)):
+        img, tgt = dataset.raw(i)
+        x = img.reshape(img.shape[0], -1).astype(np.float64)
+        keep = tgt.reshape(-1) != IGNORE_INDEX
+        x = x[:, keep]
+        s += x.sum(axis=1)
+        ss += (x * x).sum(axis=1)
+        n += x.shape[1]
+    if n == 0:
+        raise DataError("cannot compute normalisation: the training split has no valid pixels")
+    mean = s / n
+    std = np.sqrt(np.maximum(ss / n - mean * mean, 0.0))
+    return {"mean": [float(v) for v in mean], "std": [float(max(v, 1e-6)) for v in std]}
+
+
+def split_pairs(
+    pairs: Sequence[Pair], val_ratio: float = 0.2, test_ratio: float = 0.0, seed: int = 0
+) -> tuple[list[Pair], list[Pair], list[Pair]]:
+    """Random train/val/test split by ratio (seeded; independent of file order on disk).
+
+    Returns:
+        ``(train, val, test)``; val and test get at least one pair when their ratio is > 0.
+
+    Example:
+        >>> tr, va, te = split_pairs(pairs, val_ratio=0.2, seed=0)  # doctest: +SKIP
+    """
+    if not 0 <= val_ratio < 1 or not 0 <= test_ratio < 1 or val_ratio + test_ratio >= 1:
+        raise ValueError(f"need 0 <= val_ratio, test_ratio and val_ratio + test_ratio < 1; got {val_ratio}, {test_ratio}")
+    pairs = sorted(pairs, key=lambda p: str(p.image))
+    n = len(pairs)
+    order = np.random.default_rng(seed).permutation(n)
+    nv = max(1, round(n * val_ratio)) if val_ratio > 0 else 0
+    nt = max(1, round(n * test_ratio)) if test_ratio > 0 else 0
+    if nv + nt >= n:
+        raise DataError(f"dataset of {n} pairs is too small for val_ratio={val_ratio}, test_ratio={test_ratio}")
+    val = [pairs[i] for i in order[:nv]]
+    test = [pairs[i] for i in order[nv : nv + nt]]
+    train = [pairs[i] for i in order[nv + nt :]]
+    return train, val, test
+
+
+def read_list(path: str | os.PathLike) -> list[str]:
+    """Names from a split list file: one per line (stem, file name or path); ``#`` comments."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: split list file not found")
+    names = []
+    for line in path.read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            names.append(line)
+    if not names:
+        raise DataError(f"{path}: split list is empty")
+    return names
+
+
+def select_pairs(pairs: Sequence[Pair], names: Sequence[str], source: str = "list") -> list[Pair]:
+    """The pairs whose image stem, file name or path matches ``names`` (every name must match)."""
+    index: dict[str, Pair] = {}
+    for p in pairs:
+        for k in (p.image.stem, p.image.name, str(p.image)):
+            index.setdefault(k, p)
+    out, missing = [], []
+    for n in names:
+        key = Path(n).name if n not in index else n
+        p = index.get(key) or index.get(Path(n).stem)
+        (out.append(p) if p is not None else missing.append(n))
+    if missing:
+        raise DataError(f"{source}: {len(missing)} name(s) match no image: {missing[:5]}")
+    return out
