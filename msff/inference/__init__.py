@@ -1,1 +1,32 @@
-"""msff.inference"""
+"""Whole-scene landslide mapping: tiled, seamless prediction over GeoTIFFs of any size.
+
+Example:
+    >>> from msff.inference import load_predictor, predict_scene, polygonize_mask
+    >>> p = load_predictor("checkpoints/msffnet")                                   # doctest: +SKIP
+    >>> r = predict_scene(p, ["B4.tif", "B3.tif", "B2.tif"], "out_prob.tif", "out_mask.tif")  # doctest: +SKIP
+    >>> polygonize_mask("out_mask.tif", "out_prob.tif", "slides.gpkg", min_area=500)  # doctest: +SKIP
+"""
+from msff.inference.predict import (
+    NotGeoreferencedInputWarning,
+    SceneResult,
+    predict_array,
+    predict_scene,
+    resolve_device,
+)
+from msff.inference.predictor import Predictor, load_predictor
+from msff.inference.sources import InferenceError, RasterStack
+from msff.inference.tiling import TileGrid, window_starts
+
+__all__ = [
+    "InferenceError",
+    "NotGeoreferencedInputWarning",
+    "Predictor",
+    "RasterStack",
+    "SceneResult",
+    "TileGrid",
+    "load_predictor",
+    "predict_array",
+    "predict_scene",
+    "resolve_device",
+    "window_starts",
+]

@@ -1,0 +1,216 @@
+"""A model ready for scene prediction: the network plus the statistics it was trained with."""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from msff.inference.sources import InferenceError
+
+__all__ = ["Predictor", "load_predictor", "model_in_channels"]
+
+
+def model_in_channels(model: nn.Module) -> Optional[int]:
+    """The input band count of ``model``: ``config["in_channels"]``, else the first conv's."""
+    cfg = getattr(model, "config", None)
+    if isinstance(cfg, dict) and "in_channels" in cfg:
+        return int(cfg["in_channels"])
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            return m.in_channels * m.groups
+    return None
+
+
+@dataclass
+class Predictor:
+    """A segmentation model and how to feed it.
+
+    Args:
+        model: maps ``(N, C, H, W)`` float32 to ``(N, K, H, W)`` (K = 1: binary logit or
+            probability; K >= 2: class scores, class 1 is "landslide").
+        mean, std: per-band normalisation, applied as ``(x - mean) / std`` to raw band values.
+            ``None`` feeds raw values.
+        threshold: probability at or above which a pixel is mapped as landslide.
+        output: ``"logits"`` (sigmoid / softmax applied here) or ``"probabilities"``.
+        bands: names of the expected input bands (informational, shown in errors).
+        name: model name for output metadata.
+
+    Example:
+        >>> import torch
+        >>> p = Predictor(torch.nn.Conv2d(3, 1, 1), mean=[0, 0, 0], std=[1, 1, 1])
+        >>> p.predict_proba(torch.zeros(2, 3, 8, 8)).shape
+        torch.Size([2, 8, 8])
+    """
+
+    model: nn.Module
+    mean: Optional[Sequence[float]] = None
+    std: Optional[Sequence[float]] = None
+    threshold: float = 0.5
+    output: str = "logits"
+    bands: Optional[list] = None
+    name: str = "model"
+    metadata: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.output not in ("logits", "probabilities"):
+            raise ValueError(f"output must be 'logits' or 'probabilities', got {self.output!r}")
+        if (self.mean is None) != (self.std is None):
+            raise ValueError("give both mean and std, or neither")
+        if self.mean is not None:
+            self.mean = np.asarray(self.mean, dtype=np.float32).reshape(-1)
+            self.std = np.asarray(self.std, dtype=np.float32).reshape(-1)
+            if self.mean.shape != self.std.shape:
+                raise ValueError(f"mean has {self.mean.size} values but std has {self.std.size}")
+            if np.any(self.std <= 0) or not np.all(np.isfinite(self.std)):
+                raise ValueError(f"std must be finite and > 0, got {self.std.tolist()}")
+        if not 0.0 <= float(self.threshold) <= 1.0:
+            raise ValueError(f"threshold must be in [0, 1], got {self.threshold}")
+        self.threshold = float(self.threshold)
+
+    @property
+    def in_channels(self) -> Optional[int]:
+        n = model_in_channels(self.model)
+        if n is None and self.mean is not None:
+            n = int(self.mean.size)
+        return n
+
+    def check_bands(self, count: int, source: str = "input") -> None:
+        """Raise InferenceError unless ``count`` bands fit the model and the normalisation."""
+        want = self.in_channels
+        names = f" ({', '.join(map(str, self.bands))})" if self.bands else ""
+        if want is not None and count != want:
+            raise InferenceError(
+                f"{source} has {count} band(s) but the model {self.name!r} expects {want}{names}; "
+                "select or stack the right bands (e.g. --bands B4.tif B3.tif B2.tif)"
+            )
+        if self.mean is not None and self.mean.size != count:
+            raise InferenceError(
+                f"the checkpoint's normalisation has {self.mean.size} band(s), the {source} {count}"
+            )
+
+    def normalize(self, x: np.ndarray) -> np.ndarray:
+        """``(x - mean) / std`` over the band axis of ``(..., C, H, W)`` float32 (in place)."""
+        if self.mean is None:
+            return x
+        x -= self.mean[:, None, None]
+        x /= self.std[:, None, None]
+        return x
+
+    def predict_proba(self, x: torch.Tensor) -> torch.Tensor:
+        """Landslide probability ``(N, H, W)`` float32 for normalised input ``(N, C, H, W)``."""
+        y = self.model(x)
+        if isinstance(y, (tuple, list)):
+            y = y[0]
+        if isinstance(y, dict):
+            y = y.get("out", next(iter(y.values())))
+        if y.dim() == 3:
+            y = y[:, None]
+        y = y.float()
+        if y.shape[1] == 1:
+            p = torch.sigmoid(y[:, 0]) if self.output == "logits" else y[:, 0]
+        else:
+            p = torch.softmax(y, dim=1)[:, 1] if self.output == "logits" else y[:, 1]
+        return p
+
+    def to(self, device) -> "Predictor":
+        self.model.to(device)
+        return self
+
+
+def _metadata_normalization(meta: dict, source: str) -> tuple:
+    norm = meta.get("normalization")
+    if norm is None:
+        return None, None
+    try:
+        return list(map(float, norm["mean"])), list(map(float, norm["std"]))
+    except (KeyError, TypeError, ValueError):
+        raise InferenceError(
+            f"{source}: metadata 'normalization' must be {{'mean': [...], 'std': [...]}}, got {norm!r}"
+        ) from None
+
+
+def load_predictor(
+    checkpoint: str | os.PathLike,
+    device: str | torch.device = "cpu",
+    backend: Optional[str] = None,
+    require_normalization: bool = True,
+) -> Predictor:
+    """Load a checkpoint folder as a :class:`Predictor`.
+
+    ``MSFFNet.save_pretrained`` folders are read with ``MSFFNet.from_pretrained``; other folders
+    are handed to ``msff.models.zoo.load_model`` (comparison networks) when that module exists.
+    The metadata supplies ``normalization`` (``{"mean": [...], "std": [...]}``), and optionally
+    ``threshold`` (default 0.5), ``bands`` and ``model_name``.
+
+    Args:
+        checkpoint: checkpoint folder (with ``config.json``).
+        device: where the model runs.
+        backend: kernel backend for MSFFNet (``auto``, ``reference``, ``triton``, ``cuda``).
+        require_normalization: raise if the metadata has no normalisation statistics.
+
+    Returns:
+        A Predictor with the model in eval mode on ``device``.
+
+    Raises:
+        InferenceError: missing/unreadable checkpoint or metadata.
+
+    Example:
+        >>> p = load_predictor("runs/iburi/best")              # doctest: +SKIP
+        >>> p.threshold, p.mean                                 # doctest: +SKIP
+    """
+    from msff.models import CheckpointError, MSFFNet
+
+    path = Path(checkpoint)
+    if not path.exists():
+        raise InferenceError(f"checkpoint not found: {path}")
+    cfg_path = path / "config.json" if path.is_dir() else path
+    fmt = None
+    try:
+        fmt = json.loads(cfg_path.read_text()).get("format")
+    except Exception:
+        pass
+    try:
+        if fmt == "msff.MSFFNet":
+            model = MSFFNet.from_pretrained(path, map_location="cpu")
+            if backend is not None:
+                model.set_backend(backend)
+            meta = dict(model.metadata)
+            activation = model.config.get("activation")
+        else:
+            try:
+                from msff.models.zoo import load_model
+            except ImportError:
+                raise InferenceError(
+                    f"{path} is not an MSFFNet checkpoint (config.json format {fmt!r}) and "
+                    "msff.models.zoo is not available to load other models"
+                ) from None
+            model, meta = load_model(path)
+            meta = dict(meta or {})
+            activation = getattr(model, "config", {}).get("activation") if isinstance(
+                getattr(model, "config", None), dict
+            ) else None
+    except (CheckpointError, FileNotFoundError) as e:
+        raise InferenceError(f"cannot load checkpoint {path}: {e}") from None
+    mean, std = _metadata_normalization(meta, str(path))
+    if mean is None and require_normalization:
+        raise InferenceError(
+            f"checkpoint {path} stores no 'normalization' statistics in its metadata; "
+            "save it with metadata={'normalization': {'mean': [...], 'std': [...]}}"
+        )
+    model.eval().to(device)
+    return Predictor(
+        model=model,
+        mean=mean,
+        std=std,
+        threshold=float(meta.get("threshold", 0.5)),
+        output="probabilities" if activation in ("sigmoid", "softmax") else "logits",
+        bands=meta.get("bands"),
+        name=str(meta.get("model_name", type(model).__name__)),
+        metadata=meta,
+    )

@@ -1,0 +1,204 @@
+"""Input rasters for whole-scene prediction: one multi-band file, or a stack of single-band files.
+
+:class:`RasterStack` opens the files once, checks they share one pixel grid, and reads any window
+as float32 ``(C, h, w)`` with a validity mask, so the predictor never holds a whole scene.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+
+__all__ = ["InferenceError", "RasterStack"]
+
+
+class InferenceError(ValueError):
+    """Bad input or output for whole-scene prediction; the message names the file and the problem."""
+
+
+def _open(path: Path):
+    import rasterio
+    from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
+
+    if not path.exists():
+        raise InferenceError(f"{path}: file not found")
+    if path.is_dir():
+        raise InferenceError(f"{path}: is a folder, not a raster file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", NotGeoreferencedWarning)
+            return rasterio.open(path)
+    except RasterioIOError as e:
+        raise InferenceError(f"{path}: not a readable raster ({e})") from None
+
+
+def _georeferenced(ds) -> bool:
+    from affine import Affine
+
+    return ds.crs is not None or ds.transform != Affine.identity() or bool(ds.gcps[0])
+
+
+class RasterStack:
+    """A scene made of one or more rasters on the same grid, read window by window.
+
+    Args:
+        paths: one multi-band raster, or several rasters whose bands are stacked in the given
+            order (e.g. ``[B4.tif, B3.tif, B2.tif]`` for RGB from Sentinel-2 band files).
+        nodata: overrides the files' nodata: a pixel equal to it in any band is invalid. With
+            ``None``, the files' own nodata values, internal masks and alpha bands decide
+            (GDAL's mask band); NaN is always invalid.
+
+    Attributes:
+        count: total band count; height, width; crs; transform; georeferenced (bool);
+        nodata_source: a short description of where invalid pixels come from.
+
+    Raises:
+        InferenceError: a file is missing or unreadable, or the files are on different grids.
+
+    Example:
+        >>> stack = RasterStack(["B4.tif", "B3.tif", "B2.tif"])      # doctest: +SKIP
+        >>> x, valid = stack.read(Window(0, 0, 256, 256))              # doctest: +SKIP
+        >>> x.shape, valid.shape                                       # doctest: +SKIP
+        ((3, 256, 256), (256, 256))
+    """
+
+    def __init__(self, paths: Sequence[str | os.PathLike] | str | os.PathLike, nodata: Optional[float] = None):
+        if isinstance(paths, (str, os.PathLike)):
+            paths = [paths]
+        self.paths = [Path(p) for p in paths]
+        if not self.paths:
+            raise InferenceError("no input raster given")
+        self.datasets = []
+        try:
+            for p in self.paths:
+                self.datasets.append(_open(p))
+            self._check_grid()
+        except BaseException:
+            self.close()
+            raise
+        first = self.datasets[0]
+        self.height, self.width = first.height, first.width
+        self.crs, self.transform = first.crs, first.transform
+        self.count = sum(ds.count for ds in self.datasets)
+        self.georeferenced = _georeferenced(first)
+        self.nodata = None if nodata is None else float(nodata)
+        self.dtypes = [dt for ds in self.datasets for dt in ds.dtypes]
+        self.descriptions = [
+            d or (f"{ds.name}" if ds.count == 1 else f"{Path(ds.name).name}:{i + 1}")
+            for ds in self.datasets
+            for i, d in enumerate(ds.descriptions)
+        ]
+        if self.nodata is not None:
+            self.nodata_source = f"--nodata {self.nodata:g}"
+        else:
+            vals = sorted({ds.nodata for ds in self.datasets if ds.nodata is not None})
+            kinds = []
+            if vals:
+                kinds.append("nodata value " + ", ".join(f"{v:g}" for v in vals))
+            if any(_has_real_mask(ds) for ds in self.datasets):
+                kinds.append("mask band")
+            self.nodata_source = " + ".join(kinds) if kinds else "none (all pixels valid except NaN)"
+
+    # ---- checks ---------------------------------------------------------------------------------
+    def _check_grid(self) -> None:
+        ref = self.datasets[0]
+        for p, ds in zip(self.paths[1:], self.datasets[1:], strict=True):
+            problems = []
+            if (ds.width, ds.height) != (ref.width, ref.height):
+                problems.append(f"size {ds.width}x{ds.height} vs {ref.width}x{ref.height}")
+            if ds.crs != ref.crs:
+                problems.append(f"CRS {ds.crs} vs {ref.crs}")
+            if not ds.transform.almost_equals(ref.transform, precision=1e-9 * max(1.0, abs(ref.transform.a))):
+                problems.append(f"transform {tuple(ds.transform)[:6]} vs {tuple(ref.transform)[:6]}")
+            if problems:
+                raise InferenceError(
+                    f"{p} is not on the same grid as {self.paths[0]} ("
+                    + "; ".join(problems)
+                    + "); resample the band files to one grid first (e.g. gdalwarp -tap -tr)"
+                )
+
+    # ---- reading --------------------------------------------------------------------------------
+    def read(self, window) -> tuple[np.ndarray, np.ndarray]:
+        """Read a window of all bands.
+
+        Args:
+            window: a ``rasterio.windows.Window`` inside the raster.
+
+        Returns:
+            ``(x, valid)``: float32 ``(C, h, w)`` raw band values and bool ``(h, w)``, True where
+            every band holds data.
+        """
+        parts = []
+        valid = None
+        for p, ds in zip(self.paths, self.datasets, strict=True):
+            try:
+                x = ds.read(window=window, out_dtype="float32")
+                if self.nodata is not None:
+                    v = np.all(x != np.float32(self.nodata), axis=0)
+                else:
+                    v = np.all(ds.read_masks(window=window) > 0, axis=0)
+            except Exception as e:  # rasterio raises several types for corrupt blocks
+                raise InferenceError(f"{p}: reading window {window} failed ({e})") from None
+            v &= np.all(np.isfinite(x), axis=0)
+            parts.append(x)
+            valid = v if valid is None else (valid & v)
+        x = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
+        return x, valid
+
+    def read_overview(self, out_height: int, out_width: int, bands: Sequence[int]) -> np.ndarray:
+        """Decimated read of the given 0-based stacked band indices: float32 ``(len(bands), h, w)``.
+
+        GDAL reads from overviews or subsamples, so memory stays ``O(out_height·out_width)``.
+        """
+        from rasterio.enums import Resampling
+
+        out = []
+        for b in bands:
+            ds, i = self._locate(b)
+            out.append(
+                ds.read(i + 1, out_shape=(out_height, out_width), resampling=Resampling.average, out_dtype="float32", masked=True)
+                .filled(np.nan)
+            )
+        return np.stack(out)
+
+    def _locate(self, band: int):
+        for ds in self.datasets:
+            if band < ds.count:
+                return ds, band
+            band -= ds.count
+        raise IndexError(band)
+
+    @property
+    def profile(self) -> dict:
+        """Grid of the scene: width, height, crs, transform (for writing aligned outputs)."""
+        return dict(width=self.width, height=self.height, crs=self.crs, transform=self.transform)
+
+    def close(self) -> None:
+        for ds in self.datasets:
+            ds.close()
+        self.datasets = []
+
+    def __enter__(self) -> "RasterStack":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (
+            f"RasterStack({[str(p) for p in self.paths]}, {self.count} bands, "
+            f"{self.width}x{self.height}, crs={self.crs})"
+        )
+
+
+def _has_real_mask(ds) -> bool:
+    from rasterio.enums import MaskFlags
+
+    return any(
+        MaskFlags.per_dataset in flags or MaskFlags.alpha in flags
+        for flags in ds.mask_flag_enums
+        if MaskFlags.all_valid not in flags
+    )
