@@ -1,0 +1,273 @@
+"""Triton kernels of ``msff::lk_conv`` (1-D large-kernel "same" convolution, msff/ops/SPEC.md).
+
+* ``_lk_conv_fwd_kernel``: implicit GEMM. A program owns a tile of BLOCK_M output pixels
+  (flattened n·h·w) × BLOCK_N output channels and accumulates, over the k taps and the input
+  channels, ``shift(xin)[BLOCK_M, BLOCK_K] @ w_tap[BLOCK_K, BLOCK_N]`` with ``tl.dot`` (tensor
+  cores for fp16/bf16, TF32/IEEE for fp32). Prologue: pending BN + ReLU on the input, zero
+  padding applied after it. Epilogue: bias, ReLU, residual add, per-channel Σy/Σy² (atomics), or
+  (backward-data mode) the backward of the *input's* prologue.
+* ``_lk_conv_wgrad_kernel``: weight gradient, per tap ``g^T[BLOCK_N, BLOCK_M] @
+  shift(xin)[BLOCK_M, BLOCK_K]`` reduced over the pixels (split over programs, fp32 atomics),
+  recomputing the prologue instead of reading a stored activation.
+
+Strides are passed for every tensor, so NCHW, channels_last and non-contiguous inputs all work.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from msff.backend import triton_interpret
+
+__all__ = ["lk_conv_fwd", "lk_conv_wgrad"]
+
+
+@triton.jit
+def _lk_conv_fwd_kernel(
+    x_ptr, w_ptr, bias_ptr, scale_ptr, shift_ptr, add_ptr, y_ptr, sum_ptr, sumsq_ptr,
+    px_ptr, pscale_ptr, pshift_ptr, gscale_ptr, gshift_ptr,
+    M, CIN, COUT, H, W, K,
+    stride_xn, stride_xc, stride_xh, stride_xw,
+    stride_wo, stride_wi, stride_wk,
+    stride_an, stride_ac, stride_ah, stride_aw,
+    stride_yn, stride_yc, stride_yh, stride_yw,
+    stride_pn, stride_pc, stride_ph, stride_pw,
+    ALONG_W: tl.constexpr, HAS_PROLOGUE: tl.constexpr, HAS_BIAS: tl.constexpr,
+    RELU: tl.constexpr, HAS_ADD: tl.constexpr, STATS: tl.constexpr, PRO_BWD: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < COUT
+    hw = H * W
+    n_idx = offs_m // hw
+    rem = offs_m % hw
+    h_idx = rem // W
+    w_idx = rem % W
+    x_base = n_idx.to(tl.int64) * stride_xn
+    half = K // 2
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for tap in range(0, K):
+        d = tap - half
+        if ALONG_W:
+            hs = h_idx
+            ws = w_idx + d
+        else:
+            hs = h_idx + d
+            ws = w_idx
+        valid = mask_m & (hs >= 0) & (hs < H) & (ws >= 0) & (ws < W)
+        row = x_base + hs.to(tl.int64) * stride_xh + ws.to(tl.int64) * stride_xw
+        for c0 in range(0, CIN, BLOCK_K):
+            offs_k = c0 + tl.arange(0, BLOCK_K)
+            mask_k = offs_k < CIN
+            amask = valid[:, None] & mask_k[None, :]
+            a = tl.load(x_ptr + row[:, None] + offs_k[None, :] * stride_xc, mask=amask, other=0.0)
+            if HAS_PROLOGUE:
+                s = tl.load(scale_ptr + offs_k, mask=mask_k, other=0.0)
+                t = tl.load(shift_ptr + offs_k, mask=mask_k, other=0.0)
+                af = tl.maximum(a.to(tl.float32) * s[None, :] + t[None, :], 0.0)
+                # zero padding applies to the activated input, not to x
+                a = tl.where(amask, af, 0.0).to(x_ptr.dtype.element_ty)
+            b = tl.load(
+                w_ptr + offs_n[None, :] * stride_wo + offs_k[:, None] * stride_wi + tap * stride_wk,
+                mask=mask_k[:, None] & mask_n[None, :], other=0.0,
+            )
+            if UPCAST:
+                acc += tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision=DOT_PRECISION)
+            else:
+                acc += tl.dot(a, b, input_precision=DOT_PRECISION)
+
+    mask2 = mask_m[:, None] & mask_n[None, :]
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0)
+        acc += bias[None, :]
+    if RELU:
+        acc = tl.maximum(acc, 0.0)
+    if HAS_ADD:
+        a_off = (n_idx.to(tl.int64) * stride_an + h_idx.to(tl.int64) * stride_ah
+                 + w_idx.to(tl.int64) * stride_aw)
+        addv = tl.load(add_ptr + a_off[:, None] + offs_n[None, :] * stride_ac, mask=mask2, other=0.0)
+        acc += addv.to(tl.float32)
+    if STATS:
+        accm = tl.where(mask2, acc, 0.0)
+        tl.atomic_add(sum_ptr + offs_n, tl.sum(accm, axis=0), mask=mask_n)
+        tl.atomic_add(sumsq_ptr + offs_n, tl.sum(accm * accm, axis=0), mask=mask_n)
+    if PRO_BWD:
+        # acc is d(loss)/d(xin) of the producer's prologue xin = relu(px*s + t): chain it to px.
+        p_off = (n_idx.to(tl.int64) * stride_pn + h_idx.to(tl.int64) * stride_ph
+                 + w_idx.to(tl.int64) * stride_pw)
+        pxv = tl.load(px_ptr + p_off[:, None] + offs_n[None, :] * stride_pc, mask=mask2, other=0.0)
+        pxv = pxv.to(tl.float32)
+        ps = tl.load(pscale_ptr + offs_n, mask=mask_n, other=0.0)
+        pt = tl.load(pshift_ptr + offs_n, mask=mask_n, other=0.0)
+        live = mask2 & ((pxv * ps[None, :] + pt[None, :]) > 0)
+        gm = tl.where(live, acc, 0.0)
+        tl.atomic_add(gscale_ptr + offs_n, tl.sum(gm * pxv, axis=0), mask=mask_n)
+        tl.atomic_add(gshift_ptr + offs_n, tl.sum(gm, axis=0), mask=mask_n)
+        acc = gm * ps[None, :]
+
+    y_off = (n_idx.to(tl.int64) * stride_yn + h_idx.to(tl.int64) * stride_yh
+             + w_idx.to(tl.int64) * stride_yw)
+    tl.store(y_ptr + y_off[:, None] + offs_n[None, :] * stride_yc,
+             acc.to(y_ptr.dtype.element_ty), mask=mask2)
+
+
+@triton.jit
+def _lk_conv_wgrad_kernel(
+    g_ptr, x_ptr, scale_ptr, shift_ptr, dw_ptr,
+    M, CIN, COUT, H, W, K, M_PER_PROG,
+    stride_gn, stride_gc, stride_gh, stride_gw,
+    stride_xn, stride_xc, stride_xh, stride_xw,
+    ALONG_W: tl.constexpr, HAS_PROLOGUE: tl.constexpr, UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    # dw[co, ci, tap] += Σ_m g[m, co] · xin[shift_tap(m), ci]; dw is fp32 (COUT, CIN, K) contiguous
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    pid_z = tl.program_id(2)
+    tap = pid_z % K
+    split = pid_z // K
+    d = tap - K // 2
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask_n = offs_n < COUT
+    mask_k = offs_k < CIN
+    if HAS_PROLOGUE:
+        s = tl.load(scale_ptr + offs_k, mask=mask_k, other=0.0)
+        t = tl.load(shift_ptr + offs_k, mask=mask_k, other=0.0)
+    hw = H * W
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    m_start = split * M_PER_PROG
+    for m0 in range(m_start, m_start + M_PER_PROG, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < M
+        n_idx = offs_m // hw
+        rem = offs_m % hw
+        h_idx = rem // W
+        w_idx = rem % W
+        g_off = (n_idx.to(tl.int64) * stride_gn + h_idx.to(tl.int64) * stride_gh
+                 + w_idx.to(tl.int64) * stride_gw)
+        gt = tl.load(g_ptr + g_off[None, :] + offs_n[:, None] * stride_gc,
+                     mask=mask_n[:, None] & mask_m[None, :], other=0.0)
+        if ALONG_W:
+            hs = h_idx
+            ws = w_idx + d
+        else:
+            hs = h_idx + d
+            ws = w_idx
+        valid = mask_m & (hs >= 0) & (hs < H) & (ws >= 0) & (ws < W)
+        row = n_idx.to(tl.int64) * stride_xn + hs.to(tl.int64) * stride_xh + ws.to(tl.int64) * stride_xw
+        amask = valid[:, None] & mask_k[None, :]
+        a = tl.load(x_ptr + row[:, None] + offs_k[None, :] * stride_xc, mask=amask, other=0.0)
+        if HAS_PROLOGUE:
+            af = tl.maximum(a.to(tl.float32) * s[None, :] + t[None, :], 0.0)
+            a = tl.where(amask, af, 0.0).to(x_ptr.dtype.element_ty)
+        if UPCAST:
+            acc += tl.dot(gt.to(tl.float32), a.to(tl.float32), input_precision=DOT_PRECISION)
+        else:
+            acc += tl.dot(gt.to(a.dtype), a, input_precision=DOT_PRECISION)
+    dw_off = offs_n[:, None] * (CIN * K) + offs_k[None, :] * K + tap
+    tl.atomic_add(dw_ptr + dw_off, acc, mask=mask_n[:, None] & mask_k[None, :])
+
+
+def _next_pow2(v: int) -> int:
+    return 1 << max(0, int(v) - 1).bit_length()
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    if dtype == torch.float32 and torch.backends.cudnn.allow_tf32 and not triton_interpret():
+        return "tf32"
+    return "ieee"
+
+
+def _upcast(dtype: torch.dtype) -> bool:
+    # The interpreter mis-computes tl.dot with 16-bit operands (ENV-NOTES); GPU keeps them.
+    return triton_interpret() and dtype != torch.float32
+
+
+def _fwd_blocks(M: int, cin: int, cout: int):
+    if triton_interpret():
+        # few, large programs: the interpreter's cost grows with the program count
+        return (min(256, max(16, _next_pow2(M))), min(64, max(16, _next_pow2(cout))),
+                min(64, max(16, _next_pow2(cin))), 4, 1)
+    bn = 64 if cout <= 64 else 128
+    return 128, bn, 32, 4 if bn == 64 else 8, 3
+
+
+def _strides4(t):
+    return tuple(int(s) for s in t.stride())
+
+
+def lk_conv_fwd(x, weight, bias, in_scale, in_shift, add, relu, stats, y, ch_sum, ch_sumsq,
+                pro_bwd=None):
+    """Launch the forward kernel into the preallocated ``y`` (and ``ch_sum``/``ch_sumsq`` when
+    ``stats``; they must be zeroed fp32). ``weight`` is (Cout, Cin, kh, kw) with kh == 1 or
+    kw == 1 and any strides. ``pro_bwd``: None or (px, pscale, pshift, gscale, gshift) for the
+    backward-data epilogue (gscale/gshift zeroed fp32)."""
+    N, cin, H, W = x.shape
+    cout, _, kh, kw = weight.shape
+    along_w = kh == 1
+    K = kw if along_w else kh
+    M = N * H * W
+    BM, BN, BK, warps, stages = _fwd_blocks(M, cin, cout)
+    dummy = y
+    has_pro = in_scale is not None
+    a = add if add is not None else y
+    px, ps, pt, gs, gt = pro_bwd if pro_bwd is not None else (y, y, y, y, y)
+    grid = (triton.cdiv(M, BM), triton.cdiv(cout, BN))
+    _lk_conv_fwd_kernel[grid](
+        x, weight, bias if bias is not None else dummy,
+        in_scale if has_pro else dummy, in_shift if has_pro else dummy,
+        a, y, ch_sum if stats else dummy, ch_sumsq if stats else dummy,
+        px, ps, pt, gs, gt,
+        M, cin, cout, H, W, K,
+        *_strides4(x),
+        int(weight.stride(0)), int(weight.stride(1)), int(weight.stride(3 if along_w else 2)),
+        *_strides4(a), *_strides4(y), *_strides4(px),
+        ALONG_W=along_w, HAS_PROLOGUE=has_pro, HAS_BIAS=bias is not None, RELU=bool(relu),
+        HAS_ADD=add is not None, STATS=bool(stats), PRO_BWD=pro_bwd is not None,
+        UPCAST=_upcast(x.dtype), DOT_PRECISION=_dot_precision(x.dtype),
+        BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, num_warps=warps, num_stages=stages,
+    )
+    return y
+
+
+def lk_conv_wgrad(g, x, in_scale, in_shift, kernel_shape):
+    """Weight gradient (Cout, Cin, kh, kw) fp32 of the conv of ``xin`` (x after the optional
+    prologue) whose output gradient is ``g`` (N, Cout, H, W)."""
+    N, cin, H, W = x.shape
+    cout = g.shape[1]
+    kh, kw = kernel_shape
+    along_w = kh == 1
+    K = kw if along_w else kh
+    M = N * H * W
+    dw = torch.zeros((cout, cin, K), dtype=torch.float32, device=x.device)
+    if triton_interpret():
+        BM = min(256, max(16, _next_pow2(M)))
+        BN, BK = min(64, max(16, _next_pow2(cout))), min(64, max(16, _next_pow2(cin)))
+        warps, stages, split = 4, 1, 1
+    else:
+        BM, BN, BK, warps, stages = 64, 64, 64, 4, 3
+        tiles = triton.cdiv(cout, BN) * triton.cdiv(cin, BK) * K
+        sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+        split = max(1, min(triton.cdiv(M, BM * 8), triton.cdiv(4 * sms, tiles)))
+    m_per = triton.cdiv(triton.cdiv(M, split), BM) * BM
+    split = triton.cdiv(M, m_per)
+    has_pro = in_scale is not None
+    grid = (triton.cdiv(cout, BN), triton.cdiv(cin, BK), K * split)
+    _lk_conv_wgrad_kernel[grid](
+        g, x, in_scale if has_pro else dw, in_shift if has_pro else dw, dw,
+        M, cin, cout, H, W, K, m_per,
+        *_strides4(g), *_strides4(x),
+        ALONG_W=along_w, HAS_PROLOGUE=has_pro, UPCAST=_upcast(x.dtype),
+        DOT_PRECISION=_dot_precision(x.dtype),
+        BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, num_warps=warps, num_stages=stages,
+    )
+    return dw.view(cout, cin, kh, kw)

@@ -1,0 +1,300 @@
+"""Triton kernels of ``msff::lkam_se`` (branch sum + SE attention + scale + residual, SPEC.md).
+
+Tiles are (BLOCK_P pixels of one image) × (BLOCK_C channels); every tensor comes with its four
+strides, so NCHW, channels_last and non-contiguous views work. ``F`` (the branch sum after the
+pending BN + ReLU) is recomputed from the raw conv outputs in every pass, never stored.
+
+* ``_lkam_se_pool_kernel``: Σ_{h,w} F per (n, c), split over pixel chunks (fp32 atomics).
+* ``_lkam_se_fwd_kernel``: out = R + F · z[n, c] (R = residual, optionally BN-affine).
+* ``_lkam_se_bwd_reduce_kernel``: Σ grad_out·F per (n, c); Σ grad_out·residual, Σ grad_out per c.
+* ``_lkam_se_bwd_kernel``: grad of the branches (through BN+ReLU) and of the residual, with the
+  per-channel BN-affine gradients reduced by atomics.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from msff.backend import triton_interpret
+
+__all__ = ["se_pool", "se_apply", "se_backward_reduce", "se_backward_apply"]
+
+
+@triton.jit
+def _act(t_ptr, off, mask, s_ptr, h_ptr, offs_c, mask_c, HAS_AFFINE: tl.constexpr):
+    t = tl.load(t_ptr + off, mask=mask, other=0.0).to(tl.float32)
+    if HAS_AFFINE:
+        s = tl.load(s_ptr + offs_c, mask=mask_c, other=0.0)
+        h = tl.load(h_ptr + offs_c, mask=mask_c, other=0.0)
+        t = tl.where(mask, tl.maximum(t * s[None, :] + h[None, :], 0.0), 0.0)
+    return t
+
+
+@triton.jit
+def _tile(n, offs_p, offs_c, W, stride_n, stride_c, stride_h, stride_w):
+    h = offs_p // W
+    w = offs_p % W
+    row = n.to(tl.int64) * stride_n + h.to(tl.int64) * stride_h + w.to(tl.int64) * stride_w
+    return row[:, None] + offs_c[None, :].to(tl.int64) * stride_c
+
+
+@triton.jit
+def _branch_sum(fa_ptr, fb_ptr, sa_ptr, ha_ptr, sb_ptr, hb_ptr, n, offs_p, offs_c, mask, mask_c, W,
+                san, sac, sah, saw, sbn, sbc, sbh, sbw,
+                HAS_B: tl.constexpr, AFF_A: tl.constexpr, AFF_B: tl.constexpr):
+    f = _act(fa_ptr, _tile(n, offs_p, offs_c, W, san, sac, sah, saw), mask, sa_ptr, ha_ptr,
+             offs_c, mask_c, AFF_A)
+    if HAS_B:
+        f += _act(fb_ptr, _tile(n, offs_p, offs_c, W, sbn, sbc, sbh, sbw), mask, sb_ptr, hb_ptr,
+                  offs_c, mask_c, AFF_B)
+    return f
+
+
+@triton.jit
+def _lkam_se_pool_kernel(
+    fa_ptr, fb_ptr, sa_ptr, ha_ptr, sb_ptr, hb_ptr, pool_ptr,
+    C, HW, W, P_PER_PROG,
+    san, sac, sah, saw, sbn, sbc, sbh, sbw,
+    HAS_B: tl.constexpr, AFF_A: tl.constexpr, AFF_B: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    n = tl.program_id(0)
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_c = offs_c < C
+    p_start = tl.program_id(2) * P_PER_PROG
+    acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    for p0 in range(p_start, p_start + P_PER_PROG, BLOCK_P):
+        offs_p = p0 + tl.arange(0, BLOCK_P)
+        mask = (offs_p < HW)[:, None] & mask_c[None, :]
+        f = _branch_sum(fa_ptr, fb_ptr, sa_ptr, ha_ptr, sb_ptr, hb_ptr, n, offs_p, offs_c, mask,
+                        mask_c, W, san, sac, sah, saw, sbn, sbc, sbh, sbw, HAS_B, AFF_A, AFF_B)
+        acc += tl.sum(f, axis=0)
+    tl.atomic_add(pool_ptr + n * C + offs_c, acc, mask=mask_c)
+
+
+@triton.jit
+def _lkam_se_fwd_kernel(
+    fa_ptr, fb_ptr, sa_ptr, ha_ptr, sb_ptr, hb_ptr, z_ptr, r_ptr, rs_ptr, rh_ptr, out_ptr,
+    C, HW, W, P_BLOCKS,
+    san, sac, sah, saw, sbn, sbc, sbh, sbw, srn, src, srh, srw, son, soc, soh, sow,
+    HAS_B: tl.constexpr, AFF_A: tl.constexpr, AFF_B: tl.constexpr, AFF_R: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    n = pid // P_BLOCKS
+    offs_p = (pid % P_BLOCKS) * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_c = offs_c < C
+    mask = (offs_p < HW)[:, None] & mask_c[None, :]
+    f = _branch_sum(fa_ptr, fb_ptr, sa_ptr, ha_ptr, sb_ptr, hb_ptr, n, offs_p, offs_c, mask,
+                    mask_c, W, san, sac, sah, saw, sbn, sbc, sbh, sbw, HAS_B, AFF_A, AFF_B)
+    z = tl.load(z_ptr + n * C + offs_c, mask=mask_c, other=0.0)
+    r = tl.load(r_ptr + _tile(n, offs_p, offs_c, W, srn, src, srh, srw), mask=mask, other=0.0)
+    r = r.to(tl.float32)
+    if AFF_R:
+        rs = tl.load(rs_ptr + offs_c, mask=mask_c, other=0.0)
+        rh = tl.load(rh_ptr + offs_c, mask=mask_c, other=0.0)
+        r = r * rs[None, :] + rh[None, :]
+    out = r + f * z[None, :]
+    tl.store(out_ptr + _tile(n, offs_p, offs_c, W, son, soc, soh, sow),
+             out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _lkam_se_bwd_reduce_kernel(
+    go_ptr, fa_ptr, fb_ptr, sa_ptr, ha_ptr, sb_ptr, hb_ptr, r_ptr, gz_ptr, grs_ptr, grh_ptr,
+    C, HW, W, P_PER_PROG,
+    sgn, sgc, sgh, sgw, san, sac, sah, saw, sbn, sbc, sbh, sbw, srn, src, srh, srw,
+    HAS_B: tl.constexpr, AFF_A: tl.constexpr, AFF_B: tl.constexpr, AFF_R: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    n = tl.program_id(0)
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_c = offs_c < C
+    p_start = tl.program_id(2) * P_PER_PROG
+    acc_z = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    acc_rs = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    acc_rh = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    for p0 in range(p_start, p_start + P_PER_PROG, BLOCK_P):
+        offs_p = p0 + tl.arange(0, BLOCK_P)
+        mask = (offs_p < HW)[:, None] & mask_c[None, :]
+        go = tl.load(go_ptr + _tile(n, offs_p, offs_c, W, sgn, sgc, sgh, sgw), mask=mask,
+                     other=0.0).to(tl.float32)
+        f = _branch_sum(fa_ptr, fb_ptr, sa_ptr, ha_ptr, sb_ptr, hb_ptr, n, offs_p, offs_c, mask,
+                        mask_c, W, san, sac, sah, saw, sbn, sbc, sbh, sbw, HAS_B, AFF_A, AFF_B)
+        acc_z += tl.sum(go * f, axis=0)
+        if AFF_R:
+            r = tl.load(r_ptr + _tile(n, offs_p, offs_c, W, srn, src, srh, srw), mask=mask,
+                        other=0.0).to(tl.float32)
+            acc_rs += tl.sum(go * r, axis=0)
+            acc_rh += tl.sum(go, axis=0)
+    tl.atomic_add(gz_ptr + n * C + offs_c, acc_z, mask=mask_c)
+    if AFF_R:
+        tl.atomic_add(grs_ptr + offs_c, acc_rs, mask=mask_c)
+        tl.atomic_add(grh_ptr + offs_c, acc_rh, mask=mask_c)
+
+
+@triton.jit
+def _branch_grad(gf, t_ptr, off, mask, s_ptr, h_ptr, gs_ptr, gh_ptr, gt_ptr, goff, offs_c, mask_c,
+                 AFF: tl.constexpr):
+    if AFF:
+        t = tl.load(t_ptr + off, mask=mask, other=0.0).to(tl.float32)
+        s = tl.load(s_ptr + offs_c, mask=mask_c, other=0.0)
+        h = tl.load(h_ptr + offs_c, mask=mask_c, other=0.0)
+        gm = tl.where(mask & ((t * s[None, :] + h[None, :]) > 0), gf, 0.0)
+        tl.atomic_add(gs_ptr + offs_c, tl.sum(gm * t, axis=0), mask=mask_c)
+        tl.atomic_add(gh_ptr + offs_c, tl.sum(gm, axis=0), mask=mask_c)
+        g = gm * s[None, :]
+    else:
+        g = gf
+    tl.store(gt_ptr + goff, g.to(gt_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _lkam_se_bwd_kernel(
+    go_ptr, fa_ptr, fb_ptr, sa_ptr, ha_ptr, sb_ptr, hb_ptr, z_ptr, gp_ptr, rs_ptr,
+    gfa_ptr, gfb_ptr, gsa_ptr, gha_ptr, gsb_ptr, ghb_ptr, gr_ptr,
+    C, HW, W, P_BLOCKS,
+    sgn, sgc, sgh, sgw, san, sac, sah, saw, sbn, sbc, sbh, sbw,
+    s1n, s1c, s1h, s1w, s2n, s2c, s2h, s2w, s3n, s3c, s3h, s3w,
+    HAS_B: tl.constexpr, AFF_A: tl.constexpr, AFF_B: tl.constexpr, AFF_R: tl.constexpr,
+    NEED_R: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    n = pid // P_BLOCKS
+    offs_p = (pid % P_BLOCKS) * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_c = offs_c < C
+    mask = (offs_p < HW)[:, None] & mask_c[None, :]
+    go = tl.load(go_ptr + _tile(n, offs_p, offs_c, W, sgn, sgc, sgh, sgw), mask=mask,
+                 other=0.0).to(tl.float32)
+    z = tl.load(z_ptr + n * C + offs_c, mask=mask_c, other=0.0)
+    gp = tl.load(gp_ptr + n * C + offs_c, mask=mask_c, other=0.0)
+    gf = go * z[None, :] + gp[None, :]
+    _branch_grad(gf, fa_ptr, _tile(n, offs_p, offs_c, W, san, sac, sah, saw), mask, sa_ptr, ha_ptr,
+                 gsa_ptr, gha_ptr, gfa_ptr, _tile(n, offs_p, offs_c, W, s1n, s1c, s1h, s1w),
+                 offs_c, mask_c, AFF_A)
+    if HAS_B:
+        _branch_grad(gf, fb_ptr, _tile(n, offs_p, offs_c, W, sbn, sbc, sbh, sbw), mask, sb_ptr,
+                     hb_ptr, gsb_ptr, ghb_ptr, gfb_ptr,
+                     _tile(n, offs_p, offs_c, W, s2n, s2c, s2h, s2w), offs_c, mask_c, AFF_B)
+    if NEED_R:
+        gr = go
+        if AFF_R:
+            rs = tl.load(rs_ptr + offs_c, mask=mask_c, other=0.0)
+            gr = go * rs[None, :]
+        tl.store(gr_ptr + _tile(n, offs_p, offs_c, W, s3n, s3c, s3h, s3w),
+                 gr.to(gr_ptr.dtype.element_ty), mask=mask)
+
+
+def _next_pow2(v: int) -> int:
+    return 1 << max(0, int(v) - 1).bit_length()
+
+
+def _blocks(HW: int, C: int):
+    if triton_interpret():
+        bc = min(128, max(16, _next_pow2(C)))
+        return min(max(16, _next_pow2(HW)), max(16, 4096 // bc)), bc, 4
+    return 64, min(64, max(16, _next_pow2(C))), 4
+
+
+def _split(N, C, HW, BP, BC, device):
+    if triton_interpret():
+        return HW
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    progs = N * triton.cdiv(C, BC)
+    split = max(1, min(triton.cdiv(HW, BP * 4), triton.cdiv(4 * sms, progs)))
+    return triton.cdiv(triton.cdiv(HW, split), BP) * BP
+
+
+def _s(t):
+    return tuple(int(v) for v in t.stride())
+
+
+def _opt(t, dummy):
+    return t if t is not None else dummy
+
+
+def se_pool(fa, fb, sa, ha, sb, hb):
+    """Σ_{h,w} F as (N, C) fp32."""
+    N, C, H, W = fa.shape
+    HW = H * W
+    pool = torch.zeros((N, C), dtype=torch.float32, device=fa.device)
+    if HW == 0 or N == 0 or C == 0:
+        return pool
+    BP, BC, warps = _blocks(HW, C)
+    per = _split(N, C, HW, BP, BC, fa.device)
+    fbt = _opt(fb, fa)
+    grid = (N, triton.cdiv(C, BC), triton.cdiv(HW, per))
+    _lkam_se_pool_kernel[grid](
+        fa, fbt, _opt(sa, pool), _opt(ha, pool), _opt(sb, pool), _opt(hb, pool), pool,
+        C, HW, W, per, *_s(fa), *_s(fbt),
+        HAS_B=fb is not None, AFF_A=sa is not None, AFF_B=sb is not None,
+        BLOCK_P=BP, BLOCK_C=BC, num_warps=warps,
+    )
+    return pool
+
+
+def se_apply(fa, fb, sa, ha, sb, hb, z, residual, rs, rh, out):
+    """out = R + F · z (into the preallocated ``out``)."""
+    N, C, H, W = fa.shape
+    HW = H * W
+    if out.numel() == 0:
+        return out
+    BP, BC, warps = _blocks(HW, C)
+    pb = triton.cdiv(HW, BP)
+    fbt = _opt(fb, fa)
+    grid = (N * pb, triton.cdiv(C, BC))
+    _lkam_se_fwd_kernel[grid](
+        fa, fbt, _opt(sa, z), _opt(ha, z), _opt(sb, z), _opt(hb, z), z, residual,
+        _opt(rs, z), _opt(rh, z), out, C, HW, W, pb,
+        *_s(fa), *_s(fbt), *_s(residual), *_s(out),
+        HAS_B=fb is not None, AFF_A=sa is not None, AFF_B=sb is not None, AFF_R=rs is not None,
+        BLOCK_P=BP, BLOCK_C=BC, num_warps=warps,
+    )
+    return out
+
+
+def se_backward_reduce(go, fa, fb, sa, ha, sb, hb, residual, aff_r):
+    """(Σ_hw go·F (N, C), Σ go·residual (C,), Σ go (C,)) in fp32 (the last two only if aff_r)."""
+    N, C, H, W = fa.shape
+    HW = H * W
+    gz = torch.zeros((N, C), dtype=torch.float32, device=fa.device)
+    grs = torch.zeros((C,), dtype=torch.float32, device=fa.device)
+    grh = torch.zeros((C,), dtype=torch.float32, device=fa.device)
+    if HW == 0 or N == 0 or C == 0:
+        return gz, grs, grh
+    BP, BC, warps = _blocks(HW, C)
+    per = _split(N, C, HW, BP, BC, fa.device)
+    fbt = _opt(fb, fa)
+    grid = (N, triton.cdiv(C, BC), triton.cdiv(HW, per))
+    _lkam_se_bwd_reduce_kernel[grid](
+        go, fa, fbt, _opt(sa, gz), _opt(ha, gz), _opt(sb, gz), _opt(hb, gz), residual, gz, grs, grh,
+        C, HW, W, per, *_s(go), *_s(fa), *_s(fbt), *_s(residual),
+        HAS_B=fb is not None, AFF_A=sa is not None, AFF_B=sb is not None, AFF_R=bool(aff_r),
+        BLOCK_P=BP, BLOCK_C=BC, num_warps=warps,
+    )
+    return gz, grs, grh
+
+
+def se_backward_apply(go, fa, fb, sa, ha, sb, hb, z, gp, rs, gfa, gfb, gsa, gha, gsb, ghb, gr):
+    """Branch and residual gradients (into preallocated gfa/gfb/gr; gs*/gh* zeroed fp32)."""
+    N, C, H, W = fa.shape
+    HW = H * W
+    if fa.numel() == 0:
+        return
+    BP, BC, warps = _blocks(HW, C)
+    pb = triton.cdiv(HW, BP)
+    fbt = _opt(fb, fa)
+    gfbt = _opt(gfb, gfa)
+    grt = _opt(gr, gfa)
+    grid = (N * pb, triton.cdiv(C, BC))
+    _lkam_se_bwd_kernel[grid](
+        go, fa, fbt, _opt(sa, z), _opt(ha, z), _opt(sb, z), _opt(hb, z), z, gp, _opt(rs, z),
+        gfa, gfbt, _opt(gsa, z), _opt(gha, z), _opt(gsb, z), _opt(ghb, z), grt,
+        C, HW, W, pb,
+        *_s(go), *_s(fa), *_s(fbt), *_s(gfa), *_s(gfbt), *_s(grt),
+        HAS_B=fb is not None, AFF_A=sa is not None, AFF_B=sb is not None, AFF_R=rs is not None,
+        NEED_R=gr is not None, BLOCK_P=BP, BLOCK_C=BC, num_warps=warps,
+    )
