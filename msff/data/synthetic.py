@@ -105,8 +105,12 @@ def write_scene_dataset(root: str | os.PathLike, n: int, size: int = 128, seed: 
     Example:
         >>> write_scene_dataset("/tmp/scenes", n=4, size=64)  # doctest: +SKIP
     """
-    import rasterio
+    import warnings
 
+    import rasterio
+    from rasterio.errors import NotGeoreferencedWarning
+
+    warnings.filterwarnings("ignore", category=NotGeoreferencedWarning)
     root = Path(root)
     (root / "images").mkdir(parents=True, exist_ok=True)
     (root / "masks").mkdir(parents=True, exist_ok=True)
