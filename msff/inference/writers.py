@@ -79,7 +79,15 @@ def temp_path(target: str | os.PathLike, suffix: str) -> Path:
     return Path(name)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_replace(tmp: Path, target: Path) -> None:
+    """Rename ``tmp`` onto ``target`` with ordinary file permissions (mkstemp makes 0600)."""
+    os.chmod(tmp, 0o666 & ~_umask())
     os.replace(tmp, target)
 
 

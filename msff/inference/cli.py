@@ -1,0 +1,241 @@
+"""``msff predict``: whole-scene landslide mapping from GeoTIFFs.
+
+``msff.cli`` adds this subcommand with :func:`add_predict_parser` and runs it with
+:func:`run_predict`; ``python -m msff.inference.cli ...`` runs it stand-alone.
+
+Examples::
+
+    msff predict -c ckpt/ scene.tif --out out/                      # out/scene_prob.tif, _mask.tif
+    msff predict -c ckpt/ --bands B4.tif B3.tif B2.tif --out out/iburi \\
+        --vector gpkg --min-area 500 --quicklook --tta
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+import warnings
+from pathlib import Path
+from typing import Optional, Sequence
+
+__all__ = ["add_predict_parser", "run_predict", "build_parser", "main", "output_paths"]
+
+DESCRIPTION = """Map landslides over whole scenes of any size with a trained checkpoint.
+
+Each INPUT raster is one scene (all its bands, in order); --bands stacks single-band files of one
+scene (e.g. Sentinel-2 B4 B3 B2). The scene is predicted in overlapping windows blended with
+cosine weights (no seams) while reading and writing in blocks (memory ~ tile x width). Outputs are
+Cloud-Optimized GeoTIFFs on the input grid: PREFIX_prob.tif (float32 probability in [0, 1], NaN
+nodata; or uint8 round(p*250) with --prob-dtype uint8) and PREFIX_mask.tif (uint8: 1 landslide,
+0 background, 255 nodata); optionally polygons (--vector) and a PNG quick-look (--quicklook).
+"""
+
+
+def add_predict_parser(subparsers) -> argparse.ArgumentParser:
+    """Add the ``predict`` subcommand to an ``argparse`` subparsers object; returns its parser."""
+    p = subparsers.add_parser(
+        "predict",
+        help="whole-scene prediction from GeoTIFFs (seamless tiling, COG outputs, polygons)",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_arguments(p)
+    return p
+
+
+def _add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("inputs", nargs="*", metavar="INPUT", help="raster file(s); each is one scene")
+    p.add_argument("-c", "--checkpoint", required=True, help="checkpoint folder (MSFFNet.save_pretrained)")
+    p.add_argument(
+        "--bands", nargs="+", metavar="FILE",
+        help="one scene stacked from single-band files on the same grid, in the model's band order",
+    )
+    p.add_argument(
+        "--out", default=None,
+        help="output prefix (out/iburi -> out/iburi_prob.tif, ...) or folder (existing, or ending "
+        "with /: FOLDER/<input name>_prob.tif); default: the current folder",
+    )
+    p.add_argument("--threshold", type=float, default=None, help="mask threshold (default: checkpoint's, else 0.5)")
+    p.add_argument("--nodata", type=float, default=None, help="input nodata value (default: from the files / their masks)")
+    p.add_argument("--tile", type=int, default=512, help="window size in pixels (default 512)")
+    p.add_argument("--overlap", type=int, default=128, help="overlap of neighbouring windows in pixels (default 128)")
+    p.add_argument(
+        "--margin", type=int, default=None,
+        help="zero-weight pixels at inner window edges (default overlap/4)",
+    )
+    p.add_argument("--batch-size", type=int, default=4, help="windows per forward pass (default 4)")
+    p.add_argument("--tta", action="store_true", help="flip test-time augmentation (4 passes)")
+    p.add_argument(
+        "--vector", default=None, metavar="PATH|gpkg|geojson",
+        help="write landslide polygons: a .gpkg/.geojson path (one scene), or just the format to "
+        "write PREFIX_polygons.<ext> beside the rasters",
+    )
+    p.add_argument("--min-area", type=float, default=0.0, help="drop polygons smaller than this many m² (default 0)")
+    p.add_argument("--prob-dtype", choices=("float32", "uint8"), default="float32", help="probability raster encoding")
+    p.add_argument("--quicklook", action="store_true", help="also write PREFIX_quicklook.png (mask over the scene)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:1, ...")
+    p.add_argument("--amp", action="store_true", help="mixed precision (bf16 where supported, else fp16)")
+    p.add_argument(
+        "--backend", default=None, choices=("auto", "reference", "triton", "cuda"),
+        help="MSFFNet kernel backend (default: the checkpoint's / MSFF_BACKEND)",
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """A stand-alone parser with the ``predict`` options (for ``python -m msff.inference.cli``)."""
+    p = argparse.ArgumentParser(prog="msff predict", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_arguments(p)
+    return p
+
+
+def _scene_stem(paths: Sequence[str]) -> str:
+    stems = [Path(p).stem for p in paths]
+    if len(stems) == 1:
+        return stems[0]
+    common = os.path.commonprefix(stems)
+    if any(len(s) > len(common) and s[len(common) - 1 : len(common) + 1].isalnum() for s in stems):
+        # cut back to a word boundary: download.B4/download.B3 -> "download", not "download.B"
+        common = re.sub(r"[^._\- ]*$", "", common)
+    return common.rstrip("._- ") or stems[0]
+
+
+def output_paths(out: Optional[str], stem: str, many: bool) -> str:
+    """The output prefix for one scene: ``<dir>/<stem>`` or the given prefix."""
+    if out is None:
+        return stem
+    if out.endswith(("/", os.sep)) or Path(out).is_dir():
+        return str(Path(out) / stem)
+    if many:
+        raise ValueError(f"--out {out!r} is a prefix, but several scenes are given: pass a folder (end it with /)")
+    return out
+
+
+def _plan(args) -> list[dict]:
+    scenes = []
+    if args.bands:
+        scenes.append([str(b) for b in args.bands])
+    scenes.extend([[str(i)] for i in args.inputs])
+    if not scenes:
+        raise ValueError("no input: give INPUT raster(s) and/or --bands FILE ...")
+    stems = [_scene_stem(s) for s in scenes]
+    if len(set(stems)) != len(stems):
+        raise ValueError(f"several scenes would share an output name ({stems}); run them separately")
+    plans = []
+    vec = args.vector
+    vec_fmt = vec.lower().lstrip(".") if vec and vec.lower().lstrip(".") in ("gpkg", "geojson") else None
+    if vec and vec_fmt is None:
+        if len(scenes) > 1:
+            raise ValueError("--vector PATH with several scenes: give just the format (gpkg or geojson)")
+        if Path(vec).suffix.lower() not in (".gpkg", ".geojson", ".json"):
+            raise ValueError(f"--vector {vec!r}: use a .gpkg or .geojson path, or 'gpkg' / 'geojson'")
+    for files, stem in zip(scenes, stems, strict=True):
+        prefix = output_paths(args.out, stem, len(scenes) > 1)
+        plans.append(
+            dict(
+                files=files,
+                prob=f"{prefix}_prob.tif",
+                mask=f"{prefix}_mask.tif",
+                vector=(f"{prefix}_polygons.{vec_fmt}" if vec_fmt else vec) if vec else None,
+                quicklook=f"{prefix}_quicklook.png" if args.quicklook else None,
+            )
+        )
+    return plans
+
+
+def _say(msg: str) -> None:
+    print(f"msff predict: {msg}", file=sys.stderr)
+
+
+def run_predict(args) -> int:
+    """Run ``msff predict`` for parsed ``args``. Returns the exit status (0 ok, 2 bad input/output,
+    1 other failure); errors are printed as one line, never a traceback."""
+    from msff.inference.predict import predict_scene, resolve_device
+    from msff.inference.predictor import load_predictor
+    from msff.inference.quicklook import quicklook
+    from msff.inference.sources import InferenceError
+    from msff.inference.vector import polygonize_mask
+    from msff.inference.writers import check_outputs
+
+    try:
+        plans = _plan(args)
+        for pl in plans:
+            check_outputs([pl["prob"], pl["mask"], pl["vector"], pl["quicklook"]], overwrite=args.overwrite)
+        if args.tile < 1 or not 0 <= args.overlap < args.tile:
+            raise ValueError(f"need --tile >= 1 and 0 <= --overlap < --tile (got {args.tile}, {args.overlap})")
+        if args.vector and Path(plans[0]["vector"]).suffix.lower() == ".gpkg":
+            try:
+                import pyogrio  # noqa: F401
+            except ImportError:
+                raise InferenceError("--vector .gpkg needs the optional package pyogrio (pip install pyogrio); use geojson instead") from None
+        device = resolve_device(args.device)
+        pred = load_predictor(args.checkpoint, device=device, backend=args.backend)
+        if args.threshold is not None:
+            if not 0.0 <= args.threshold <= 1.0:
+                raise ValueError(f"--threshold must be in [0, 1], got {args.threshold}")
+            pred.threshold = args.threshold
+        for pl in plans:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                warnings.filterwarnings("ignore", category=PendingDeprecationWarning)
+                warnings.filterwarnings("ignore", category=DeprecationWarning)
+                r = predict_scene(
+                    pred,
+                    pl["files"],
+                    pl["prob"],
+                    pl["mask"],
+                    tile=args.tile,
+                    overlap=args.overlap,
+                    margin=args.margin,
+                    batch_size=args.batch_size,
+                    tta=args.tta,
+                    nodata=args.nodata,
+                    device=device,
+                    amp=args.amp,
+                    backend=args.backend,
+                    prob_dtype=args.prob_dtype,
+                    overwrite=args.overwrite,
+                    progress=not args.quiet,
+                )
+            for w in caught:
+                if not issubclass(w.category, (PendingDeprecationWarning, DeprecationWarning)):
+                    _say(f"warning: {w.message}")
+            frac = r.landslide_pixels / max(r.valid_pixels, 1)
+            print(
+                f"{' + '.join(pl['files'])}: {r.width}x{r.height} px ({r.crs or 'no CRS'}), "
+                f"{r.valid_pixels} valid, {r.landslide_pixels} landslide ({100 * frac:.2f} %), "
+                f"{r.tiles} tiles ({r.tiles_skipped} nodata skipped), {r.seconds:.1f} s, "
+                f"{r.megapixels_per_second:.2f} MP/s"
+            )
+            print(f"  wrote {r.prob}\n  wrote {r.mask}")
+            if pl["vector"]:
+                polys = polygonize_mask(r.mask, r.prob, pl["vector"], min_area=args.min_area, overwrite=args.overwrite)
+                unit = "m²" if r.georeferenced else "px"
+                print(f"  wrote {pl['vector']} ({len(polys)} polygons, min area {args.min_area:g} {unit})")
+            if pl["quicklook"]:
+                quicklook(pl["files"], r.mask, pl["quicklook"], overwrite=args.overwrite, nodata=args.nodata)
+                print(f"  wrote {pl['quicklook']}")
+        return 0
+    except (InferenceError, ValueError, FileNotFoundError) as e:
+        _say(f"error: {e}")
+        return 2
+    except KeyboardInterrupt:
+        _say("interrupted; no partial output was kept")
+        return 130
+    except Exception as e:  # one line for the user; the full trace with MSFF_DEBUG=1
+        if os.environ.get("MSFF_DEBUG"):
+            raise
+        _say(f"error: {type(e).__name__}: {e} (set MSFF_DEBUG=1 for the traceback)")
+        return 1
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of ``python -m msff.inference.cli``."""
+    return run_predict(build_parser().parse_args(argv))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
+
