@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from msff.ops.registry import empty_grad, empty_like_layout, get_impl, register_impl
 
-__all__ = ["lk_conv", "lk_conv_ref", "lk_conv_backward_ref", "check_lk_conv_args"]
+__all__ = ["acc_dtype", "lk_conv", "lk_conv_ref", "lk_conv_backward_ref", "check_lk_conv_args"]
 
 
 def check_lk_conv_args(x, weight, bias, in_scale, in_shift, add):
@@ -29,26 +29,33 @@ def check_lk_conv_args(x, weight, bias, in_scale, in_shift, add):
         raise ValueError(f"kernel size must be odd for 'same' padding, got {k}")
     if weight.shape[1] != x.shape[1]:
         raise ValueError(f"weight has Cin={weight.shape[1]} but x has C={x.shape[1]}")
-    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise ValueError(f"x must be float32/float16/bfloat16, got {x.dtype}")
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        # float64 exists for gradcheck; the fast paths are fp32/fp16/bf16
+        raise ValueError(f"x must be float32/float16/bfloat16 (or float64), got {x.dtype}")
     if weight.dtype != x.dtype:
         raise ValueError(f"weight dtype {weight.dtype} must equal x dtype {x.dtype}")
     if (in_scale is None) != (in_shift is None):
         raise ValueError("in_scale and in_shift must be given together")
+    vdt = acc_dtype(x.dtype)
     for name, v, n in (("bias", bias, weight.shape[0]), ("in_scale", in_scale, x.shape[1]),
                        ("in_shift", in_shift, x.shape[1])):
-        if v is not None and (v.shape != (n,) or v.dtype != torch.float32):
-            raise ValueError(f"{name} must be float32 of shape ({n},), got {v.dtype} {tuple(v.shape)}")
+        if v is not None and (v.shape != (n,) or v.dtype != vdt):
+            raise ValueError(f"{name} must be {vdt} of shape ({n},), got {v.dtype} {tuple(v.shape)}")
     if add is not None:
         want = (x.shape[0], weight.shape[0], x.shape[2], x.shape[3])
         if tuple(add.shape) != want or add.dtype != x.dtype:
             raise ValueError(f"add must be {x.dtype} of shape {want}, got {add.dtype} {tuple(add.shape)}")
 
 
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The accumulation / per-channel-vector dtype: float32, or float64 for float64 inputs."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def _prologue(x, in_scale, in_shift):
     if in_scale is None:
         return x
-    xf = x.float() * in_scale.view(1, -1, 1, 1) + in_shift.view(1, -1, 1, 1)
+    xf = x.to(acc_dtype(x.dtype)) * in_scale.view(1, -1, 1, 1) + in_shift.view(1, -1, 1, 1)
     return torch.relu(xf).to(x.dtype)
 
 
@@ -75,13 +82,13 @@ def lk_conv_ref(x, weight, bias=None, in_scale=None, in_shift=None, add=None, re
         torch.Size([1, 8, 5, 6])
     """
     xin = _prologue(x, in_scale, in_shift)
-    acc = F.conv2d(xin, weight, padding=_pad(weight)).float()
+    acc = F.conv2d(xin, weight, padding=_pad(weight)).to(acc_dtype(x.dtype))
     if bias is not None:
         acc = acc + bias.view(1, -1, 1, 1)
     if relu:
         acc = torch.relu(acc)
     if add is not None:
-        acc = acc + add.float()
+        acc = acc + add.to(acc.dtype)
     y = empty_like_layout(x, acc.shape, x.dtype)
     y.copy_(acc)
     if stats:
@@ -94,14 +101,15 @@ def lk_conv_ref(x, weight, bias=None, in_scale=None, in_shift=None, add=None, re
 
 def _grad_out_total(grad_y, grad_sum, grad_sumsq, y, add, relu):
     """(g, g_r) of SPEC: the gradient w.r.t. the fp32 epilogue value y, and past the ReLU."""
-    g = grad_y.float()
+    adt = acc_dtype(y.dtype)
+    g = grad_y.to(adt)
     if grad_sum is not None and grad_sum.numel():
         g = g + grad_sum.view(1, -1, 1, 1)
     if grad_sumsq is not None and grad_sumsq.numel():
-        g = g + 2.0 * y.float() * grad_sumsq.view(1, -1, 1, 1)
+        g = g + 2.0 * y.to(adt) * grad_sumsq.view(1, -1, 1, 1)
     g_r = g
     if relu:
-        r = y.float() - add.float() if add is not None else y.float()
+        r = y.to(adt) - add.to(adt) if add is not None else y.to(adt)
         g_r = g * (r > 0)
     return g, g_r
 
@@ -110,23 +118,24 @@ def lk_conv_backward_ref(grad_y, grad_sum, grad_sumsq, x, weight, y, bias, in_sc
                          add, relu, output_mask):
     """Pure-PyTorch reference of ``msff::_lk_conv_backward`` (SPEC.md)."""
     dev = x.device
+    adt = acc_dtype(x.dtype)
     g, g_r = _grad_out_total(grad_y, grad_sum, grad_sumsq, y, add, relu)
     pad = _pad(weight)
     outs = [empty_grad(dev) for _ in range(6)]
     need_xin_grad = output_mask[0] or (in_scale is not None and (output_mask[3] or output_mask[4]))
     if need_xin_grad:
-        gxin = torch.nn.grad.conv2d_input(x.shape, weight.float(), g_r, padding=pad)
+        gxin = torch.nn.grad.conv2d_input(x.shape, weight.to(adt), g_r, padding=pad)
         if in_scale is not None:
-            pre = x.float() * in_scale.view(1, -1, 1, 1) + in_shift.view(1, -1, 1, 1)
+            pre = x.to(adt) * in_scale.view(1, -1, 1, 1) + in_shift.view(1, -1, 1, 1)
             gm = gxin * (pre > 0)
             if output_mask[0]:
                 outs[0] = _like(x, gm * in_scale.view(1, -1, 1, 1))
-            outs[3] = (gm * x.float()).sum(dim=(0, 2, 3)) if output_mask[3] else outs[3]
+            outs[3] = (gm * x.to(adt)).sum(dim=(0, 2, 3)) if output_mask[3] else outs[3]
             outs[4] = gm.sum(dim=(0, 2, 3)) if output_mask[4] else outs[4]
         elif output_mask[0]:
             outs[0] = _like(x, gxin)
     if output_mask[1]:
-        xin = _prologue(x, in_scale, in_shift).float()
+        xin = _prologue(x, in_scale, in_shift).to(adt)
         gw = torch.nn.grad.conv2d_weight(xin, weight.shape, g_r, padding=pad)
         outs[1] = gw.to(weight.dtype).contiguous()
     if output_mask[2] and bias is not None:
@@ -166,7 +175,8 @@ def _(x, weight, bias, in_scale, in_shift, add, relu, stats, backend):
     shape = (x.shape[0], weight.shape[0], x.shape[2], x.shape[3])
     y = empty_like_layout(x, shape, x.dtype)
     n = weight.shape[0] if stats else 0
-    return y, x.new_empty((n,), dtype=torch.float32), x.new_empty((n,), dtype=torch.float32)
+    adt = acc_dtype(x.dtype) if stats else torch.float32
+    return y, x.new_empty((n,), dtype=adt), x.new_empty((n,), dtype=adt)
 
 
 @torch.library.custom_op("msff::_lk_conv_backward", mutates_args=())
@@ -188,10 +198,10 @@ def _(grad_y, grad_sum, grad_sumsq, x, weight, y, bias, in_scale, in_shift, add,
     e = lambda: x.new_empty((0,), dtype=torch.float32)
     return (
         empty_like_layout(x) if output_mask[0] else e(),
-        weight.new_empty(weight.shape, memory_format=torch.contiguous_format) if output_mask[1] else e(),
-        x.new_empty(bias.shape, dtype=torch.float32) if output_mask[2] and bias is not None else e(),
-        x.new_empty(in_scale.shape, dtype=torch.float32) if output_mask[3] and in_scale is not None else e(),
-        x.new_empty(in_shift.shape, dtype=torch.float32) if output_mask[4] and in_shift is not None else e(),
+        torch.empty(weight.shape, dtype=weight.dtype, device=weight.device) if output_mask[1] else e(),
+        torch.empty_like(bias) if output_mask[2] and bias is not None else e(),
+        torch.empty_like(in_scale) if output_mask[3] and in_scale is not None else e(),
+        torch.empty_like(in_shift) if output_mask[4] and in_shift is not None else e(),
         empty_like_layout(add) if output_mask[5] and add is not None else e(),
     )
 
@@ -247,9 +257,15 @@ def lk_conv(x, weight, bias=None, in_scale=None, in_shift=None, add=None, relu=F
 
 
 # ---- triton implementation --------------------------------------------------------------------
+def _no_fp64(t):
+    if t.dtype == torch.float64:
+        raise ValueError("float64 runs on the reference backend only (it exists for gradcheck)")
+
+
 def _lk_conv_triton(x, weight, bias, in_scale, in_shift, add, relu, stats):
     from msff.kernels.lk_conv import lk_conv_fwd
 
+    _no_fp64(x)
     shape = (x.shape[0], weight.shape[0], x.shape[2], x.shape[3])
     y = empty_like_layout(x, shape, x.dtype)
     if stats:

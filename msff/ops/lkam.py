@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from msff.ops.lk_conv import lk_conv
+from msff.ops.lk_conv import acc_dtype, lk_conv
 from msff.ops.lkam_se import lkam_se
 
 __all__ = ["lkam_block", "fuse_for_inference", "bn_affine"]
@@ -36,7 +36,8 @@ def _uses_batch_stats(bn: Optional[nn.BatchNorm2d]) -> bool:
     return bn is not None and (bn.training or (bn.running_mean is None and bn.running_var is None))
 
 
-def bn_affine(conv: nn.Conv2d, bn: Optional[nn.BatchNorm2d], ch_sum, ch_sumsq, count: int):
+def bn_affine(conv: nn.Conv2d, bn: Optional[nn.BatchNorm2d], ch_sum, ch_sumsq, count: int,
+              dtype: torch.dtype = torch.float32):
     """(scale, shift), fp32 (C,), such that ``bn(conv(x)) == t * scale + shift`` where ``t`` is
     the raw convolution output *without* conv's bias. Updates ``bn``'s running statistics
     exactly as ``nn.BatchNorm2d.forward`` does when it uses batch statistics.
@@ -46,19 +47,20 @@ def bn_affine(conv: nn.Conv2d, bn: Optional[nn.BatchNorm2d], ch_sum, ch_sumsq, c
         bn: a BatchNorm2d or None (then the map is ``t + conv.bias``).
         ch_sum, ch_sumsq: per-channel Σt, Σt² (fp32) when bn uses batch statistics.
         count: N·H·W, the number of values per channel.
+        dtype: of the result (float32; float64 for gradcheck).
 
     Returns:
         (scale, shift), differentiable w.r.t. bn.weight, bn.bias, conv.bias and the sums.
     """
     c = conv.out_channels
     dev = conv.weight.device
-    cbias = conv.bias.float() if conv.bias is not None else None
+    cbias = conv.bias.to(dtype) if conv.bias is not None else None
     if bn is None:
-        scale = torch.ones(c, device=dev, dtype=torch.float32)
-        shift = cbias if cbias is not None else torch.zeros(c, device=dev, dtype=torch.float32)
+        scale = torch.ones(c, device=dev, dtype=dtype)
+        shift = cbias if cbias is not None else torch.zeros(c, device=dev, dtype=dtype)
         return scale, shift
-    gamma = bn.weight.float() if bn.weight is not None else torch.ones(c, device=dev)
-    beta = bn.bias.float() if bn.bias is not None else torch.zeros(c, device=dev)
+    gamma = bn.weight.to(dtype) if bn.weight is not None else torch.ones(c, device=dev, dtype=dtype)
+    beta = bn.bias.to(dtype) if bn.bias is not None else torch.zeros(c, device=dev, dtype=dtype)
     if _uses_batch_stats(bn):
         if count <= 1:
             raise ValueError(
@@ -70,8 +72,8 @@ def bn_affine(conv: nn.Conv2d, bn: Optional[nn.BatchNorm2d], ch_sum, ch_sumsq, c
         shift = beta - mean_t * scale
         _update_running(bn, mean_t, var, cbias, count)
         return scale, shift
-    rm = bn.running_mean.float()
-    rv = bn.running_var.float()
+    rm = bn.running_mean.to(dtype)
+    rv = bn.running_var.to(dtype)
     scale = gamma * torch.rsqrt(rv + bn.eps)
     shift = beta + ((cbias if cbias is not None else 0.0) - rm) * scale
     return scale, shift
@@ -104,14 +106,14 @@ def _parts(block):
     return parts, short
 
 
-def _se_weights(att):
+def _se_weights(att, vdt):
     fc1, fc2 = att.fc1, att.fc2
     hid, c = fc1.out_channels, fc1.in_channels
     dev = fc1.weight.device
-    w1 = fc1.weight.float().reshape(hid, c)
-    w2 = fc2.weight.float().reshape(c, hid)
-    b1 = fc1.bias.float() if fc1.bias is not None else torch.zeros(hid, device=dev)
-    b2 = fc2.bias.float() if fc2.bias is not None else torch.zeros(c, device=dev)
+    w1 = fc1.weight.to(vdt).reshape(hid, c)
+    w2 = fc2.weight.to(vdt).reshape(c, hid)
+    b1 = fc1.bias.to(vdt) if fc1.bias is not None else torch.zeros(hid, device=dev, dtype=vdt)
+    b2 = fc2.bias.to(vdt) if fc2.bias is not None else torch.zeros(c, device=dev, dtype=vdt)
     return w1, b1, w2, b2
 
 
@@ -158,16 +160,17 @@ def _lkam_block(block, x, cdt, backend):
     parts, short = _parts(block)
     bns = [bn for _, bn in parts] + ([short[1]] if short is not None else [])
     count = x.shape[0] * x.shape[2] * x.shape[3]
-    w1, b1, w2, b2 = _se_weights(block.attention)
+    vdt = acc_dtype(cdt)
+    w1, b1, w2, b2 = _se_weights(block.attention, vdt)
     if not any(_uses_batch_stats(bn) for bn in bns) and not _needs_grad(block, x):
-        return _eval_fused(parts, short, xc, cdt, (w1, b1, w2, b2), backend)
+        return _eval_fused(parts, short, xc, cdt, vdt, (w1, b1, w2, b2), backend)
 
     (ca1, bna1), (ca2, bna2), (cb1, bnb1), (cb2, bnb2) = parts
 
     def conv(inp, c, bn, scale=None, shift=None):
         t, s, q = lk_conv(inp, c.weight.to(cdt), None, scale, shift, None, False,
                           _uses_batch_stats(bn), backend)
-        return (t, *bn_affine(c, bn, s, q, count))
+        return (t, *bn_affine(c, bn, s, q, count, vdt))
 
     ta1, sa1, ha1 = conv(xc, ca1, bna1)
     tb1, sb1, hb1 = conv(xc, cb1, bnb1)
@@ -182,13 +185,13 @@ def _lkam_block(block, x, cdt, backend):
     return out
 
 
-def _folded(c, bn, cdt):
-    scale, shift = bn_affine(c, bn, None, None, 0)
-    return (c.weight.float() * scale.view(-1, 1, 1, 1)).to(cdt), shift
+def _folded(c, bn, cdt, vdt):
+    scale, shift = bn_affine(c, bn, None, None, 0, vdt)
+    return (c.weight.to(vdt) * scale.view(-1, 1, 1, 1)).to(cdt), shift
 
 
-def _eval_fused(parts, short, xc, cdt, se, backend):
-    (wa1, ba1), (wa2, ba2), (wb1, bb1), (wb2, bb2) = [_folded(c, bn, cdt) for c, bn in parts]
+def _eval_fused(parts, short, xc, cdt, vdt, se, backend):
+    (wa1, ba1), (wa2, ba2), (wb1, bb1), (wb2, bb2) = [_folded(c, bn, cdt, vdt) for c, bn in parts]
     a1, _, _ = lk_conv(xc, wa1, ba1, relu=True, backend=backend)
     b1, _, _ = lk_conv(xc, wb1, bb1, relu=True, backend=backend)
     a2, _, _ = lk_conv(a1, wa2, ba2, relu=True, backend=backend)
@@ -196,7 +199,7 @@ def _eval_fused(parts, short, xc, cdt, se, backend):
     if short is None:
         residual = xc
     else:
-        ws, bs = _folded(short[0], short[1], cdt)
+        ws, bs = _folded(short[0], short[1], cdt, vdt)
         residual, _, _ = lk_conv(xc, ws, bs, backend=backend)
     out, _ = lkam_se(f, None, None, None, None, None, *se, residual, None, None, backend=backend)
     return out

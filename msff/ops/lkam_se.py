@@ -10,6 +10,7 @@ from typing import Optional
 
 import torch
 
+from msff.ops.lk_conv import acc_dtype
 from msff.ops.registry import empty_grad, empty_like_layout, get_impl, register_impl
 
 __all__ = ["lkam_se", "lkam_se_ref", "lkam_se_backward_ref"]
@@ -17,8 +18,8 @@ __all__ = ["lkam_se", "lkam_se_ref", "lkam_se_backward_ref"]
 
 def _act(t, s, h):
     if s is None:
-        return t.float()
-    return torch.relu(t.float() * s.view(1, -1, 1, 1) + h.view(1, -1, 1, 1))
+        return t.to(acc_dtype(t.dtype))
+    return torch.relu(t.to(acc_dtype(t.dtype)) * s.view(1, -1, 1, 1) + h.view(1, -1, 1, 1))
 
 
 def _branch_sum(fa, fb, scale_a, shift_a, scale_b, shift_b):
@@ -40,6 +41,7 @@ def _check(fa, fb, scale_a, shift_a, scale_b, shift_b, w1, b1, w2, b2, residual,
     if fa.dim() != 4:
         raise ValueError(f"fa must be 4-D (N, C, H, W), got {fa.dim()}-D")
     N, C, H, W = fa.shape
+    vdt = acc_dtype(fa.dtype)
     for name, t in (("fb", fb), ("residual", residual)):
         if t is not None and (tuple(t.shape) != (N, C, H, W) or t.dtype != fa.dtype):
             raise ValueError(f"{name} must be {fa.dtype} {(N, C, H, W)}, got {t.dtype} {tuple(t.shape)}")
@@ -47,8 +49,8 @@ def _check(fa, fb, scale_a, shift_a, scale_b, shift_b, w1, b1, w2, b2, residual,
         if (a is None) != (b is None):
             raise ValueError(f"scale/shift of {name} must be given together")
         for v in (a, b):
-            if v is not None and (tuple(v.shape) != (C,) or v.dtype != torch.float32):
-                raise ValueError(f"per-channel vectors of {name} must be float32 ({C},), got {v.dtype} {tuple(v.shape)}")
+            if v is not None and (tuple(v.shape) != (C,) or v.dtype != vdt):
+                raise ValueError(f"per-channel vectors of {name} must be {vdt} ({C},), got {v.dtype} {tuple(v.shape)}")
     if fb is None and scale_b is not None:
         raise ValueError("scale_b/shift_b given without fb")
     hid = w1.shape[0]
@@ -58,8 +60,8 @@ def _check(fa, fb, scale_a, shift_a, scale_b, shift_b, w1, b1, w2, b2, residual,
             f"SE weights must be w1 (Hid, {C}), b1 (Hid,), w2 ({C}, Hid), b2 ({C},); got "
             f"{tuple(w1.shape)}, {tuple(b1.shape)}, {tuple(w2.shape)}, {tuple(b2.shape)}"
         )
-    if any(t.dtype != torch.float32 for t in (w1, b1, w2, b2)):
-        raise ValueError("SE weights must be float32")
+    if any(t.dtype != vdt for t in (w1, b1, w2, b2)):
+        raise ValueError(f"SE weights must be {vdt}")
 
 
 def lkam_se_ref(fa, fb, scale_a, shift_a, scale_b, shift_b, w1, b1, w2, b2, residual,
@@ -92,7 +94,7 @@ def lkam_se_ref(fa, fb, scale_a, shift_a, scale_b, shift_b, w1, b1, w2, b2, resi
 
 
 def _act_res(residual, rs, rh):
-    r = residual.float()
+    r = residual.to(acc_dtype(residual.dtype))
     if rs is not None:
         r = r * rs.view(1, -1, 1, 1) + rh.view(1, -1, 1, 1)
     return r
@@ -117,7 +119,7 @@ def lkam_se_backward_ref(grad_out, grad_pooled, pooled, fa, fb, scale_a, shift_a
                          shift_b, w1, b1, w2, b2, residual, res_scale, res_shift):
     """Pure-PyTorch reference of ``msff::_lkam_se_backward`` (SPEC.md)."""
     dev = fa.device
-    go = grad_out.float()
+    go = grad_out.to(acc_dtype(fa.dtype))
     f = _branch_sum(fa, fb, scale_a, shift_a, scale_b, shift_b)
     gz = (go * f).sum(dim=(2, 3))
     hw = fa.shape[2] * fa.shape[3]
@@ -129,7 +131,7 @@ def lkam_se_backward_ref(grad_out, grad_pooled, pooled, fa, fb, scale_a, shift_a
             return empty_grad(dev), empty_grad(dev), empty_grad(dev)
         if s is None:
             return _like(t, gf), empty_grad(dev), empty_grad(dev)
-        tf = t.float()
+        tf = t.to(go.dtype)
         gm = gf * ((tf * s.view(1, -1, 1, 1) + h.view(1, -1, 1, 1)) > 0)
         return _like(t, gm * s.view(1, -1, 1, 1)), (gm * tf).sum(dim=(0, 2, 3)), gm.sum(dim=(0, 2, 3))
 
@@ -137,7 +139,7 @@ def lkam_se_backward_ref(grad_out, grad_pooled, pooled, fa, fb, scale_a, shift_a
     gfb, gsb, ghb = branch(fb, scale_b, shift_b)
     if res_scale is not None:
         gr = _like(residual, go * res_scale.view(1, -1, 1, 1))
-        grs = (go * residual.float()).sum(dim=(0, 2, 3))
+        grs = (go * residual.to(go.dtype)).sum(dim=(0, 2, 3))
         grh = go.sum(dim=(0, 2, 3))
     else:
         gr, grs, grh = _like(residual, go), empty_grad(dev), empty_grad(dev)
@@ -172,7 +174,7 @@ def _lkam_se_op(
 @_lkam_se_op.register_fake
 def _(fa, fb, scale_a, shift_a, scale_b, shift_b, w1, b1, w2, b2, residual, res_scale, res_shift,
       backend):
-    return empty_like_layout(fa), fa.new_empty((fa.shape[0], fa.shape[1]), dtype=torch.float32)
+    return empty_like_layout(fa), fa.new_empty((fa.shape[0], fa.shape[1]), dtype=acc_dtype(fa.dtype))
 
 
 @torch.library.custom_op("msff::_lkam_se_backward", mutates_args=())
@@ -253,6 +255,8 @@ def _lkam_se_triton(fa, fb, scale_a, shift_a, scale_b, shift_b, w1, b1, w2, b2, 
                     res_scale, res_shift):
     from msff.kernels.lkam_se import se_apply, se_pool
 
+    if fa.dtype == torch.float64:
+        raise ValueError("float64 runs on the reference backend only (it exists for gradcheck)")
     hw = fa.shape[2] * fa.shape[3]
     pooled = se_pool(fa, fb, scale_a, shift_a, scale_b, shift_b) / max(hw, 1)
     _, _, z = _excite(pooled, w1, b1, w2, b2)
