@@ -1,0 +1,190 @@
+"""``msff::lk_conv`` (Triton) against its reference: forward, Σy/Σy², and the gradients of every
+input, over kernel sizes, both directions, awkward shapes and memory layouts.
+
+Tolerances follow the rule written in ``ops_testing.py``: fp32 ``max|out-ref| <= 1e-5·max|ref| +
+1e-6``; fp16/bf16 at most 2× PyTorch's own error against float64 plus ``1e-3·max|ref|``.
+Without a GPU these run in the Triton interpreter (TRITON_INTERPRET=1, tests/conftest.py).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from ops_testing import DEVICE, assert_close, assert_close_lowp, disable_tf32, make_layout
+
+from msff.ops.lk_conv import _lk_conv_backward_op, _lk_conv_op, lk_conv, lk_conv_ref
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+@pytest.fixture(autouse=True)
+def _ieee_fp32():
+    disable_tf32()
+
+
+# (N, Cin, Cout, H, W, k, along, features, layout)
+CASES = [
+    (2, 5, 7, 13, 17, 7, "w", "plain", "contiguous"),
+    (2, 5, 7, 13, 17, 7, "h", "pro_stats", "channels_last"),
+    (1, 3, 6, 4, 5, 15, "w", "pro_stats", "contiguous"),      # H, W < k, batch 1
+    (1, 3, 6, 4, 5, 15, "h", "bias_relu_add", "strided"),
+    (2, 6, 9, 3, 11, 3, "w", "all", "contiguous"),
+    (2, 70, 20, 5, 6, 3, "h", "pro_stats", "contiguous"),      # Cin > one channel block
+    (1, 9, 70, 6, 7, 7, "w", "bias_relu_add", "channels_last"),  # Cout > one channel block
+    (3, 4, 5, 9, 2, 15, "h", "all", "strided"),
+    (2, 8, 8, 7, 7, 1, "w", "pro_stats", "contiguous"),        # 1×1 (projection shortcut)
+]
+
+
+def _make(N, cin, cout, H, W, k, along, features, layout, dtype=torch.float32):
+    g = dict(device=DEVICE, dtype=dtype)
+    x = make_layout(torch.randn(N, cin, H, W, **g), layout).requires_grad_()
+    wshape = (cout, cin, 1, k) if along == "w" else (cout, cin, k, 1)
+    w = (torch.randn(wshape, **g) / (cin * k) ** 0.5).requires_grad_()
+    kw = {}
+    vec = dict(device=DEVICE, dtype=torch.float32 if dtype != torch.float64 else torch.float64)
+    if features in ("pro_stats", "all"):
+        kw["in_scale"] = (torch.rand(cin, **vec) + 0.5).requires_grad_()
+        kw["in_shift"] = torch.randn(cin, **vec).requires_grad_()
+        kw["stats"] = True
+    if features in ("bias_relu_add", "all"):
+        kw["bias"] = torch.randn(cout, **vec).requires_grad_()
+        kw["relu"] = True
+        kw["add"] = make_layout(torch.randn(N, cout, H, W, **g), layout).requires_grad_()
+    return x, w, kw
+
+
+def _run(x, w, kw, backend):
+    y, s, q = lk_conv(x, w, backend=backend, **kw)
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    gy = torch.randn(y.shape, generator=gen).to(y.device, y.dtype)
+    loss = (y.double() * gy.double()).sum()
+    if kw.get("stats"):
+        cs = torch.randn(s.shape, generator=gen).to(s.device, s.dtype)
+        loss = loss + (s * cs).sum() + 0.1 * (q * cs.abs()).sum()
+    inputs = [x, w] + [kw[k] for k in ("bias", "in_scale", "in_shift", "add") if k in kw]
+    grads = torch.autograd.grad(loss, inputs)
+    return (y, s, q), grads
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c)))
+def test_lk_conv_matches_reference(case):
+    x, w, kw = _make(*case)
+    (y, s, q), grads = _run(x, w, kw, "triton")
+    (yr, sr, qr), grads_r = _run(x, w, kw, "reference")
+    assert_close(y, yr, "y")
+    assert_close(s, sr, "ch_sum")
+    assert_close(q, qr, "ch_sumsq")
+    names = ["x", "weight"] + [k for k in ("bias", "in_scale", "in_shift", "add") if k in kw]
+    for n, g, gr in zip(names, grads, grads_r, strict=True):
+        assert_close(g, gr, f"grad {n}")
+    # output layout rule (SPEC.md): channels_last in -> channels_last out
+    assert y.stride() == yr.stride()
+    if case[-1] == "channels_last":
+        assert y.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_lk_conv_low_precision(dtype):
+    x, w, kw = _make(2, 6, 10, 9, 13, 7, "w", "all", "channels_last", dtype)
+    (y, s, q), grads = _run(x, w, kw, "triton")
+    # float64 ground truth from the same low-precision inputs
+    x64, w64 = x.detach().double(), w.detach().double()
+    kw64 = {k: (v.detach().double() if torch.is_tensor(v) else v) for k, v in kw.items()}
+    for t in (x64, w64, *[v for v in kw64.values() if torch.is_tensor(v)]):
+        t.requires_grad_()
+    (y64, s64, q64), g64 = _run(x64, w64, kw64, "reference")
+    (ylp, slp, qlp), glp = _run(x, w, kw, "reference")
+    assert y.dtype == dtype
+    assert_close_lowp(y, y64, ylp, "y")
+    assert_close_lowp(s, s64, slp, "ch_sum")
+    for i, (g, gr, gl) in enumerate(zip(grads, g64, glp, strict=True)):
+        assert_close_lowp(g, gr, gl, f"grad {i}")
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("features", ["plain", "all"])
+def test_lk_conv_opcheck(backend, features):
+    x, w, kw = _make(2, 3, 4, 5, 6, 3, "w", features, "contiguous")
+    args = (x, w, kw.get("bias"), kw.get("in_scale"), kw.get("in_shift"), kw.get("add"),
+            kw.get("relu", False), kw.get("stats", False), backend)
+    torch.library.opcheck(_lk_conv_op, args)
+
+
+def test_lk_conv_backward_opcheck():
+    x, w, kw = _make(2, 3, 4, 5, 6, 3, "h", "all", "channels_last")
+    with torch.no_grad():
+        y, _, _ = lk_conv(x, w, backend="triton", **kw)
+    gy = torch.randn_like(y)
+    gs, gq = torch.randn(4, device=DEVICE), torch.randn(4, device=DEVICE)
+    args = (gy, gs, gq, x.detach(), w.detach(), y, kw["bias"].detach(), kw["in_scale"].detach(),
+            kw["in_shift"].detach(), kw["add"].detach(), True, [True] * 6, "triton")
+    torch.library.opcheck(_lk_conv_backward_op, args)
+    triton_out = _lk_conv_backward_op(*args)
+    ref_out = _lk_conv_backward_op(*args[:-1], "reference")
+    for a, b in zip(triton_out, ref_out, strict=True):
+        assert_close(a, b)
+
+
+@pytest.mark.parametrize("features", ["all", "pro_stats"])
+def test_lk_conv_gradcheck_float64(features):
+    # float64 runs through the reference backend: this checks the autograd formula and the
+    # backward op (SPEC.md) numerically; the Triton backward is then checked against it above.
+    x, w, kw = _make(1, 2, 3, 3, 4, 3, "w", features, "contiguous", torch.float64)
+    keys = [k for k in ("bias", "in_scale", "in_shift", "add") if k in kw]
+
+    def f(x, w, *vals):
+        d = dict(zip(keys, vals, strict=True))
+        y, s, q = lk_conv(x, w, relu=kw.get("relu", False), stats=kw.get("stats", False),
+                          backend="reference", **d)
+        return (y, s, q) if kw.get("stats") else y
+
+    # keep ReLU inputs away from the kink for finite differences
+    with torch.no_grad():
+        if "in_shift" in kw:
+            kw["in_shift"].add_(torch.sign(kw["in_shift"]) * 0.5)
+    assert torch.autograd.gradcheck(f, (x, w, *[kw[k] for k in keys]), atol=1e-6)
+
+
+def test_lk_conv_errors():
+    x = torch.randn(1, 3, 5, 5, device=DEVICE)
+    with pytest.raises(ValueError, match="4-D"):
+        lk_conv(x[0], torch.randn(4, 3, 1, 3, device=DEVICE))
+    with pytest.raises(ValueError, match="Cin"):
+        lk_conv(x, torch.randn(4, 2, 1, 3, device=DEVICE))
+    with pytest.raises(ValueError, match="odd"):
+        lk_conv(x, torch.randn(4, 3, 1, 4, device=DEVICE))
+    with pytest.raises(ValueError, match=r"\(Cout, Cin, 1, k\)"):
+        lk_conv(x, torch.randn(4, 3, 3, 3, device=DEVICE))
+    with pytest.raises(ValueError, match="together"):
+        lk_conv(x, torch.randn(4, 3, 1, 3, device=DEVICE), in_scale=torch.ones(3, device=DEVICE))
+    with pytest.raises(ValueError, match="dtype"):
+        lk_conv(x, torch.randn(4, 3, 1, 3, device=DEVICE, dtype=torch.float16))
+
+
+def test_lk_conv_torch_compile():
+    x, w, kw = _make(2, 4, 5, 6, 7, 7, "h", "all", "contiguous")
+
+    def f(x, w, b, s, t, a):
+        y, cs, cq = lk_conv(x, w, b, s, t, a, relu=True, stats=True, backend="triton")
+        return (y * 2).sum() + cs.sum() + cq.mean()
+
+    args = (x, w, kw["bias"], kw["in_scale"], kw["in_shift"], kw["add"])
+    compiled = torch.compile(f, fullgraph=True)
+    loss_c = compiled(*args)
+    grads_c = torch.autograd.grad(loss_c, args)
+    loss_e = f(*args)
+    grads_e = torch.autograd.grad(loss_e, args)
+    assert_close(loss_c, loss_e)
+    for a, b in zip(grads_c, grads_e, strict=True):
+        assert_close(a, b)
+
+
+def test_lk_conv_reference_is_conv2d():
+    # the reference itself against plain nn.functional.conv2d + batch-norm style epilogue
+    x = torch.randn(2, 3, 6, 5)
+    w = torch.randn(4, 3, 7, 1)
+    y, s, q = lk_conv_ref(x, w, stats=True)
+    want = torch.nn.functional.conv2d(x, w, padding=(3, 0))
+    assert_close(y, want)
+    assert_close(s, want.sum(dim=(0, 2, 3)))
+    assert_close(q, (want * want).sum(dim=(0, 2, 3)))
