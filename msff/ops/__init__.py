@@ -11,7 +11,6 @@ from ``msff.ops._cuda`` when present.
 """
 from __future__ import annotations
 
-import functools
 import logging
 from typing import Optional
 
@@ -29,14 +28,19 @@ log = logging.getLogger("msff.ops")
 OPS = ("lk_conv", "_lk_conv_backward", "lkam_se", "_lkam_se_backward")
 
 
-@functools.lru_cache(maxsize=None)
+_KERNELS_IMPORT: list = []  # [error or None] once tried (not lru_cache: Dynamo warns on it)
+
+
 def _triton_kernels_error() -> Optional[str]:
-    try:
-        import msff.kernels.lk_conv  # noqa: F401
-        import msff.kernels.lkam_se  # noqa: F401
-    except Exception as e:  # pragma: no cover - depends on the environment
-        return f"the Triton kernels failed to import ({type(e).__name__}: {e})"
-    return None
+    if not _KERNELS_IMPORT:
+        try:
+            import msff.kernels.lk_conv  # noqa: F401
+            import msff.kernels.lkam_se  # noqa: F401
+
+            _KERNELS_IMPORT.append(None)
+        except Exception as e:  # pragma: no cover - depends on the environment
+            _KERNELS_IMPORT.append(f"the Triton kernels failed to import ({type(e).__name__}: {e})")
+    return _KERNELS_IMPORT[0]
 
 
 def _triton_probe(x: Optional[torch.Tensor]) -> Optional[str]:
