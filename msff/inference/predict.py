@@ -11,6 +11,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import queue
+import threading
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -337,9 +339,60 @@ def predict_scene(
     )
 
 
-def _sweep(pred, stack, grid, writer, dev, batch_size, tta, amp, progress, tqdm) -> dict:
+def _read_windows(stack: RasterStack, grid: TileGrid, pred: Predictor):
+    """Yield ``(row_index, y, x, x_normalised_or_None, valid)`` per window, then
+    ``(row_index, y, None, None, None)`` at the end of each row of windows."""
     from rasterio.windows import Window
 
+    for ri, y in enumerate(grid.rows):
+        for x in grid.cols:
+            xin, v = stack.read(Window(x, y, grid.tile_w, grid.tile_h))
+            yield ri, y, x, (_prepare(pred, xin[None], v[None])[0] if v.any() else None), v
+        yield ri, y, None, None, None
+
+
+def _prefetch(gen, depth: int):
+    """Run generator ``gen`` in a background thread, ``depth`` items ahead (reads overlap the
+    model; only that thread touches the datasets). Exceptions are re-raised here."""
+    stop = threading.Event()
+    q: queue.Queue = queue.Queue(maxsize=max(1, depth))
+    done = object()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def work():
+        try:
+            for item in gen:
+                if not put(("item", item)):
+                    return
+            put(("end", done))
+        except BaseException as e:  # handed to the consumer
+            put(("error", e))
+
+    t = threading.Thread(target=work, name="msff-read", daemon=True)
+    t.start()
+    try:
+        while True:
+            kind, item = q.get()
+            if kind == "item":
+                yield item
+            elif kind == "error":
+                raise item
+            else:
+                return
+    finally:
+        stop.set()
+        t.join()
+
+
+def _sweep(pred, stack, grid, writer, dev, batch_size, tta, amp, progress, tqdm) -> dict:
     th, tw, W, H = grid.tile_h, grid.tile_w, grid.width, grid.height
     buf_h = th + STRIP_ROWS
     acc = np.zeros((buf_h, W), np.float32)
@@ -359,22 +412,24 @@ def _sweep(pred, stack, grid, writer, dev, batch_size, tta, amp, progress, tqdm)
         stats["tiles"] += len(pending)
         bar.update(len(pending))
 
+    pending = []
     try:
-        for ri, y in enumerate(grid.rows):
-            pending = []
-            for x in grid.cols:
-                xin, v = stack.read(Window(x, y, tw, th))
+        for ri, y, x, xin, v in _prefetch(_read_windows(stack, grid, pred), 2 * batch_size):
+            if x is not None:
                 valid[y - b0 : y - b0 + th, x : x + tw] = v
-                if not v.any():  # nothing to predict: the window stays nodata
+                if xin is None:  # no valid pixel: nothing to predict, the window stays nodata
                     stats["skipped"] += 1
                     bar.update(1)
                     continue
-                pending.append((y, x, _prepare(pred, xin[None], v[None])[0]))
+                pending.append((y, x, xin))
                 if len(pending) == batch_size:
                     run(pending, b0)
                     pending = []
+                continue
+            # end of a row of windows
             if pending:
                 run(pending, b0)
+                pending = []
             # Rows above the next window row are final; flush them (strip-aligned) and roll.
             last = ri == len(grid.rows) - 1
             end = H if last else (grid.rows[ri + 1] // STRIP_ROWS) * STRIP_ROWS

@@ -341,3 +341,32 @@ def test_softmax_two_class_models_use_class_one():
     with torch.no_grad():
         want = F.softmax(m(xn), 1)[0, 1].numpy()
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_read_error_mid_scene_propagates_and_leaves_nothing(tmp_path, scene):
+    from msff.inference import RasterStack
+
+    path, _ = scene
+
+    class FlakyStack(RasterStack):
+        calls = 0
+
+        def read(self, window):
+            FlakyStack.calls += 1
+            if FlakyStack.calls == 5:
+                raise InferenceError(f"{self.paths[0]}: reading window {window} failed (simulated bad block)")
+            return super().read(window)
+
+    before = set(os.listdir(tmp_path))
+    with FlakyStack(path) as stack, pytest.raises(InferenceError, match="simulated bad block"):
+        predict_scene(PixelModel(), stack, tmp_path / "p.tif", tmp_path / "m.tif", normalization=NORM3, tile=32, overlap=8, progress=False)
+    assert set(os.listdir(tmp_path)) == before
+
+
+def test_amp_on_cpu_runs_in_bfloat16_and_stays_close():
+    x = smooth_bands(3, 40, 50)
+    m = LocalConvModel().eval()
+    full = predict_array(m, x, normalization=NORM3, tile=32, overlap=8)
+    half = predict_array(m, x, normalization=NORM3, tile=32, overlap=8, amp=True)
+    assert not np.array_equal(full, half)  # autocast really ran in bf16
+    np.testing.assert_allclose(half, full, atol=0.05)
