@@ -1,0 +1,209 @@
+// Host-side interface of the bare CUDA kernels in csrc/cuda/*.cu.
+//
+// This header is included by both nvcc (the kernels) and the host C++ compiler (the torch glue in
+// cuda_ops.cpp). It depends only on the CUDA runtime API, never on torch, so that each .cu file
+// compiles in seconds. Tensors travel as raw pointers plus element strides in (N, C, H, W) order,
+// which covers NCHW, channels_last and non-contiguous views alike.
+#pragma once
+
+#include <cuda_runtime_api.h>
+#include <stdint.h>
+
+namespace msff {
+
+// Element type of activations and weights; accumulation is always fp32.
+enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+
+// How fp32 inputs use the tensor cores: kTF32 rounds operands to TF32 (what cuDNN does when
+// torch.backends.cudnn.allow_tf32 is set); kExact splits each operand into two TF32 halves and
+// sums three products ("3xTF32"), which keeps fp32 accuracy (~1e-6 relative) on tensor cores.
+enum class Fp32Mode : int { kExact = 0, kTF32 = 1 };
+
+// A 4-D view: base pointer and strides (in elements) for dims (N, C, H, W).
+struct View4 {
+  const void* ptr;
+  int64_t sn, sc, sh, sw;
+};
+
+struct MutView4 {
+  void* ptr;
+  int64_t sn, sc, sh, sw;
+};
+
+// Line (1-D) convolution along H (axis = 0, a k×1 kernel) or W (axis = 1, a 1×k kernel) with
+// "same" zero padding, stride 1, as an implicit GEMM on tensor cores (SPEC.md, op lk_conv):
+//   a[n, ci, p]  = relu(x * in_scale[ci] + in_shift[ci])  if in_scale, else x   (cast to T)
+//   acc[n,co,p]  = sum_{t, ci} a[n, ci, p + t - K/2] * w[t, ci, co]   (a = 0 outside the image)
+// Epilogue kEpiConv:
+//   v = relu?(acc + bias[co]) + add[n, co, p];   y = v (cast to T)
+//   stat0[co] += sum_{n,p} v,  stat1[co] += sum_{n,p} v^2    (fp32 v, before the cast; optional)
+// Epilogue kEpiGate (the prologue's backward, used by the input-gradient convolution):
+//   m = (gate_x * gate_scale[co] + gate_shift[co] > 0);  y = acc * m * gate_scale[co]
+//   stat0[co] += sum acc * m * gate_x,  stat1[co] += sum acc * m
+// w is packed (K, Cin, Cout) contiguous in T. stat0/stat1 are fp64 (Cout,), zeroed by the caller.
+enum class Epilogue : int { kConv = 0, kGate = 1 };
+
+struct LineConvParams {
+  View4 x;
+  const void* w;
+  MutView4 y;  // ptr may be null with kEpiGate when only the statistics are wanted
+  const float* in_scale;  // nullptr: no prologue
+  const float* in_shift;
+  const float* bias;  // nullptr: none
+  int relu;
+  View4 add;  // ptr nullptr: none
+  Epilogue epilogue;
+  View4 gate_x;
+  const float* gate_scale;
+  const float* gate_shift;
+  double* stat0;  // nullptr: no statistics
+  double* stat1;
+  int N, Cin, Cout, H, W, K, axis;
+  DType dtype;
+  Fp32Mode fp32_mode;
+};
+
+// Weight gradient of the line convolution above (prologue recomputed from x, never stored):
+//   dw[co, ci, t] += sum_{n, p} g[n, co, p] * a[n, ci, p + t - K/2]
+// dw is fp32 (Cout, Cin, K) contiguous and must be zeroed by the caller. g has Cout channels.
+struct LineConvWgradParams {
+  View4 x;
+  View4 g;
+  float* dw;
+  const float* in_scale;  // nullptr: no prologue (else relu(x * in_scale + in_shift))
+  const float* in_shift;
+  int N, Cin, Cout, H, W, K, axis;
+  DType dtype;
+  Fp32Mode fp32_mode;
+  int num_sms;  // sizes the split over pixels
+};
+
+// ---- pointwise + channel-reduction kernels (csrc/cuda/pointwise.cu) -------------------------
+// All walk a (N, C, H, W) domain in tiles of 32 channels × 64 pixels of one image, coalescing
+// along the first tensor's contiguous axis. Per-channel sums are fp64 (C,), per-(n, c) sums fp32
+// (N, C); all are accumulated with atomics into buffers the caller zeroed.
+
+// Backward prologue of lk_conv's epilogue (SPEC.md, _lk_conv_backward):
+//   g = grad_y + grad_sum[c] + 2 * y * grad_sumsq[c];  grad_add = g
+//   g_r = relu ? g * (y - add > 0) : g;                 grad_bias[c] += sum g_r
+struct LkConvBwdPrepParams {
+  View4 grad_y;
+  const float* grad_sum;  // nullptr: absent
+  const float* grad_sumsq;
+  View4 y;
+  View4 add;  // ptr nullptr: none
+  int relu;
+  MutView4 g_r;       // ptr nullptr: not written
+  MutView4 grad_add;  // ptr nullptr: not written
+  double* grad_bias;  // nullptr: not reduced
+  int N, C, H, W;
+  DType dtype;
+};
+
+// Branch pair of lkam_se: F = act(fa, scale_a, shift_a) + act(fb, scale_b, shift_b), with
+// act(t, s, h) = relu(t * s[c] + h[c]) when s is given, else t; fb may be absent.
+struct BranchPair {
+  View4 fa;
+  View4 fb;  // ptr nullptr: absent
+  const float* scale_a;
+  const float* shift_a;
+  const float* scale_b;
+  const float* shift_b;
+};
+
+// pooled[n, c] += sum_{h,w} F / (H * W)
+struct SePoolParams {
+  BranchPair f;
+  float* pooled;
+  int N, C, H, W;
+  DType dtype;
+};
+
+// z[n, c] = sigmoid(relu(pooled @ w1.T + b1) @ w2.T + b2); w1 (Hid, C), w2 (C, Hid) fp32.
+struct SeExciteParams {
+  const float* pooled;
+  const float* w1;
+  const float* b1;
+  const float* w2;
+  const float* b2;
+  float* z;
+  int N, C, Hid;
+};
+
+// out = R + F * z[n, c], R = residual * res_scale[c] + res_shift[c] (if res_scale) else residual.
+struct SeApplyParams {
+  BranchPair f;
+  const float* z;
+  View4 residual;
+  const float* res_scale;
+  const float* res_shift;
+  MutView4 out;
+  int N, C, H, W;
+  DType dtype;
+};
+
+// First backward pass of lkam_se:
+//   gz[n, c] += sum_{h,w} grad_out * F;  grad_residual = grad_out * res_scale[c] (or grad_out)
+//   grad_res_scale[c] += sum grad_out * residual;  grad_res_shift[c] += sum grad_out
+struct SeBwdReduceParams {
+  View4 grad_out;
+  BranchPair f;
+  View4 residual;
+  const float* res_scale;
+  MutView4 grad_residual;  // ptr nullptr: not written
+  float* gz;
+  double* grad_res_scale;  // nullptr: not reduced
+  double* grad_res_shift;
+  int N, C, H, W;
+  DType dtype;
+};
+
+// The SE MLP backward, one block per image (SPEC.md, _lkam_se_backward):
+//   gq = gz * z * (1 - z); gu = (gq @ w2) * (u > 0); gp = gu @ w1 + grad_pooled
+//   grad_b2 += gq; grad_w2 += gq^T v; grad_b1 += gu; grad_w1 += gu^T pooled   (fp32 atomics)
+struct SeMlpBwdParams {
+  const float* pooled;
+  const float* gz;
+  const float* grad_pooled;  // nullptr: absent
+  const float* w1;
+  const float* b1;
+  const float* w2;
+  const float* b2;
+  float* gp;
+  float* grad_w1;
+  float* grad_b1;
+  float* grad_w2;
+  float* grad_b2;
+  int N, C, Hid;
+};
+
+// Second backward pass of lkam_se: gF = grad_out * z[n, c] + gp[n, c] / (H * W); per branch
+// with a scale: m = (t * s + h > 0), grad_t = gF * m * s, grad_s[c] += sum gF * m * t,
+// grad_h[c] += sum gF * m; without: grad_t = gF.
+struct SeBwdApplyParams {
+  View4 grad_out;
+  BranchPair f;
+  const float* z;
+  const float* gp;
+  MutView4 grad_fa;
+  MutView4 grad_fb;  // ptr nullptr: not written
+  double* grad_scale_a;  // nullptr: not reduced
+  double* grad_shift_a;
+  double* grad_scale_b;
+  double* grad_shift_b;
+  int N, C, H, W;
+  DType dtype;
+};
+
+cudaError_t lk_conv_bwd_prep(const LkConvBwdPrepParams& p, cudaStream_t stream);
+cudaError_t se_pool(const SePoolParams& p, cudaStream_t stream);
+cudaError_t se_excite(const SeExciteParams& p, cudaStream_t stream);
+cudaError_t se_apply(const SeApplyParams& p, cudaStream_t stream);
+cudaError_t se_bwd_reduce(const SeBwdReduceParams& p, cudaStream_t stream);
+cudaError_t se_mlp_bwd(const SeMlpBwdParams& p, cudaStream_t stream);
+cudaError_t se_bwd_apply(const SeBwdApplyParams& p, cudaStream_t stream);
+
+cudaError_t line_conv_forward(const LineConvParams& p, cudaStream_t stream);
+cudaError_t line_conv_wgrad(const LineConvWgradParams& p, cudaStream_t stream);
+
+}  // namespace msff
