@@ -52,6 +52,10 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
         help="one scene stacked from single-band files on the same grid, in the model's band order",
     )
     p.add_argument(
+        "--band-indexes", default=None, metavar="I,J,K",
+        help="1-based bands of the input (or of the --bands stack) to use, in order, e.g. 4,3,2",
+    )
+    p.add_argument(
         "--out", default=None,
         help="output prefix (out/iburi -> out/iburi_prob.tif, ...) or folder (existing, or ending "
         "with /: FOLDER/<input name>_prob.tif); default: the current folder",
@@ -145,6 +149,15 @@ def _plan(args) -> list[dict]:
     return plans
 
 
+def _parse_indexes(text: Optional[str]) -> Optional[list[int]]:
+    if text is None:
+        return None
+    try:
+        return [int(t) for t in text.replace(" ", "").split(",") if t]
+    except ValueError:
+        raise ValueError(f"--band-indexes {text!r}: expected comma-separated band numbers, e.g. 4,3,2") from None
+
+
 def _say(msg: str) -> None:
     print(f"msff predict: {msg}", file=sys.stderr)
 
@@ -170,6 +183,7 @@ def run_predict(args) -> int:
                 import pyogrio  # noqa: F401
             except ImportError:
                 raise InferenceError("--vector .gpkg needs the optional package pyogrio (pip install pyogrio); use geojson instead") from None
+        band_indexes = _parse_indexes(args.band_indexes)
         device = resolve_device(args.device)
         pred = load_predictor(args.checkpoint, device=device, backend=args.backend)
         if args.threshold is not None:
@@ -192,6 +206,7 @@ def run_predict(args) -> int:
                     batch_size=args.batch_size,
                     tta=args.tta,
                     nodata=args.nodata,
+                    band_indexes=band_indexes,
                     device=device,
                     amp=args.amp,
                     backend=args.backend,
@@ -215,7 +230,10 @@ def run_predict(args) -> int:
                 unit = "m²" if r.georeferenced else "px"
                 print(f"  wrote {pl['vector']} ({len(polys)} polygons, min area {args.min_area:g} {unit})")
             if pl["quicklook"]:
-                quicklook(pl["files"], r.mask, pl["quicklook"], overwrite=args.overwrite, nodata=args.nodata)
+                quicklook(
+                    pl["files"], r.mask, pl["quicklook"], overwrite=args.overwrite, nodata=args.nodata,
+                    band_indexes=band_indexes,
+                )
                 print(f"  wrote {pl['quicklook']}")
         return 0
     except (InferenceError, ValueError, FileNotFoundError) as e:

@@ -229,6 +229,7 @@ def predict_scene(
     batch_size: int = 4,
     tta: bool = False,
     nodata: Optional[float] = None,
+    band_indexes: Optional[Sequence[int]] = None,
     device=None,
     amp=False,
     backend: Optional[str] = None,
@@ -260,6 +261,8 @@ def predict_scene(
         batch_size: windows per forward pass.
         tta: average over the four flips (identity, horizontal, vertical, both).
         nodata: override the inputs' nodata value (else file nodata / mask band; NaN always).
+        band_indexes: 1-based indices into the stacked input bands to feed the model, in order
+            (e.g. ``[4, 3, 2]``); default all bands.
         device: ``"auto"``/None, ``"cpu"``, ``"cuda"``, ``"cuda:1"``.
         amp: autocast (True: bf16 where supported else fp16; or ``"bf16"``/``"fp16"``).
         backend: MSFFNet kernel backend (``auto``/``reference``/``triton``/``cuda``).
@@ -293,7 +296,7 @@ def predict_scene(
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     own_stack = not isinstance(sources, RasterStack)
-    stack = RasterStack(sources, nodata=nodata) if own_stack else sources
+    stack = RasterStack(sources, nodata=nodata, bands=band_indexes) if own_stack else sources
     try:
         pred.check_bands(stack.count, f"input ({', '.join(p.name for p in stack.paths)})")
         if not stack.georeferenced:

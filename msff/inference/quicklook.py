@@ -36,6 +36,7 @@ def quicklook(
     alpha: float = 0.55,
     overwrite: bool = False,
     nodata: Optional[float] = None,
+    band_indexes: Optional[Sequence[int]] = None,
 ) -> Path:
     """Write a PNG of the scene (percentile-stretched) with landslide pixels tinted.
 
@@ -49,6 +50,7 @@ def quicklook(
         bands: 0-based stacked band indices shown as RGB (default the first three, or the first
             band as grey).
         max_size, color, alpha: size limit, overlay colour (RGB in [0, 1]) and opacity.
+        nodata, band_indexes: as for :func:`~msff.inference.predict_scene`.
 
     Returns:
         The PNG path.
@@ -60,7 +62,7 @@ def quicklook(
     out_png = Path(out_png)
     check_outputs([out_png], overwrite=overwrite)
     own = not isinstance(sources, RasterStack)
-    stack = RasterStack(sources, nodata=nodata) if own else sources
+    stack = RasterStack(sources, nodata=nodata, bands=band_indexes) if own else sources
     try:
         scale = min(1.0, max_size / max(stack.height, stack.width))
         h, w = max(1, round(stack.height * scale)), max(1, round(stack.width * scale))

@@ -50,6 +50,8 @@ class RasterStack:
         nodata: overrides the files' nodata: a pixel equal to it in any band is invalid. With
             ``None``, the files' own nodata values, internal masks and alpha bands decide
             (GDAL's mask band); NaN is always invalid.
+        bands: 1-based indices into the stacked bands to use, in order (e.g. ``[4, 3, 2]`` for
+            RGB from a 13-band Sentinel-2 file); default all. Only these bands are read.
 
     Attributes:
         count: total band count; height, width; crs; transform; georeferenced (bool);
@@ -65,7 +67,12 @@ class RasterStack:
         ((3, 256, 256), (256, 256))
     """
 
-    def __init__(self, paths: Sequence[str | os.PathLike] | str | os.PathLike, nodata: Optional[float] = None):
+    def __init__(
+        self,
+        paths: Sequence[str | os.PathLike] | str | os.PathLike,
+        nodata: Optional[float] = None,
+        bands: Optional[Sequence[int]] = None,
+    ):
         if isinstance(paths, (str, os.PathLike)):
             paths = [paths]
         self.paths = [Path(p) for p in paths]
@@ -82,14 +89,31 @@ class RasterStack:
         first = self.datasets[0]
         self.height, self.width = first.height, first.width
         self.crs, self.transform = first.crs, first.transform
-        self.count = sum(ds.count for ds in self.datasets)
+        # every stacked band as (dataset number, 1-based band index in that dataset)
+        stacked = [(k, i + 1) for k, ds in enumerate(self.datasets) for i in range(ds.count)]
+        if bands is not None:
+            bad = [b for b in bands if not 1 <= int(b) <= len(stacked)]
+            if bad or not len(bands):
+                self.close()
+                raise InferenceError(
+                    f"band selection {list(bands)} is invalid: the input has {len(stacked)} band(s), "
+                    "numbered from 1"
+                )
+            stacked = [stacked[int(b) - 1] for b in bands]
+        self._bands = stacked
+        # consecutive bands of one dataset are read in one call
+        self._reads: list[tuple[int, list[int]]] = []
+        for k, i in stacked:
+            if self._reads and self._reads[-1][0] == k:
+                self._reads[-1][1].append(i)
+            else:
+                self._reads.append((k, [i]))
+        self.count = len(stacked)
         self.georeferenced = _georeferenced(first)
         self.nodata = None if nodata is None else float(nodata)
-        self.dtypes = [dt for ds in self.datasets for dt in ds.dtypes]
+        self.dtypes = [self.datasets[k].dtypes[i - 1] for k, i in stacked]
         self.descriptions = [
-            d or (f"{ds.name}" if ds.count == 1 else f"{Path(ds.name).name}:{i + 1}")
-            for ds in self.datasets
-            for i, d in enumerate(ds.descriptions)
+            self.datasets[k].descriptions[i - 1] or f"{self.paths[k].name}:{i}" for k, i in stacked
         ]
         if self.nodata is not None:
             self.nodata_source = f"--nodata {self.nodata:g}"
@@ -133,13 +157,14 @@ class RasterStack:
         """
         parts = []
         valid = None
-        for p, ds in zip(self.paths, self.datasets, strict=True):
+        for k, idx in self._reads:
+            p, ds = self.paths[k], self.datasets[k]
             try:
-                x = ds.read(window=window, out_dtype="float32")
+                x = ds.read(idx, window=window, out_dtype="float32")
                 if self.nodata is not None:
                     v = np.all(x != np.float32(self.nodata), axis=0)
                 else:
-                    v = np.all(ds.read_masks(window=window) > 0, axis=0)
+                    v = np.all(ds.read_masks(idx, window=window) > 0, axis=0)
             except Exception as e:  # rasterio raises several types for corrupt blocks
                 raise InferenceError(f"{p}: reading window {window} failed ({e})") from None
             v &= np.all(np.isfinite(x), axis=0)
@@ -149,7 +174,7 @@ class RasterStack:
         return x, valid
 
     def read_overview(self, out_height: int, out_width: int, bands: Sequence[int]) -> np.ndarray:
-        """Decimated read of the given 0-based stacked band indices: float32 ``(len(bands), h, w)``.
+        """Decimated read of the given 0-based (selected) band positions: float32 ``(len(bands), h, w)``.
 
         GDAL reads from overviews or subsamples, so memory stays ``O(out_height·out_width)``.
         """
@@ -157,19 +182,12 @@ class RasterStack:
 
         out = []
         for b in bands:
-            ds, i = self._locate(b)
+            k, i = self._bands[b]
             out.append(
-                ds.read(i + 1, out_shape=(out_height, out_width), resampling=Resampling.average, out_dtype="float32", masked=True)
+                self.datasets[k].read(i, out_shape=(out_height, out_width), resampling=Resampling.average, out_dtype="float32", masked=True)
                 .filled(np.nan)
             )
         return np.stack(out)
-
-    def _locate(self, band: int):
-        for ds in self.datasets:
-            if band < ds.count:
-                return ds, band
-            band -= ds.count
-        raise IndexError(band)
 
     @property
     def profile(self) -> dict:

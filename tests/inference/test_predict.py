@@ -370,3 +370,17 @@ def test_amp_on_cpu_runs_in_bfloat16_and_stays_close():
     half = predict_array(m, x, normalization=NORM3, tile=32, overlap=8, amp=True)
     assert not np.array_equal(full, half)  # autocast really ran in bf16
     np.testing.assert_allclose(half, full, atol=0.05)
+
+
+def test_band_indexes_select_and_reorder_bands(tmp_path):
+    x = smooth_bands(5, 40, 60)
+    five = write_tif(tmp_path / "five.tif", x)
+    rgb = write_tif(tmp_path / "rgb.tif", x[[3, 2, 1]])
+    m = PixelModel().eval()
+    kw = dict(normalization=NORM3, tile=32, overlap=8, progress=False)
+    a = predict_scene(m, five, tmp_path / "a.tif", band_indexes=[4, 3, 2], **kw)
+    b = predict_scene(m, rgb, tmp_path / "b.tif", **kw)
+    with rasterio.open(a.prob) as da, rasterio.open(b.prob) as db:
+        np.testing.assert_array_equal(da.read(1), db.read(1))
+    with pytest.raises(InferenceError, match="band selection"):
+        predict_scene(m, five, tmp_path / "c.tif", band_indexes=[6, 1, 2], **kw)
