@@ -79,9 +79,9 @@ def _lk_conv_fwd_kernel(
                 mask=mask_k[:, None] & mask_n[None, :], other=0.0,
             )
             if UPCAST:
-                acc += tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision=DOT_PRECISION)
+                acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision=DOT_PRECISION)
             else:
-                acc += tl.dot(a, b, input_precision=DOT_PRECISION)
+                acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
 
     mask2 = mask_m[:, None] & mask_n[None, :]
     if HAS_BIAS:
@@ -170,9 +170,9 @@ def _lk_conv_wgrad_kernel(
             af = tl.maximum(a.to(tl.float32) * s[None, :] + t[None, :], 0.0)
             a = tl.where(amask, af, 0.0).to(x_ptr.dtype.element_ty)
         if UPCAST:
-            acc += tl.dot(gt.to(tl.float32), a.to(tl.float32), input_precision=DOT_PRECISION)
+            acc = tl.dot(gt.to(tl.float32), a.to(tl.float32), acc, input_precision=DOT_PRECISION)
         else:
-            acc += tl.dot(gt.to(a.dtype), a, input_precision=DOT_PRECISION)
+            acc = tl.dot(gt.to(a.dtype), a, acc, input_precision=DOT_PRECISION)
     dw_off = offs_n[:, None] * (CIN * K) + offs_k[None, :] * K + tap
     tl.atomic_add(dw_ptr + dw_off, acc, mask=mask_n[:, None] & mask_k[None, :])
 
