@@ -165,6 +165,7 @@ def _say(msg: str) -> None:
 def run_predict(args) -> int:
     """Run ``msff predict`` for parsed ``args``. Returns the exit status (0 ok, 2 bad input/output,
     1 other failure); errors are printed as one line, never a traceback."""
+    from msff.backend import BackendUnavailableError
     from msff.inference.predict import predict_scene, resolve_device
     from msff.inference.predictor import load_predictor
     from msff.inference.quicklook import quicklook
@@ -236,7 +237,7 @@ def run_predict(args) -> int:
                 )
                 print(f"  wrote {pl['quicklook']}")
         return 0
-    except (InferenceError, ValueError, FileNotFoundError) as e:
+    except (InferenceError, ValueError, FileNotFoundError, BackendUnavailableError) as e:
         _say(f"error: {e}")
         return 2
     except KeyboardInterrupt:

@@ -9,6 +9,7 @@ every input read is one window, so a scene larger than RAM works.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import queue
@@ -79,12 +80,12 @@ def resolve_device(device: Optional[str | torch.device] = None) -> torch.device:
 
 def _as_predictor(model, normalization, threshold, model_output) -> Predictor:
     if isinstance(model, Predictor):
+        changes = {}
         if normalization is not None:
-            model.mean = np.asarray(normalization["mean"], dtype=np.float32)
-            model.std = np.asarray(normalization["std"], dtype=np.float32)
+            changes.update(mean=normalization.get("mean"), std=normalization.get("std"))
         if threshold is not None:
-            model.threshold = float(threshold)
-        return model
+            changes.update(threshold=float(threshold))
+        return dataclasses.replace(model, **changes) if changes else model
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module or a Predictor, got {type(model).__name__}")
     meta = getattr(model, "metadata", None) or {}

@@ -232,6 +232,8 @@ def write_polygons(polys: Polygons, path: str | os.PathLike, overwrite: bool = F
     try:
         if fmt == "GeoJSON":
             geoms = polys.geometries
+            # RFC 7946: 7 decimals of a degree is ~1 cm; keep more for pixel or projected units
+            digits = 7 if polys.crs is not None else 3
             if polys.crs is not None and polys.crs.to_epsg() != 4326:
                 from rasterio.warp import transform_geom
 
@@ -246,7 +248,7 @@ def write_polygons(polys: Polygons, path: str | os.PathLike, overwrite: bool = F
                         "area_px": int(polys.area_px[i]),
                         "mean_prob": _json_num(polys.mean_prob[i]),
                     },
-                    "geometry": {"type": "Polygon", "coordinates": g["coordinates"]},
+                    "geometry": {"type": "Polygon", "coordinates": [np.round(np.asarray(r, dtype=np.float64), digits).tolist() for r in g["coordinates"]]},
                 }
                 for i, g in enumerate(geoms)
             ]
