@@ -360,8 +360,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     if out.exists() and any(out.iterdir()) and not (args.overwrite or args.resume):
         raise UsageError(f"run folder {out} exists and is not empty; use --overwrite to replace it or --resume to continue it")
     train_ds, val_ds, test_ds = build_datasets(opts)
-    print(f"msff train: {len(train_ds)} training, {len(val_ds) if val_ds else 0} validation, "
-          f"{len(test_ds) if test_ds else 0} test images; {train_ds.in_channels} bands; run folder {out}")
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"msff train: {len(train_ds)} training, {len(val_ds) if val_ds else 0} validation, "
+              f"{len(test_ds) if test_ds else 0} test images; {train_ds.in_channels} bands; run folder {out}")
     extra = {"data": {k: opts[k] for k in ("data", "val", "test", "val_ratio", "test_ratio", "split_seed") if opts.get(k) is not None},
              "splits": {"train": [p.name for p in train_ds.pairs], "val": [p.name for p in val_ds.pairs] if val_ds else [],
                         "test": [p.name for p in test_ds.pairs] if test_ds else []}}
