@@ -14,19 +14,26 @@ from msff.inference.predict import (
     resolve_device,
 )
 from msff.inference.predictor import Predictor, load_predictor
+from msff.inference.quicklook import quicklook
 from msff.inference.sources import InferenceError, RasterStack
 from msff.inference.tiling import TileGrid, window_starts
+from msff.inference.vector import Polygons, polygonize, polygonize_mask, write_polygons
 
 __all__ = [
     "InferenceError",
     "NotGeoreferencedInputWarning",
+    "Polygons",
     "Predictor",
     "RasterStack",
     "SceneResult",
     "TileGrid",
     "load_predictor",
     "predict_array",
+    "polygonize",
+    "polygonize_mask",
     "predict_scene",
+    "quicklook",
     "resolve_device",
     "window_starts",
+    "write_polygons",
 ]
