@@ -47,10 +47,15 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_ARCH_LIST = "8.0;9.0"
 
 
+_BUILD_COMMANDS = {"build", "build_ext", "bdist_wheel", "editable_wheel", "develop", "install"}
+
+
 def _say(msg: str) -> None:
-    # setuptools swallows stdout of successful pip builds unless -v; stderr shows with -v too,
-    # and the line is also written to build/msff-build-decision.txt for the record.
+    # pip shows a successful build's output only with -v; the decision of a real build is also
+    # written to build/msff-build-decision.txt for the record (not for queries like --version).
     print(f"msff: {msg}", file=sys.stderr, flush=True)
+    if not _BUILD_COMMANDS.intersection(sys.argv[1:]):
+        return
     try:
         os.makedirs(os.path.join(ROOT, "build"), exist_ok=True)
         with open(os.path.join(ROOT, "build", "msff-build-decision.txt"), "w") as f:

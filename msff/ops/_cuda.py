@@ -1,0 +1,224 @@
+"""The ``cuda`` backend: CUDA C++ kernels of the compiled extension ``msff._C`` (csrc/).
+
+``msff._C`` defines the ops ``msff::lk_conv_cuda``, ``msff::_lk_conv_backward_cuda``,
+``msff::lkam_se_cuda`` and ``msff::_lkam_se_backward_cuda`` (the arguments of the public ops of
+msff/ops/SPEC.md without the trailing ``backend``) and, when built with nvcc, their CUDA kernels.
+This module, imported by :mod:`msff.ops`:
+
+* registers those ops as the ``cuda`` implementation of ``lk_conv``, ``_lk_conv_backward``,
+  ``lkam_se``, ``_lkam_se_backward`` in :mod:`msff.ops.registry` (only when the kernels exist);
+* gives the ``_cuda`` ops fake (meta) implementations and autograd formulas (each backward is
+  its own op), so they can also be used, traced and checked on their own;
+* installs the ``cuda`` availability probe of :mod:`msff.backend`, which says why the backend
+  cannot run: extension missing, built without CUDA, no GPU, CPU input, unsupported dtype.
+
+Example:
+    >>> import msff.ops._cuda as cuda_backend
+    >>> cuda_backend.unavailable_reason(None) is None or isinstance(
+    ...     cuda_backend.unavailable_reason(None), str)
+    True
+"""
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+import torch
+
+from msff.backend import register_backend_probe
+from msff.ops.registry import empty_like_layout, register_impl
+
+log = logging.getLogger("msff.ops.cuda")
+
+__all__ = ["CUDA_OPS", "extension_error", "kernels_built", "unavailable_reason"]
+
+#: public op name -> the compiled op implementing it
+CUDA_OPS = {
+    "lk_conv": "lk_conv_cuda",
+    "_lk_conv_backward": "_lk_conv_backward_cuda",
+    "lkam_se": "lkam_se_cuda",
+    "_lkam_se_backward": "_lkam_se_backward_cuda",
+}
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+_C = None
+_C_ERROR: Optional[str] = None
+try:
+    import msff._C as _C  # noqa: N811 - loads the library: op schemas (+ CUDA kernels)
+except ImportError as e:  # pure-Python install (MSFF_BUILD_EXT=0) or a broken build
+    _C_ERROR = (
+        f"the compiled extension msff._C is not importable ({e}); build it with "
+        "`pip install --no-build-isolation .` using torch's CUDA build and nvcc"
+    )
+
+
+def extension_error() -> Optional[str]:
+    """None if ``msff._C`` loaded with CUDA kernels, else why it did not."""
+    if _C is None:
+        return _C_ERROR
+    if not getattr(_C, "WITH_CUDA", 0):
+        return (
+            "msff._C was built without CUDA kernels (torch was not a CUDA build, nvcc was not found, "
+            "or MSFF_BUILD_CUDA=0; see build/msff-build-decision.txt and rebuild)"
+        )
+    return None
+
+
+def kernels_built() -> bool:
+    """True when every ``msff::*_cuda`` op has a kernel for the CUDA dispatch key."""
+    if extension_error() is not None:
+        return False
+    return all(
+        torch._C._dispatch_has_kernel_for_dispatch_key(f"msff::{name}", "CUDA")
+        for name in CUDA_OPS.values()
+    )
+
+
+def unavailable_reason(x: Optional[torch.Tensor]) -> Optional[str]:
+    """The ``cuda`` backend probe: None if it can run on ``x``, else the reason it cannot.
+
+    Args:
+        x: the input the op will see, or None to ask about the machine.
+
+    Returns:
+        None or a sentence saying what is missing.
+    """
+    err = extension_error()
+    if err is not None:
+        return err
+    if x is not None:
+        if not x.is_cuda:
+            return f"the input is on {x.device.type}; the CUDA kernels need CUDA tensors"
+        if x.dtype not in _DTYPES:
+            return f"dtype {x.dtype} is not supported by the CUDA kernels (float32, float16, bfloat16)"
+    elif not torch.cuda.is_available():
+        return "no CUDA GPU is available (torch.cuda.is_available() is False)"
+    if not kernels_built():
+        return "msff._C has no CUDA kernel registered for some msff::*_cuda op"
+    return None
+
+
+register_backend_probe("cuda", unavailable_reason)
+
+
+# ---- fake (meta) implementations and autograd of the compiled ops ---------------------------
+def _empty(ref: torch.Tensor) -> torch.Tensor:
+    return ref.new_empty((0,), dtype=torch.float32)
+
+
+def _register_python_side() -> None:
+    lib = "msff::"
+
+    @torch.library.register_fake(lib + "lk_conv_cuda")
+    def _(x, weight, bias, in_scale, in_shift, add, relu, stats):
+        y = empty_like_layout(x, (x.shape[0], weight.shape[0], x.shape[2], x.shape[3]), x.dtype)
+        n = weight.shape[0] if stats else 0
+        return y, x.new_empty((n,), dtype=torch.float32), x.new_empty((n,), dtype=torch.float32)
+
+    @torch.library.register_fake(lib + "_lk_conv_backward_cuda")
+    def _(grad_y, grad_sum, grad_sumsq, x, weight, y, bias, in_scale, in_shift, add, relu,
+          output_mask):
+        m = output_mask
+        pro = in_scale is not None
+        return (
+            empty_like_layout(x) if m[0] else _empty(x),
+            weight.new_empty(weight.shape) if m[1] else _empty(x),
+            torch.empty_like(bias) if m[2] and bias is not None else _empty(x),
+            torch.empty_like(in_scale) if m[3] and pro else _empty(x),
+            torch.empty_like(in_shift) if m[4] and pro else _empty(x),
+            empty_like_layout(add) if m[5] and add is not None else _empty(x),
+        )
+
+    @torch.library.register_fake(lib + "lkam_se_cuda")
+    def _(fa, fb, scale_a, shift_a, scale_b, shift_b, w1, b1, w2, b2, residual, res_scale,
+          res_shift):
+        return empty_like_layout(fa), fa.new_empty((fa.shape[0], fa.shape[1]), dtype=torch.float32)
+
+    @torch.library.register_fake(lib + "_lkam_se_backward_cuda")
+    def _(grad_out, grad_pooled, pooled, fa, fb, scale_a, shift_a, scale_b, shift_b, w1, b1, w2,
+          b2, residual, res_scale, res_shift):
+        e = lambda: _empty(fa)  # noqa: E731
+        vec = lambda t: torch.empty_like(t) if t is not None else e()  # noqa: E731
+        return (
+            empty_like_layout(fa),
+            empty_like_layout(fb) if fb is not None else e(),
+            vec(scale_a), vec(shift_a), vec(scale_b), vec(shift_b),
+            torch.empty_like(w1), torch.empty_like(b1), torch.empty_like(w2), torch.empty_like(b2),
+            empty_like_layout(residual),
+            vec(res_scale), vec(res_shift),
+        )
+
+    def _lk_setup(ctx, inputs, output):
+        x, weight, bias, in_scale, in_shift, add, relu, stats = inputs
+        ctx.save_for_backward(x, weight, output[0], bias, in_scale, in_shift, add)
+        ctx.relu, ctx.stats = relu, stats
+
+    def _lk_backward(ctx, grad_y, grad_sum, grad_sumsq):
+        x, weight, y, bias, in_scale, in_shift, add = ctx.saved_tensors
+        nig = ctx.needs_input_grad
+        mask = [bool(nig[0]), bool(nig[1]), bool(nig[2]) and bias is not None,
+                bool(nig[3]) and in_scale is not None, bool(nig[4]) and in_shift is not None,
+                bool(nig[5]) and add is not None]
+        if grad_y is None:
+            grad_y = torch.zeros_like(y)
+        if not ctx.stats:
+            grad_sum = grad_sumsq = None
+        outs = torch.ops.msff._lk_conv_backward_cuda(
+            grad_y, grad_sum, grad_sumsq, x, weight, y, bias, in_scale, in_shift, add, ctx.relu, mask
+        )
+        return (*[o if m else None for o, m in zip(outs, mask, strict=True)], None, None)
+
+    torch.library.register_autograd(lib + "lk_conv_cuda", _lk_backward, setup_context=_lk_setup)
+
+    def _se_setup(ctx, inputs, output):
+        ctx.save_for_backward(output[1], *inputs)
+
+    def _se_backward(ctx, grad_out, grad_pooled):
+        pooled, *args = ctx.saved_tensors
+        (fa, fb, scale_a, shift_a, scale_b, shift_b, w1, b1, w2, b2, residual, res_scale,
+         res_shift) = args
+        if grad_out is None:
+            grad_out = torch.zeros_like(fa)
+        grads = torch.ops.msff._lkam_se_backward_cuda(
+            grad_out, grad_pooled, pooled, fa, fb, scale_a, shift_a, scale_b, shift_b, w1, b1, w2,
+            b2, residual, res_scale, res_shift,
+        )
+        return tuple(g if a is not None and ctx.needs_input_grad[i] else None
+                     for i, (g, a) in enumerate(zip(grads, args, strict=True)))
+
+    torch.library.register_autograd(lib + "lkam_se_cuda", _se_backward, setup_context=_se_setup)
+
+
+def _register_impls() -> None:
+    ops = torch.ops.msff
+    lk_conv = ops.lk_conv_cuda
+    lk_conv_bwd = ops._lk_conv_backward_cuda
+    lkam_se = ops.lkam_se_cuda
+    lkam_se_bwd = ops._lkam_se_backward_cuda
+
+    def _lk_conv_cuda(x, weight, bias, in_scale, in_shift, add, relu, stats):
+        return tuple(lk_conv(x, weight, bias, in_scale, in_shift, add, relu, stats))
+
+    def _lk_conv_backward_cuda(grad_y, grad_sum, grad_sumsq, x, weight, y, bias, in_scale,
+                               in_shift, add, relu, output_mask):
+        return tuple(lk_conv_bwd(grad_y, grad_sum, grad_sumsq, x, weight, y, bias, in_scale,
+                                 in_shift, add, relu, [bool(m) for m in output_mask]))
+
+    def _lkam_se_cuda(*args):
+        return tuple(lkam_se(*args))
+
+    def _lkam_se_backward_cuda(*args):
+        return tuple(lkam_se_bwd(*args))
+
+    register_impl("lk_conv", "cuda", _lk_conv_cuda)
+    register_impl("_lk_conv_backward", "cuda", _lk_conv_backward_cuda)
+    register_impl("lkam_se", "cuda", _lkam_se_cuda)
+    register_impl("_lkam_se_backward", "cuda", _lkam_se_backward_cuda)
+
+
+if _C is not None:
+    _register_python_side()
+    if kernels_built():
+        _register_impls()
+    else:
+        log.debug("cuda backend not registered: %s", extension_error())
