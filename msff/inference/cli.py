@@ -5,8 +5,8 @@
 
 Examples::
 
-    msff predict -c ckpt/ scene.tif --out out/                      # out/scene_prob.tif, _mask.tif
-    msff predict -c ckpt/ --bands B4.tif B3.tif B2.tif --out out/iburi \\
+    msff predict ckpt/ scene.tif --out out/                      # out/scene_prob.tif, _mask.tif
+    msff predict ckpt/ --bands B4.tif B3.tif B2.tif --out out/iburi \\
         --vector gpkg --min-area 500 --quicklook --tta
 """
 from __future__ import annotations
@@ -45,8 +45,11 @@ def add_predict_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def _add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "checkpoint", metavar="CHECKPOINT",
+        help="checkpoint folder (config.json + model.pt, from MSFFNet.save_pretrained) or a run folder with best/",
+    )
     p.add_argument("inputs", nargs="*", metavar="INPUT", help="raster file(s); each is one scene")
-    p.add_argument("-c", "--checkpoint", required=True, help="checkpoint folder (MSFFNet.save_pretrained)")
     p.add_argument(
         "--bands", nargs="+", metavar="FILE",
         help="one scene stacked from single-band files on the same grid, in the model's band order",

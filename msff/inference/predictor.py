@@ -149,7 +149,8 @@ def load_predictor(
     ``threshold`` (default 0.5), ``bands`` and ``model_name``.
 
     Args:
-        checkpoint: checkpoint folder (with ``config.json``).
+        checkpoint: checkpoint folder (with ``config.json``), or a training run folder holding
+            ``best/``.
         device: where the model runs.
         backend: kernel backend for MSFFNet (``auto``, ``reference``, ``triton``, ``cuda``).
         require_normalization: raise if the metadata has no normalisation statistics.
@@ -169,6 +170,8 @@ def load_predictor(
     path = Path(checkpoint)
     if not path.exists():
         raise InferenceError(f"checkpoint not found: {path}")
+    if path.is_dir() and not (path / "config.json").exists() and (path / "best" / "config.json").exists():
+        path = path / "best"  # a training run folder
     cfg_path = path / "config.json" if path.is_dir() else path
     fmt = None
     try:

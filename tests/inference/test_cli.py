@@ -16,7 +16,7 @@ def test_add_predict_parser_plugs_into_a_subcommand_cli(tiny_ckpt, scene, tmp_pa
     parser = argparse.ArgumentParser(prog="msff")
     sub = parser.add_subparsers(dest="command")
     add_predict_parser(sub)
-    args = parser.parse_args(["predict", "-c", str(tiny_ckpt), str(path), "--out", str(tmp_path / "o" / "x"),
+    args = parser.parse_args(["predict", str(tiny_ckpt), str(path), "--out", str(tmp_path / "o" / "x"),
                               "--tile", "96", "--overlap", "32", "--quiet"])
     assert args.command == "predict"
     assert run_predict(args) == 0
@@ -29,7 +29,7 @@ def test_full_run_with_bands_vector_quicklook(tiny_ckpt, tmp_path, capsys):
     x[:, :10, :] = 0
     bands = [str(write_tif(tmp_path / f"scene.B{i}.tif", x[j], nodata=0)) for j, i in enumerate((4, 3, 2))]
     out = tmp_path / "out"
-    argv = ["-c", str(tiny_ckpt), "--bands", *bands, "--out", f"{out}/", "--tile", "96", "--overlap", "32",
+    argv = [str(tiny_ckpt), "--bands", *bands, "--out", f"{out}/", "--tile", "96", "--overlap", "32",
             "--vector", "geojson", "--quicklook", "--threshold", "0.5", "--quiet", "--tta"]
     assert main(argv) == 0
     printed = capsys.readouterr().out
@@ -52,15 +52,15 @@ def test_full_run_with_bands_vector_quicklook(tiny_ckpt, tmp_path, capsys):
 
 def test_clear_errors(tiny_ckpt, tmp_path, capsys):
     two = write_tif(tmp_path / "two.tif", smooth_bands(2, 30, 30))
-    assert main(["-c", str(tiny_ckpt), str(two), "--out", str(tmp_path / "o"), "--quiet"]) == 2
+    assert main([str(tiny_ckpt), str(two), "--out", str(tmp_path / "o"), "--quiet"]) == 2
     err = capsys.readouterr().err
     assert "has 2 band(s) but the model 'tiny' expects 3 (B4, B3, B2)" in err
     assert not any(f.startswith("o_") or f.startswith(".o_") for f in os.listdir(tmp_path))
-    assert main(["-c", str(tiny_ckpt), "--out", str(tmp_path / "o")]) == 2
+    assert main([str(tiny_ckpt), "--out", str(tmp_path / "o")]) == 2
     assert "no input" in capsys.readouterr().err
-    assert main(["-c", str(tmp_path / "nockpt"), str(two)]) == 2
+    assert main([str(tmp_path / "nockpt"), str(two)]) == 2
     assert "checkpoint not found" in capsys.readouterr().err
-    assert main(["-c", str(tiny_ckpt), str(two), str(two), "--out", str(tmp_path / "prefix")]) == 2
+    assert main([str(tiny_ckpt), str(two), str(two), "--out", str(tmp_path / "prefix")]) == 2
     assert "share an output name" in capsys.readouterr().err
 
 
@@ -76,5 +76,5 @@ def test_cuda_device_without_gpu_is_a_clear_error(tiny_ckpt, scene, tmp_path, ca
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")
     path, _ = scene
-    assert main(["-c", str(tiny_ckpt), str(path), "--out", str(tmp_path / "g"), "--device", "cuda"]) == 2
+    assert main([str(tiny_ckpt), str(path), "--out", str(tmp_path / "g"), "--device", "cuda"]) == 2
     assert "no CUDA GPU" in capsys.readouterr().err

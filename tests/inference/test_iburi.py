@@ -23,7 +23,7 @@ def test_predict_pre_event_scene_from_three_band_files(iburi, tiny_ckpt, tmp_pat
     # the pre-event scene: ~40 % nodata (0) in a partial swath, which must stay nodata
     files = [os.path.join(iburi, "pre-event", f"download.{b}.tif") for b in BANDS]
     out = tmp_path / "iburi"
-    rc = main(["-c", str(tiny_ckpt), "--bands", *files, "--out", str(out), "--tile", "512", "--overlap", "64",
+    rc = main([str(tiny_ckpt), "--bands", *files, "--out", str(out), "--tile", "512", "--overlap", "64",
                "--batch-size", "2", "--vector", "gpkg", "--min-area", "2000", "--quicklook", "--quiet"])
     assert rc == 0, capsys.readouterr().err
     with rasterio.open(files[0]) as src:

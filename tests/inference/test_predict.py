@@ -384,3 +384,12 @@ def test_band_indexes_select_and_reorder_bands(tmp_path):
         np.testing.assert_array_equal(da.read(1), db.read(1))
     with pytest.raises(InferenceError, match="band selection"):
         predict_scene(m, five, tmp_path / "c.tif", band_indexes=[6, 1, 2], **kw)
+
+
+def test_load_predictor_accepts_a_run_folder(tmp_path, tiny_ckpt):
+    import shutil
+
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copytree(tiny_ckpt, run / "best")
+    assert load_predictor(run).name == "tiny"
