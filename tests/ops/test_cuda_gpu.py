@@ -1,0 +1,250 @@
+"""The CUDA backend (msff._C kernels) on a GPU: parity with the reference exactly as the Triton
+tests check it (forward, Σy/Σy², the gradient of every input, BN running statistics, train and
+eval, awkward shapes and layouts), plus shapes that span several tiles, TF32, opcheck, input
+checks, AMP, torch.compile, and cross-backend parity cuda vs triton.
+
+Tolerance rule: tests/ops/ops_testing.py (STYLE.md). All tests are marked ``gpu``: they are
+skipped without a CUDA GPU (tests/conftest.py) and run with ``pytest -m gpu tests/ops``.
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from ops_testing import assert_close, assert_close_lowp, disable_tf32, make_layout, randomize_bn
+from test_lk_conv import CASES as LK_CASES
+from test_lk_conv import _make as lk_make
+from test_lk_conv import _run as lk_run
+from test_lkam import BLOCK_CASES, _block, _compare_modules, _model_run, _run_pair
+from test_lkam_se import CASES as SE_CASES
+from test_lkam_se import _make as se_make
+from test_lkam_se import _run as se_run
+
+from msff.models import MSFFNet
+from msff.ops import lkam_block
+from msff.ops.lk_conv import _lk_conv_op
+from msff.ops.lkam_se import _lkam_se_op
+
+pytestmark = [pytest.mark.gpu, pytest.mark.filterwarnings("ignore::UserWarning")]
+
+DEV = "cuda"
+
+
+@pytest.fixture(autouse=True)
+def _ieee_fp32_and_kernels():
+    import msff.ops._cuda as cb
+
+    assert cb.unavailable_reason(None) is None, cb.unavailable_reason(None)
+    disable_tf32()
+
+
+def _lk_compare(case, backend="cuda", other="reference"):
+    x, w, kw = lk_make(*case)
+    (y, s, q), grads = lk_run(x, w, kw, backend)
+    (yr, sr, qr), grads_r = lk_run(x, w, kw, other)
+    assert_close(y, yr, "y")
+    assert_close(s, sr, "ch_sum")
+    assert_close(q, qr, "ch_sumsq")
+    names = ["x", "weight"] + [k for k in ("bias", "in_scale", "in_shift", "add") if k in kw]
+    for n, g, gr in zip(names, grads, grads_r, strict=True):
+        assert_close(g, gr, f"grad {n}")
+    assert y.stride() == yr.stride()
+
+
+# Shapes beyond the tiles of the kernels: lines longer than the 64-pixel segment, more output
+# channels than one 64-channel tile, more input channels than one K-chunk, the largest k.
+BIG_CASES = [
+    (2, 70, 66, 9, 150, 15, "w", "all", "channels_last"),
+    (2, 33, 130, 131, 5, 15, "h", "pro_stats", "contiguous"),
+    (1, 17, 9, 70, 67, 31, "w", "bias_relu_add", "strided"),
+    (2, 40, 72, 65, 3, 31, "h", "all", "channels_last"),
+]
+
+
+@pytest.mark.parametrize("case", LK_CASES + BIG_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_lk_conv_cuda_matches_reference(case):
+    _lk_compare(case)
+
+
+@pytest.mark.parametrize("case", LK_CASES[:4] + BIG_CASES[:2], ids=lambda c: "-".join(map(str, c)))
+def test_lk_conv_cuda_matches_triton(case):
+    _lk_compare(case, "cuda", "triton")
+
+
+def _lowp(x, w, kw, backend):
+    (y, s, q), grads = lk_run(x, w, kw, backend)
+    x64, w64 = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    kw64 = {k: (v.detach().double().requires_grad_() if torch.is_tensor(v) else v) for k, v in kw.items()}
+    (y64, s64, _), g64 = lk_run(x64, w64, kw64, "reference")
+    (ylp, slp, _), glp = lk_run(x, w, kw, "reference")
+    assert y.dtype == x.dtype
+    assert_close_lowp(y, y64, ylp, "y")
+    assert_close_lowp(s, s64, slp, "ch_sum")
+    for i, (g, gr, gl) in enumerate(zip(grads, g64, glp, strict=True)):
+        assert_close_lowp(g, gr, gl, f"grad {i}")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("case", [LK_CASES[4], BIG_CASES[0], BIG_CASES[1]], ids=["small", "big_w", "big_h"])
+def test_lk_conv_cuda_low_precision(dtype, case):
+    x, w, kw = lk_make(*case[:-1], case[-1], dtype)
+    _lowp(x, w, kw, "cuda")
+
+
+def test_lk_conv_cuda_tf32_follows_the_cudnn_flag():
+    case = BIG_CASES[0]
+    x, w, kw = lk_make(*case)
+    torch.backends.cudnn.allow_tf32 = True
+    try:
+        # TF32 is a low precision like bf16: held to 2× cuDNN's own TF32 error against fp64.
+        _lowp(x, w, kw, "cuda")
+    finally:
+        disable_tf32()
+
+
+@pytest.mark.parametrize("case", SE_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_lkam_se_cuda_matches_reference(case):
+    args = se_make(*case)
+    (out, pooled), grads = se_run(args, "cuda")
+    (outr, pooledr), grads_r = se_run(args, "reference")
+    assert_close(out, outr, "out")
+    assert_close(pooled, pooledr, "pooled")
+    for i, (g, gr) in enumerate(zip(grads, grads_r, strict=True)):
+        assert_close(g, gr, f"grad {i}")
+    assert out.stride() == outr.stride()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_lkam_se_cuda_low_precision(dtype):
+    args = se_make(2, 70, 33, 67, 8, "train_proj", "channels_last", dtype)
+    (out, pooled), grads = se_run(args, "cuda")
+    args64 = [a.detach().double().requires_grad_() if a is not None else None for a in args]
+    (out64, p64), g64 = se_run(args64, "reference")
+    (outlp, plp), glp = se_run(args, "reference")
+    assert_close_lowp(out, out64, outlp, "out")
+    assert_close_lowp(pooled, p64, plp, "pooled")
+    for i, (g, gr, gl) in enumerate(zip(grads, g64, glp, strict=True)):
+        assert_close_lowp(g, gr, gl, f"grad {i}")
+
+
+@pytest.mark.parametrize("features", ["plain", "all"])
+def test_opcheck_cuda_ops(features):
+    x, w, kw = lk_make(2, 5, 7, 9, 70, 7, "w", features, "channels_last")
+    args = (x, w, kw.get("bias"), kw.get("in_scale"), kw.get("in_shift"), kw.get("add"),
+            kw.get("relu", False), kw.get("stats", False))
+    torch.library.opcheck(torch.ops.msff.lk_conv_cuda.default, args)
+    torch.library.opcheck(_lk_conv_op, (*args, "cuda"))
+    se = se_make(2, 12, 9, 7, 3, "train_proj", "contiguous")
+    torch.library.opcheck(torch.ops.msff.lkam_se_cuda.default, tuple(se))
+    torch.library.opcheck(_lkam_se_op, (*se, "cuda"))
+
+
+def test_cuda_input_checks_say_what_was_expected():
+    x = torch.randn(1, 4, 8, 8, device=DEV)
+    op = torch.ops.msff.lk_conv_cuda
+
+    def call(x, w, **kw):
+        return op(x, w, kw.get("bias"), kw.get("s"), kw.get("t"), None, False, False)
+
+    with pytest.raises(RuntimeError, match=r"kernel size must be odd and in \[1, 31\].*33"):
+        call(x, torch.randn(4, 4, 1, 33, device=DEV))
+    with pytest.raises(RuntimeError, match="x must be float32, float16 or bfloat16"):
+        call(x.double(), torch.randn(4, 4, 1, 3, device=DEV, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match="weight must have the dtype of x"):
+        call(x, torch.randn(4, 4, 1, 3, device=DEV, dtype=torch.float16))
+    with pytest.raises(RuntimeError, match="weight must be a line kernel"):
+        call(x, torch.randn(4, 4, 3, 3, device=DEV))
+    with pytest.raises(RuntimeError, match="x must be 4-D"):
+        call(x[0], torch.randn(4, 4, 1, 3, device=DEV))
+    with pytest.raises(RuntimeError, match="weight must be a CUDA tensor"):
+        call(x, torch.randn(4, 4, 1, 3))
+    with pytest.raises(RuntimeError, match="in_scale and in_shift must be given together"):
+        call(x, torch.randn(4, 4, 1, 3, device=DEV), s=torch.ones(4, device=DEV))
+    with pytest.raises(RuntimeError, match=r"bias must have shape \(4,\)"):
+        call(x, torch.randn(4, 4, 1, 3, device=DEV), bias=torch.ones(5, device=DEV))
+
+
+@pytest.mark.parametrize("case", BLOCK_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_lkam_block_cuda_matches_reference(case):
+    cin, cout, k, N, H, W, train, layout = case
+    blk = _block(cin, cout, k).to(DEV)
+    x = make_layout(torch.randn(N, cin, H, W, device=DEV), layout)
+    (y, gx, fused), (yr, gxr, ref) = _run_pair(
+        blk, x, train, lambda b, x: lkam_block(b, x, backend="cuda"), steps=2 if train else 1
+    )
+    assert_close(y, yr, "out")
+    assert_close(gx, gxr, "grad x")
+    _compare_modules(fused, ref)
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_lkam_block_cuda_matches_triton(train):
+    blk = _block(24, 40, 15).to(DEV)
+    x = torch.randn(2, 24, 37, 83, device=DEV).contiguous(memory_format=torch.channels_last)
+    (y, gx, fused), _ = _run_pair(blk, x, train, lambda b, x: lkam_block(b, x, backend="cuda"))
+    (yt, gxt, trit), _ = _run_pair(blk, x, train, lambda b, x: lkam_block(b, x, backend="triton"))
+    assert_close(y, yt, "out")
+    assert_close(gx, gxt, "grad x")
+    _compare_modules(fused, trit)
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("other", ["reference", "triton"])
+def test_msffnet_cuda_matches(train, other):
+    model = randomize_bn(MSFFNet(width_multiplier=0.125, lkam_blocks=1, kernel_size=7)).to(DEV)
+    x = torch.randn(2, 3, 64, 64, device=DEV)
+    g = torch.randn(2, 1, 64, 64, device=DEV)
+    fused, fm = _model_run(model, "cuda", train, x, g)
+    ref, rm = _model_run(model, other, train, x, g)
+    # as in test_lkam: the bound of each tensor includes twice the reference's own movement
+    # under a 1e-7 relative perturbation of x (max-pool ties and ReLU kinks).
+    wobble, _ = _model_run(model, other, train, x * (1 + 1e-7 * torch.randn_like(x)), g)
+    names = ["logits", "grad x"] + [f"grad {n}" for n, _ in rm.named_parameters()]
+    for name, a, b, w in zip(names, fused, ref, wobble, strict=True):
+        own = (w.double() - b.double()).abs().max().item()
+        assert_close(a, b, name, rtol=1e-4, atol=1e-6 + 2 * own)
+    for (n, b), (_, br) in zip(fm.named_buffers(), rm.named_buffers(), strict=True):
+        assert_close(b.double(), br.double(), f"buffer {n}", rtol=1e-4)
+
+
+def test_lkam_block_cuda_autocast_bf16_channels_last():
+    blk = _block(16, 16, 15).to(DEV).train()
+    x = torch.randn(2, 16, 33, 70, device=DEV).contiguous(memory_format=torch.channels_last)
+    fused, ref, ref64 = copy.deepcopy(blk), copy.deepcopy(blk), copy.deepcopy(blk).double()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        y = lkam_block(fused, x, backend="cuda")
+        ylp = ref.forward_reference(x)
+    y64 = ref64.forward_reference(x.double())
+    assert y.dtype == ylp.dtype == torch.bfloat16
+    err = (y.double() - y64).abs().max().item()
+    base = (ylp.double() - y64).abs().max().item()
+    assert err <= 2 * base + 1e-3 * y64.abs().max().item(), (err, base)
+
+
+def test_lkam_block_cuda_torch_compile():
+    blk = _block(8, 12, 7).to(DEV).train()
+    x = torch.randn(2, 8, 19, 23, device=DEV)
+    fused, ref = copy.deepcopy(blk), copy.deepcopy(blk)
+    fused.backend = "cuda"
+    compiled = torch.compile(fused, fullgraph=True)
+    xf, xr = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y, yr = compiled(xf), ref.forward_reference(xr)
+    g = torch.randn_like(yr)
+    y.backward(g)
+    yr.backward(g)
+    assert_close(y, yr)
+    assert_close(xf.grad, xr.grad)
+    _compare_modules(fused, ref)
+
+
+def test_cuda_kernels_run_on_a_side_stream():
+    x, w, kw = lk_make(2, 6, 10, 9, 70, 7, "w", "all", "contiguous")
+    want, _ = lk_run(x, w, kw, "reference")
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        got, _ = lk_run(x, w, kw, "cuda")
+    torch.cuda.current_stream().wait_stream(s)
+    for a, b in zip(got, want, strict=True):
+        assert_close(a, b)
