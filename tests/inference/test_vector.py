@@ -117,3 +117,16 @@ def test_empty_mask_writes_empty_layers(tmp_path):
     assert len(polys) == 0
     doc = json.loads(write_polygons(polys, tmp_path / "e.geojson").read_text())
     assert doc["features"] == []
+
+
+def test_gpkg_without_pyogrio_is_a_clear_error(tmp_path, monkeypatch):
+    import sys
+
+    from msff.inference import InferenceError
+
+    monkeypatch.setitem(sys.modules, "pyogrio", None)
+    monkeypatch.setitem(sys.modules, "pyogrio.raw", None)
+    polys = polygonize(np.ones((4, 4), np.uint8), from_origin(0, 4, 1, 1), CRS.from_epsg(32654))
+    with pytest.raises(InferenceError, match="needs the optional package pyogrio"):
+        write_polygons(polys, tmp_path / "x.gpkg")
+    assert list(tmp_path.iterdir()) == []
