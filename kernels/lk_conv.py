@@ -201,6 +201,19 @@ def _fwd_blocks(M: int, cin: int, cout: int):
     return 128, bn, 32, 4 if bn == 64 else 8, 3
 
 
+def _wgrad_cfg(M: int, cin: int, cout: int, K: int, device):
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, split): the pixel reduction is split
+    over ``split`` programs per (Cout, Cin, tap) tile, reduced with fp32 atomics."""
+    if triton_interpret():
+        return (min(256, max(16, _next_pow2(M))), min(64, max(16, _next_pow2(cout))),
+                min(64, max(16, _next_pow2(cin))), 4, 1, 1)
+    BM, BN, BK = 64, 64, 64
+    tiles = triton.cdiv(cout, BN) * triton.cdiv(cin, BK) * K
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    split = max(1, min(triton.cdiv(M, BM * 8), triton.cdiv(4 * sms, tiles)))
+    return BM, BN, BK, 4, 3, split
+
+
 def _strides4(t):
     return tuple(int(s) for s in t.stride())
 
@@ -249,15 +262,7 @@ def lk_conv_wgrad(g, x, in_scale, in_shift, kernel_shape):
     K = kw if along_w else kh
     M = N * H * W
     dw = torch.zeros((cout, cin, K), dtype=torch.float32, device=x.device)
-    if triton_interpret():
-        BM = min(256, max(16, _next_pow2(M)))
-        BN, BK = min(64, max(16, _next_pow2(cout))), min(64, max(16, _next_pow2(cin)))
-        warps, stages, split = 4, 1, 1
-    else:
-        BM, BN, BK, warps, stages = 64, 64, 64, 4, 3
-        tiles = triton.cdiv(cout, BN) * triton.cdiv(cin, BK) * K
-        sms = torch.cuda.get_device_properties(x.device).multi_processor_count
-        split = max(1, min(triton.cdiv(M, BM * 8), triton.cdiv(4 * sms, tiles)))
+    BM, BN, BK, warps, stages, split = _wgrad_cfg(M, cin, cout, K, x.device)
     m_per = triton.cdiv(triton.cdiv(M, split), BM) * BM
     split = triton.cdiv(M, m_per)
     has_pro = in_scale is not None
