@@ -1,0 +1,615 @@
+"""Comparison experiments: many networks, one protocol, many seeds, one results table.
+
+An experiment config (JSON; shipped: ``paper`` and ``cpu`` in ``msff/configs/experiment_*.json``)
+lists the datasets, a fixed train/val/test split, the models (zoo names, see
+:mod:`msff.models.zoo`), the seeds, and one set of training options (:class:`TrainConfig`
+fields) that every run shares: the same split, crops, augmentation, loss, optimiser and budget
+(epochs or wall time). Only the network and the seed change between runs.
+
+Each (model, seed) run trains with :func:`msff.engine.train.fit` into
+``OUT/runs/<model>/seed_<seed>/`` and is then evaluated on the test split of every dataset
+(whole images) into ``OUT/runs/<model>/seed_<seed>.json``. The experiment is resumable: runs with
+a result file are skipped, interrupted runs continue from their last epoch (with the wall
+budget they had left), finished-but-unevaluated runs are evaluated.
+
+Outputs in ``OUT``: ``experiment_config.json`` (resolved config), ``split.json`` (the image names
+of every split), ``results.json`` (every run, and per model mean ± sample std), ``results.csv``,
+``results.md`` (the table), ``results.png`` (bar chart with error bars = std over seeds).
+
+Config keys::
+
+    {
+      "name": "cpu", "description": "...",
+      "data_root": "../shared/data",           # relative to the working directory
+      "datasets": {"bijie": "bijie_landslide", ...},   # label -> folder under data_root
+      "split": {"val_ratio": 0.0, "test_ratio": 0.2, "seed": 0},   # per dataset
+      "models": ["msffnet", {"name": "unet", "kwargs": {...}}, ...],
+      "reference": "msffnet",                  # the row others are compared with
+      "seeds": [0, 1, 2],
+      "select": "last",                         # evaluate the last or the best (val IoU) weights
+      "train": {TrainConfig fields shared by every run}
+    }
+
+Example:
+    >>> from msff.engine.experiment import run_experiment_config
+    >>> res = run_experiment_config("cpu", "runs/experiment_cpu")        # doctest: +SKIP
+    >>> res["summary"]["unet"]["iou"]                                     # doctest: +SKIP
+    {'mean': 0.41, 'std': 0.03, 'n': 3}
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import dataclasses
+import io
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+
+from msff.data import (
+    MaskEncoding,
+    SegmentationDataset,
+    compute_normalization,
+    find_pairs,
+    split_pairs,
+)
+from msff.data.discover import Pair
+from msff.engine.metrics import metrics_from_counts
+from msff.engine.report import atomic_write_bytes, atomic_write_json
+from msff.engine.train import STATE_NAME, TrainConfig, build_model, evaluate, fit, load_checkpoint
+
+__all__ = [
+    "load_experiment_config",
+    "run_experiment_config",
+    "summarize",
+    "write_reports",
+    "run_dir",
+    "add_experiment_parser",
+    "run_experiment",
+    "SHIPPED_CONFIGS",
+]
+
+log = logging.getLogger("msff.experiment")
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+SHIPPED_CONFIGS = ("paper", "cpu")
+METRICS = ("precision", "recall", "iou", "f1")
+_KNOWN_KEYS = {"name", "description", "data_root", "datasets", "split", "models", "reference", "seeds",
+               "select", "train", "mask_encoding", "bands", "threads", "notes"}
+
+
+# ---- config -------------------------------------------------------------------------------------
+def load_experiment_config(config: str | os.PathLike | dict) -> dict:
+    """Read and validate an experiment config.
+
+    Args:
+        config: a dict, a JSON file path, or a shipped name (``"paper"``, ``"cpu"``).
+
+    Returns:
+        The config with defaults filled in and ``models`` normalised to
+        ``[{"name": ..., "kwargs": {...}}]``.
+
+    Raises:
+        ValueError: unknown keys, models or training options; FileNotFoundError: no such file.
+
+    Example:
+        >>> cfg = load_experiment_config("cpu")
+        >>> cfg["train"]["crop"], len(cfg["seeds"]) >= 3
+        (256, True)
+    """
+    if isinstance(config, dict):
+        cfg = copy.deepcopy(config)
+    else:
+        path = Path(config)
+        if not path.is_file() and str(config) in SHIPPED_CONFIGS:
+            path = CONFIG_DIR / f"experiment_{config}.json"
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"experiment config {config!s} not found (a JSON file, or one of {list(SHIPPED_CONFIGS)})"
+            )
+        cfg = json.loads(path.read_text())
+    unknown = sorted(set(cfg) - _KNOWN_KEYS)
+    if unknown:
+        raise ValueError(f"unknown experiment config key(s) {unknown}; known: {sorted(_KNOWN_KEYS)}")
+    for key in ("datasets", "models", "seeds"):
+        if not cfg.get(key):
+            raise ValueError(f"experiment config needs a non-empty {key!r}")
+    cfg.setdefault("name", "experiment")
+    cfg.setdefault("description", "")
+    cfg.setdefault("data_root", ".")
+    cfg.setdefault("select", "last")
+    cfg.setdefault("train", {})
+    split = {"val_ratio": 0.0, "test_ratio": 0.2, "seed": 0}
+    split.update(cfg.get("split") or {})
+    cfg["split"] = split
+    if cfg["select"] not in ("last", "best"):
+        raise ValueError(f"select must be 'last' or 'best', got {cfg['select']!r}")
+    if cfg["select"] == "best" and not split["val_ratio"] > 0:
+        raise ValueError("select='best' needs a validation split (split.val_ratio > 0)")
+    if isinstance(cfg["datasets"], list):
+        cfg["datasets"] = {Path(d).name: d for d in cfg["datasets"]}
+    models = []
+    for m in cfg["models"]:
+        m = {"name": m} if isinstance(m, str) else dict(m)
+        if set(m) - {"name", "kwargs", "label"}:
+            raise ValueError(f"model entry {m} may only have 'name', 'kwargs', 'label'")
+        m.setdefault("kwargs", {})
+        m.setdefault("label", m["name"])
+        models.append(m)
+    labels = [m["label"] for m in models]
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"model labels must be unique, got {labels}")
+    cfg["models"] = models
+    from msff.models.zoo import model_info
+
+    for m in models:
+        model_info(m["name"])  # unknown names fail now, not after an hour of training
+    cfg.setdefault("reference", models[0]["label"])
+    if cfg["reference"] not in labels:
+        raise ValueError(f"reference {cfg['reference']!r} is not one of the model labels {labels}")
+    if "model" in cfg["train"] or "seed" in cfg["train"]:
+        raise ValueError("train options must not set 'model' or 'seed': the experiment sets them per run")
+    TrainConfig.from_dict(dict(cfg["train"]))  # unknown training options fail now
+    cfg["seeds"] = [int(s) for s in cfg["seeds"]]
+    return cfg
+
+
+def run_dir(out_dir: str | os.PathLike, label: str, seed: int) -> Path:
+    """Folder of one (model, seed) training run: ``out_dir/runs/<label>/seed_<seed>``."""
+    return Path(out_dir) / "runs" / label / f"seed_{seed}"
+
+
+def _result_path(out_dir: Path, label: str, seed: int) -> Path:
+    return Path(out_dir) / "runs" / label / f"seed_{seed}.json"
+
+
+# ---- data ---------------------------------------------------------------------------------------
+def _encoding(cfg: dict) -> MaskEncoding:
+    me = cfg.get("mask_encoding") or {}
+    return MaskEncoding(tuple(me["color"]) if me.get("color") else None, me.get("threshold"),
+                        tuple(me.get("ignore_values") or ()))
+
+
+def _make_split(cfg: dict, data_root: Path) -> dict[str, dict[str, list[Pair]]]:
+    s = cfg["split"]
+    split: dict[str, dict[str, list[Pair]]] = {}
+    for label, folder in cfg["datasets"].items():
+        root = Path(folder) if Path(folder).is_absolute() else data_root / folder
+        pairs = find_pairs(root)
+        tr, va, te = split_pairs(pairs, s["val_ratio"], s["test_ratio"], s["seed"])
+        split[label] = {"train": tr, "val": va, "test": te}
+    return split
+
+
+def _split_names(split: dict) -> dict:
+    return {d: {k: sorted(p.image.name for p in v) for k, v in parts.items()} for d, parts in split.items()}
+
+
+# ---- one run ------------------------------------------------------------------------------------
+def _train_config(cfg: dict, model: dict, seed: int) -> TrainConfig:
+    t = dict(cfg["train"])
+    t["model"] = model["name"]
+    t["seed"] = int(seed)
+    kw = dict(t.get("model_kwargs") or {})
+    kw.update(model["kwargs"])
+    if "width_multiplier" in kw:
+        t["width_multiplier"] = kw.pop("width_multiplier")
+    t["model_kwargs"] = kw
+    return TrainConfig.from_dict(t)
+
+
+def _spent_seconds(folder: Path) -> float:
+    log_csv = folder / "log.csv"
+    if not log_csv.is_file():
+        return 0.0
+    rows = list(csv.DictReader(io.StringIO(log_csv.read_text())))
+    return float(sum(float(r.get("seconds") or 0) for r in rows))
+
+
+def _status(folder: Path) -> str:
+    p = folder / "status.json"
+    try:
+        return json.loads(p.read_text()).get("state", "") if p.is_file() else ""
+    except json.JSONDecodeError:
+        return ""
+
+
+def _load_weights(folder: Path, select: str, tc: TrainConfig, in_channels: int) -> torch.nn.Module:
+    if select == "best":
+        model, _ = load_checkpoint(folder / "best")
+        return model
+    state = torch.load(folder / "checkpoints" / STATE_NAME, map_location="cpu", weights_only=True)
+    torch.manual_seed(tc.seed)
+    model = build_model(tc, in_channels)
+    model.load_state_dict(state["model"])
+    return model.eval()
+
+
+@torch.no_grad()
+def _inference_ms(model: torch.nn.Module, in_channels: int, size: int, device: torch.device, reps: int = 3) -> float:
+    x = torch.randn(1, in_channels, size, size, device=device)
+    model.eval()
+    model(x)  # warm-up
+    times = []
+    for _ in range(reps):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        model(x)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    return 1000.0 * float(np.median(times))
+
+
+def _run_one(cfg: dict, model: dict, seed: int, out_dir: Path, data: dict, progress: bool) -> dict:
+    label = model["label"]
+    folder = run_dir(out_dir, label, seed)
+    tc = _train_config(cfg, model, seed)
+    train_ds, val_ds, tests = data["train"], data["val"], data["test"]
+    train_ds.normalization = data["normalization"]
+    status = _status(folder)
+    if status != "complete":
+        resume = (folder / "checkpoints" / STATE_NAME).is_file()
+        if resume and tc.time_budget_s is not None:
+            # A resumed run gets only the wall time its first part did not use.
+            tc = dataclasses.replace(tc, time_budget_s=max(1.0, tc.time_budget_s - _spent_seconds(folder)))
+        log.info("training %s seed %d (%s)", label, seed, "resume" if resume else "new")
+        fit(tc, train_ds, val_ds, folder, resume=resume, overwrite=not resume, test_ds=None,
+            progress=progress, extra_metadata={"experiment": cfg["name"], "model_label": label})
+    metrics_json = json.loads((folder / "metrics.json").read_text())
+    device = torch.device("cuda" if (tc.device in ("auto", "cuda") and torch.cuda.is_available()) else "cpu")
+    net = _load_weights(folder, cfg["select"], tc, train_ds.in_channels).to(device)
+    from msff.models.zoo import count_parameters
+
+    per_dataset: dict[str, dict] = {}
+    counts = np.zeros(3, dtype=np.int64)
+    pixels = 0
+    t0 = time.perf_counter()
+    for dname, ds in tests.items():
+        ds.normalization = data["normalization"]
+        r = evaluate(net, ds, batch_size=1, device=device, threshold=tc.threshold, amp=tc.amp, loss=None)
+        per_dataset[dname] = {k: r[k] for k in METRICS} | {"tp": r["tp"], "fp": r["fp"], "fn": r["fn"],
+                                                            "images": r["images"]}
+        counts += np.array([r["tp"], r["fp"], r["fn"]], dtype=np.int64)
+        pixels += r["tp"] + r["fp"] + r["fn"] + r["tn"]
+    eval_s = time.perf_counter() - t0
+    overall = metrics_from_counts(*(int(c) for c in counts))
+    history_rows = metrics_json.get("epochs_run", 0)
+    train_s = _spent_seconds(folder)
+    steps = history_rows * math.ceil((tc.samples_per_epoch or len(train_ds)) / tc.batch_size)
+    result = {
+        "model": label,
+        "model_name": model["name"],
+        "seed": seed,
+        "params": count_parameters(net),
+        "epochs_run": history_rows,
+        "steps": steps,
+        "stopped": metrics_json.get("stopped"),
+        "train_s": train_s,
+        "eval_s": eval_s,
+        "test_megapixels": pixels / 1e6,
+        "infer_s_per_mpx": eval_s / max(pixels / 1e6, 1e-9),
+        "infer_ms_crop": _inference_ms(net, train_ds.in_channels, tc.crop or 256, device),
+        "select": cfg["select"],
+        **overall,
+        "iou_dataset_mean": float(np.mean([v["iou"] for v in per_dataset.values()])),
+        "per_dataset": per_dataset,
+        "train_config": dataclasses.asdict(tc),
+    }
+    atomic_write_json(_result_path(out_dir, label, seed), result)
+    return result
+
+
+# ---- the experiment -----------------------------------------------------------------------------
+def _prepare_data(cfg: dict, data_root: Path, out_dir: Path) -> dict:
+    split = _make_split(cfg, data_root)
+    names = _split_names(split)
+    split_file = out_dir / "split.json"
+    if split_file.is_file():
+        old = json.loads(split_file.read_text())
+        if old != names:
+            raise ValueError(
+                f"{split_file} holds a different split than this config and data give; an experiment "
+                "must keep one split (use a new output folder)"
+            )
+    else:
+        atomic_write_json(split_file, names)
+    enc = _encoding(cfg)
+    bands = cfg.get("bands")
+    train_pairs = [p for parts in split.values() for p in parts["train"]]
+    val_pairs = [p for parts in split.values() for p in parts["val"]]
+    train_ds = SegmentationDataset(train_pairs, enc, bands)
+    val_ds = SegmentationDataset(val_pairs, enc, bands) if val_pairs else None
+    tests = {d: SegmentationDataset(parts["test"], enc, bands) for d, parts in split.items() if parts["test"]}
+    if not tests:
+        raise ValueError("the split has no test images (split.test_ratio must be > 0)")
+    norm_file = out_dir / "normalization.json"
+    if norm_file.is_file():
+        norm = json.loads(norm_file.read_text())
+    else:
+        norm = compute_normalization(train_ds)
+        atomic_write_json(norm_file, norm)
+    return {"train": train_ds, "val": val_ds, "test": tests, "normalization": norm, "split": names}
+
+
+def run_experiment_config(
+    config: str | os.PathLike | dict,
+    out_dir: str | os.PathLike,
+    resume: bool = True,
+    data_root: Optional[str | os.PathLike] = None,
+    models: Optional[Sequence[str]] = None,
+    seeds: Optional[Sequence[int]] = None,
+    progress: bool = False,
+) -> dict:
+    """Run (or continue) an experiment and write its tables and chart.
+
+    Args:
+        config: config dict, JSON path, or shipped name (``"paper"``, ``"cpu"``).
+        out_dir: output folder (created).
+        resume: skip runs that have results and continue interrupted ones (False: start every run
+            anew, replacing earlier results in ``out_dir``).
+        data_root: overrides the config's ``data_root``.
+        models: only these model labels (default: all of the config's).
+        seeds: only these seeds (default: the config's).
+        progress: tqdm progress bars during training.
+
+    Returns:
+        ``{"runs": [one result per run], "summary": {label: {metric: {"mean", "std", "n"}}},
+        "config": resolved config, "skipped": number of runs that were already done}``.
+
+    Example:
+        >>> res = run_experiment_config("cpu", "runs/exp", models=["unet"], seeds=[0])  # doctest: +SKIP
+    """
+    cfg = load_experiment_config(config)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    root = Path(data_root) if data_root is not None else Path(cfg["data_root"])
+    if cfg.get("threads"):
+        torch.set_num_threads(int(cfg["threads"]))
+    cfg_file = out_dir / "experiment_config.json"
+    if resume and cfg_file.is_file():
+        old = json.loads(cfg_file.read_text())
+        keys = ("datasets", "split", "train", "select", "mask_encoding", "bands")
+        diff = [k for k in keys if old.get(k) != json.loads(json.dumps(cfg.get(k)))]
+        if diff:
+            raise ValueError(f"cannot resume {out_dir}: the config's {diff} differ from the earlier runs'")
+    atomic_write_json(cfg_file, cfg)
+    chosen = [m for m in cfg["models"] if models is None or m["label"] in models]
+    if models is not None and len(chosen) != len(set(models)):
+        missing = sorted(set(models) - {m["label"] for m in chosen})
+        raise ValueError(f"model(s) {missing} are not in the config ({[m['label'] for m in cfg['models']]})")
+    run_seeds = list(seeds) if seeds is not None else cfg["seeds"]
+    data = _prepare_data(cfg, root, out_dir)
+    results, skipped = [], 0
+    total = len(chosen) * len(run_seeds)
+    t0 = time.time()
+    for seed in run_seeds:  # seed-major order: an interrupted experiment has every model at equal seeds
+        for m in chosen:
+            rp = _result_path(out_dir, m["label"], seed)
+            if resume and rp.is_file():
+                results.append(json.loads(rp.read_text()))
+                skipped += 1
+                continue
+            if not resume:
+                shutil.rmtree(run_dir(out_dir, m["label"], seed), ignore_errors=True)
+                rp.unlink(missing_ok=True)
+            r = _run_one(cfg, m, seed, out_dir, data, progress)
+            results.append(r)
+            log.info("[%d/%d] %s seed %d: IoU %.4f F1 %.4f (%d steps, %.0f s; %.0f s elapsed)", len(results), total,
+                     m["label"], seed, r["iou"], r["f1"], r["steps"], r["train_s"], time.time() - t0)
+            print(f"[{len(results)}/{total}] {m['label']} seed {seed}: IoU {r['iou']:.4f} F1 {r['f1']:.4f} "
+                  f"({r['steps']} steps, {r['train_s']:.0f} s train; {time.time() - t0:.0f} s elapsed)", flush=True)
+    # Every finished run in the folder counts, also those of other invocations (--models/--seeds).
+    all_results = []
+    for m in cfg["models"]:
+        for seed in cfg["seeds"]:
+            rp = _result_path(out_dir, m["label"], seed)
+            if rp.is_file():
+                all_results.append(json.loads(rp.read_text()))
+    summary = summarize(all_results, [m["label"] for m in cfg["models"]], list(cfg["datasets"]))
+    out = {"config": cfg, "split": data["split"], "runs": all_results, "summary": summary, "skipped": skipped}
+    write_reports(out, out_dir)
+    return out
+
+
+# ---- aggregation and reports --------------------------------------------------------------------
+def _mean_std(values: Sequence[float]) -> dict:
+    a = np.array([v for v in values if v is not None and math.isfinite(v)], dtype=np.float64)
+    if a.size == 0:
+        return {"mean": float("nan"), "std": float("nan"), "n": 0}
+    return {"mean": float(a.mean()), "std": float(a.std(ddof=1)) if a.size > 1 else 0.0, "n": int(a.size)}
+
+
+_SUMMARY_KEYS = METRICS + ("iou_dataset_mean", "params", "steps", "epochs_run", "train_s", "infer_s_per_mpx",
+                           "infer_ms_crop")
+
+
+def summarize(results: Sequence[dict], labels: Sequence[str], datasets: Sequence[str]) -> dict:
+    """Per model: mean, sample std (ddof 1) and count over seeds of every metric.
+
+    Returns:
+        ``{label: {"precision": {"mean", "std", "n"}, …, "iou/<dataset>": {...}, "seeds": [...]}}``
+        for the labels that have at least one run.
+    """
+    out: dict[str, dict] = {}
+    for label in labels:
+        rs = [r for r in results if r["model"] == label]
+        if not rs:
+            continue
+        s: dict[str, Any] = {k: _mean_std([r[k] for r in rs]) for k in _SUMMARY_KEYS}
+        for d in datasets:
+            s[f"iou/{d}"] = _mean_std([r["per_dataset"][d]["iou"] for r in rs if d in r["per_dataset"]])
+            s[f"f1/{d}"] = _mean_std([r["per_dataset"][d]["f1"] for r in rs if d in r["per_dataset"]])
+        s["seeds"] = sorted(r["seed"] for r in rs)
+        s["model_name"] = rs[0]["model_name"]
+        out[label] = s
+    return out
+
+
+def _welch(a: dict, b: dict) -> tuple[float, float]:
+    """Difference of means and Welch's t statistic (NaN when undefined)."""
+    diff = a["mean"] - b["mean"]
+    if a["n"] < 2 or b["n"] < 2:
+        return diff, float("nan")
+    se = math.sqrt(a["std"] ** 2 / a["n"] + b["std"] ** 2 / b["n"])
+    return diff, (diff / se if se > 0 else float("nan"))
+
+
+def _pm(s: dict, digits: int = 3) -> str:
+    if not s or s["n"] == 0 or not math.isfinite(s["mean"]):
+        return "–"
+    return f"{s['mean']:.{digits}f} ± {s['std']:.{digits}f}"
+
+
+def write_reports(out: dict, out_dir: str | os.PathLike) -> dict[str, Path]:
+    """Write ``results.json``, ``results.csv``, ``results.md`` and ``results.png`` into ``out_dir``.
+
+    Returns:
+        The written paths by kind (``json``, ``csv``, ``md``, ``png``; ``png`` only when there are results).
+    """
+    out_dir = Path(out_dir)
+    cfg, summary = out["config"], out["summary"]
+    datasets = list(cfg["datasets"])
+    paths = {"json": out_dir / "results.json", "csv": out_dir / "results.csv", "md": out_dir / "results.md"}
+    atomic_write_json(paths["json"], {k: v for k, v in out.items() if k != "skipped"})
+    # CSV: one row per model, mean and std columns.
+    cols = list(METRICS) + ["iou_dataset_mean"] + [f"iou/{d}" for d in datasets] + \
+        ["params", "steps", "train_s", "infer_s_per_mpx", "infer_ms_crop"]
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["model", "model_name", "runs"] + [f"{c}_{s}" for c in cols for s in ("mean", "std")])
+    for label, s in summary.items():
+        w.writerow([label, s["model_name"], s["iou"]["n"]] +
+                   [f"{s[c][k]:.6g}" for c in cols for k in ("mean", "std")])
+    atomic_write_bytes(paths["csv"], buf.getvalue().encode())
+    # Markdown table.
+    t = cfg["train"]
+    lines = [f"# Experiment `{cfg['name']}`", ""]
+    if cfg.get("description"):
+        lines += [cfg["description"], ""]
+    budget = f"{t.get('time_budget_s'):.0f} s wall time" if t.get("time_budget_s") else f"{t.get('epochs', 150)} epochs"
+    lines += [
+        f"Protocol (identical for every model): datasets {', '.join(datasets)}; split "
+        f"val {cfg['split']['val_ratio']}, test {cfg['split']['test_ratio']} per dataset (seed "
+        f"{cfg['split']['seed']}, names in `split.json`); crops {t.get('crop')}², batch {t.get('batch_size', 32)}, "
+        f"Adam lr {t.get('lr', 1e-4)}, loss {t.get('loss', 'bce')}, augmentation {t.get('augment', True)}, "
+        f"budget {budget} per run, width multiplier {t.get('width_multiplier') or 1}; "
+        f"evaluated weights: {cfg['select']}; seeds {cfg['seeds']}.",
+        "",
+        "Test metrics on whole images, mean ± sample std over seeds. Precision/recall/IoU/F1 are "
+        "micro-averaged over all test pixels of all datasets (the largest images dominate); "
+        "\"IoU mean/ds\" averages the per-dataset IoUs (each dataset counts once).",
+        "",
+    ]
+    head = ["Model", "Runs", "Params", "Steps", "Precision", "Recall", "IoU", "F1", "IoU mean/ds"] + \
+        [f"IoU {d}" for d in datasets] + ["Train s", "Infer s/Mpx"]
+    lines.append("| " + " | ".join(head) + " |")
+    lines.append("|" + "|".join(["---"] * len(head)) + "|")
+    for label, s in summary.items():
+        row = [f"`{label}`", str(s["iou"]["n"]), f"{s['params']['mean'] / 1e6:.2f} M", f"{s['steps']['mean']:.0f}"]
+        row += [_pm(s[m]) for m in METRICS] + [_pm(s["iou_dataset_mean"])]
+        row += [_pm(s[f"iou/{d}"]) for d in datasets]
+        row += [f"{s['train_s']['mean']:.0f}", f"{s['infer_s_per_mpx']['mean']:.2f}"]
+        lines.append("| " + " | ".join(row) + " |")
+    ref = cfg.get("reference")
+    if ref in summary and len(summary) > 1:
+        lines += ["", f"Differences to `{ref}` (IoU, micro and mean over datasets): Δ = other − {ref}; "
+                  "t = Welch's t statistic over seeds (|t| < 2 with 3 seeds is well within seed-to-seed noise).",
+                  "", "| Model | Δ IoU | t | Δ IoU mean/ds | t |", "|---|---|---|---|---|"]
+        for label, s in summary.items():
+            if label == ref:
+                continue
+            d1, t1 = _welch(s["iou"], summary[ref]["iou"])
+            d2, t2 = _welch(s["iou_dataset_mean"], summary[ref]["iou_dataset_mean"])
+            lines.append(f"| `{label}` | {d1:+.3f} | {t1:+.2f} | {d2:+.3f} | {t2:+.2f} |")
+    atomic_write_bytes(paths["md"], ("\n".join(lines) + "\n").encode())
+    if summary:
+        paths["png"] = out_dir / "results.png"
+        _plot(summary, datasets, paths["png"], cfg["name"])
+    return paths
+
+
+def _plot(summary: dict, datasets: Sequence[str], path: Path, title: str) -> None:
+    from msff.engine.report import _plt
+
+    plt = _plt()
+    labels = list(summary)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2), dpi=90)
+    groups = [("overall", list(METRICS)), ("IoU per dataset", [f"iou/{d}" for d in datasets] + ["iou_dataset_mean"])]
+    for ax, (name, keys) in zip(axes, groups, strict=True):
+        n = len(labels)
+        width = 0.8 / n
+        x = np.arange(len(keys))
+        for i, label in enumerate(labels):
+            means = [summary[label][k]["mean"] for k in keys]
+            stds = [summary[label][k]["std"] for k in keys]
+            ax.bar(x + (i - (n - 1) / 2) * width, means, width, yerr=stds, capsize=2, label=label)
+        ax.set_xticks(x)
+        ax.set_xticklabels([k.replace("iou/", "").replace("iou_dataset_mean", "mean/ds") for k in keys],
+                           fontsize=8)
+        ax.set_ylim(0, 1)
+        ax.set_title(f"{title}: {name} (mean ± std over seeds)", fontsize=9)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+# ---- command line -------------------------------------------------------------------------------
+def add_experiment_parser(subparsers) -> argparse.ArgumentParser:
+    """Register ``msff experiment CONFIG --out DIR`` on an argparse subparsers object."""
+    p = subparsers.add_parser(
+        "experiment",
+        help="train and compare models under one protocol, several seeds; write a results table",
+        description="Run a comparison experiment: every listed model, every seed, one protocol. "
+                    "Resumable: finished runs are skipped, interrupted ones continue.",
+    )
+    p.add_argument("config", help=f"experiment config JSON, or a shipped name: {', '.join(SHIPPED_CONFIGS)}")
+    p.add_argument("--out", required=True, help="output folder (runs, results.md/csv/json/png)")
+    p.add_argument("--data-root", default=None, help="folder holding the dataset folders (overrides the config)")
+    p.add_argument("--models", default=None, help="comma-separated model labels to run (default: all)")
+    p.add_argument("--seeds", default=None, help="comma-separated seeds to run (default: the config's)")
+    p.add_argument("--no-resume", action="store_true", help="start every selected run anew")
+    p.add_argument("--progress", action="store_true", help="show progress bars")
+    p.add_argument("--dry-run", action="store_true", help="validate the config and print the plan")
+    p.set_defaults(func=run_experiment)
+    return p
+
+
+def run_experiment(args: argparse.Namespace) -> int:
+    """Entry point of ``msff experiment``. Returns the process exit code."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        cfg = load_experiment_config(args.config)
+    except (OSError, ValueError) as e:
+        print(f"msff experiment: {e}")
+        return 2
+    models = [m for m in args.models.split(",") if m] if args.models else None
+    seeds = [int(s) for s in args.seeds.split(",") if s] if args.seeds else None
+    if args.dry_run:
+        labels = models or [m["label"] for m in cfg["models"]]
+        print(f"experiment {cfg['name']}: {len(labels)} models × {len(seeds or cfg['seeds'])} seeds")
+        print(f"models: {', '.join(labels)}\nseeds: {seeds or cfg['seeds']}\ntrain: {json.dumps(cfg['train'])}")
+        return 0
+    try:
+        out = run_experiment_config(cfg, args.out, resume=not args.no_resume, data_root=args.data_root,
+                                    models=models, seeds=seeds, progress=args.progress)
+    except (OSError, ValueError) as e:
+        print(f"msff experiment: {e}")
+        return 2
+    print((Path(args.out) / "results.md").read_text())
+    print(f"{len(out['runs'])} runs ({out['skipped']} already done); results in {args.out}")
+    return 0
