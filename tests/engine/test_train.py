@@ -1,6 +1,7 @@
 """Training: run folder artefacts, exact resume, seeds, failure status, repeated runs, options, DDP."""
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -123,8 +124,15 @@ def test_ddp_two_cpu_processes(scenes, tmp_path):
            "--epochs", "1", "--batch-size", "4", "--crop", "32", "--device", "cpu", "--no-progress",
            "--overlays", "0"]
     t0 = time.time()
-    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         start_new_session=True)
+    try:
+        out, err = p.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)  # the launcher and both workers: no orphans left behind
+        out, err = p.communicate()
+        pytest.fail("torchrun timed out:\n" + out[-2000:] + err[-2000:])
+    assert p.returncode == 0, out[-3000:] + err[-3000:]
     assert json.loads((run / "status.json").read_text())["state"] == "complete"
     m = json.loads((run / "metrics.json").read_text())
     assert m["best"]["images"] == 2  # both ranks' validation shares summed
