@@ -400,6 +400,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     ckpt = Path(args.checkpoint)
     model, meta = load_checkpoint(ckpt)
+    run_dir = ckpt.parent if ckpt.name == "best" else ckpt
+    if (run_dir / "status.json").is_file():
+        state = json.loads((run_dir / "status.json").read_text()).get("state")
+        if state != "complete":
+            print(f"msff evaluate: warning: run {run_dir} is {state}, not complete; its best/ is from a partial run",
+                  file=sys.stderr)
     norm = meta.get("normalization")
     if not norm:
         raise DataError(f"checkpoint {ckpt} has no normalisation statistics in its metadata")

@@ -158,3 +158,13 @@ def test_subcommands_registered():
 def test_console_entry_point_help():
     p = subprocess.run([sys.executable, "-m", "msff.cli", "demo", "--help"], capture_output=True, text=True, timeout=120)
     assert p.returncode == 0 and "--overwrite" in p.stdout
+
+
+def test_separate_val_and_test_folders(scenes, tmp_path, capsys):
+    val = write_scene_dataset(tmp_path / "val", n=3, size=40, seed=10)
+    test = write_scene_dataset(tmp_path / "test", n=2, size=40, seed=11)
+    run = tmp_path / "run"
+    assert main(["train", str(scenes), "--val", str(val), "--test", str(test), "--out", str(run), *FAST]) == 0
+    m = json.loads((run / "metrics.json").read_text())
+    assert m["best"]["images"] == 3 and m["test"]["images"] == 2
+    assert "test: precision" in capsys.readouterr().out
