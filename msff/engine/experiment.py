@@ -365,7 +365,8 @@ def run_experiment_config(
 
     Returns:
         ``{"runs": [one result per run], "summary": {label: {metric: {"mean", "std", "n"}}},
-        "config": resolved config, "skipped": number of runs that were already done}``.
+        "config": resolved config, "skipped": number of runs that were already done,
+        "failed": [{"model", "seed", "error"}] of runs that raised (retried on resume)}``.
 
     Example:
         >>> res = run_experiment_config("cpu", "runs/exp", models=["unet"], seeds=[0])  # doctest: +SKIP
@@ -390,7 +391,7 @@ def run_experiment_config(
         raise ValueError(f"model(s) {missing} are not in the config ({[m['label'] for m in cfg['models']]})")
     run_seeds = list(seeds) if seeds is not None else cfg["seeds"]
     data = _prepare_data(cfg, root, out_dir)
-    results, skipped = [], 0
+    results, skipped, failed = [], 0, []
     total = len(chosen) * len(run_seeds)
     t0 = time.time()
     for seed in run_seeds:  # seed-major order: an interrupted experiment has every model at equal seeds
@@ -403,7 +404,12 @@ def run_experiment_config(
             if not resume:
                 shutil.rmtree(run_dir(out_dir, m["label"], seed), ignore_errors=True)
                 rp.unlink(missing_ok=True)
-            r = _run_one(cfg, m, seed, out_dir, data, progress)
+            try:
+                r = _run_one(cfg, m, seed, out_dir, data, progress)
+            except Exception as e:  # one broken run must not cost the others; resume retries it
+                failed.append({"model": m["label"], "seed": seed, "error": f"{type(e).__name__}: {e}"})
+                log.error("%s seed %d failed: %s: %s", m["label"], seed, type(e).__name__, e)
+                continue
             results.append(r)
             log.info("[%d/%d] %s seed %d: IoU %.4f F1 %.4f (%d steps, %.0f s; %.0f s elapsed)", len(results), total,
                      m["label"], seed, r["iou"], r["f1"], r["steps"], r["train_s"], time.time() - t0)
@@ -417,7 +423,8 @@ def run_experiment_config(
             if rp.is_file():
                 all_results.append(json.loads(rp.read_text()))
     summary = summarize(all_results, [m["label"] for m in cfg["models"]], list(cfg["datasets"]))
-    out = {"config": cfg, "split": data["split"], "runs": all_results, "summary": summary, "skipped": skipped}
+    out = {"config": cfg, "split": data["split"], "runs": all_results, "summary": summary, "skipped": skipped,
+           "failed": failed}
     write_reports(out, out_dir)
     return out
 
@@ -612,4 +619,6 @@ def run_experiment(args: argparse.Namespace) -> int:
         return 2
     print((Path(args.out) / "results.md").read_text())
     print(f"{len(out['runs'])} runs ({out['skipped']} already done); results in {args.out}")
-    return 0
+    for f in out["failed"]:
+        print(f"FAILED: {f['model']} seed {f['seed']}: {f['error']}")
+    return 1 if out["failed"] else 0

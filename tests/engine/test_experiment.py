@@ -180,3 +180,15 @@ def test_cli_dry_run(capsys):
     args = parser.parse_args(["experiment", "cpu", "--out", "unused", "--dry-run", "--models", "unet,msffnet"])
     assert run_experiment(args) == 0
     assert "2 models × 3 seeds" in capsys.readouterr().out
+
+
+def test_a_failing_run_does_not_stop_the_others(tmp_path, data_root):
+    cfg = _config(data_root)
+    cfg["models"] = [{"name": "segnet", "kwargs": {"no_such_argument": 1}}, cfg["models"][0]]
+    cfg["reference"] = "unet"
+    cfg["seeds"] = [0]
+    res = run_experiment_config(cfg, tmp_path / "exp")
+    assert [r["model"] for r in res["runs"]] == ["unet"]
+    (f,) = res["failed"]
+    assert f["model"] == "segnet" and "no_such_argument" in f["error"]
+    assert "segnet" not in res["summary"] and (tmp_path / "exp" / "results.md").is_file()
