@@ -17,10 +17,11 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from msff.kernels._common import fix_bf16, rtne_bf16
 
 from msff.backend import triton_interpret
 
-__all__ = ["lk_conv_fwd", "lk_conv_wgrad"]
+__all__ = ["lk_conv_fwd", "lk_conv_wgrad", "lk_conv_grad_out"]
 
 
 @triton.jit
@@ -35,7 +36,7 @@ def _lk_conv_fwd_kernel(
     stride_pn, stride_pc, stride_ph, stride_pw,
     ALONG_W: tl.constexpr, HAS_PROLOGUE: tl.constexpr, HAS_BIAS: tl.constexpr,
     RELU: tl.constexpr, HAS_ADD: tl.constexpr, STATS: tl.constexpr, PRO_BWD: tl.constexpr,
-    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, FIX_IN: tl.constexpr, FIX_OUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -73,7 +74,7 @@ def _lk_conv_fwd_kernel(
                 t = tl.load(shift_ptr + offs_k, mask=mask_k, other=0.0)
                 af = tl.maximum(a.to(tl.float32) * s[None, :] + t[None, :], 0.0)
                 # zero padding applies to the activated input, not to x
-                a = tl.where(amask, af, 0.0).to(x_ptr.dtype.element_ty)
+                a = rtne_bf16(tl.where(amask, af, 0.0), FIX_IN).to(x_ptr.dtype.element_ty)
             b = tl.load(
                 w_ptr + offs_n[None, :] * stride_wo + offs_k[:, None] * stride_wi + tap * stride_wk,
                 mask=mask_k[:, None] & mask_n[None, :], other=0.0,
@@ -115,7 +116,7 @@ def _lk_conv_fwd_kernel(
     y_off = (n_idx.to(tl.int64) * stride_yn + h_idx.to(tl.int64) * stride_yh
              + w_idx.to(tl.int64) * stride_yw)
     tl.store(y_ptr + y_off[:, None] + offs_n[None, :] * stride_yc,
-             acc.to(y_ptr.dtype.element_ty), mask=mask2)
+             rtne_bf16(acc, FIX_OUT).to(y_ptr.dtype.element_ty), mask=mask2)
 
 
 @triton.jit
@@ -125,7 +126,7 @@ def _lk_conv_wgrad_kernel(
     stride_gn, stride_gc, stride_gh, stride_gw,
     stride_xn, stride_xc, stride_xh, stride_xw,
     ALONG_W: tl.constexpr, HAS_PROLOGUE: tl.constexpr, UPCAST: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, FIX_IN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # dw[co, ci, tap] += Σ_m g[m, co] · xin[shift_tap(m), ci]; dw is fp32 (COUT, CIN, K) contiguous
@@ -168,13 +169,64 @@ def _lk_conv_wgrad_kernel(
         a = tl.load(x_ptr + row[:, None] + offs_k[None, :] * stride_xc, mask=amask, other=0.0)
         if HAS_PROLOGUE:
             af = tl.maximum(a.to(tl.float32) * s[None, :] + t[None, :], 0.0)
-            a = tl.where(amask, af, 0.0).to(x_ptr.dtype.element_ty)
+            a = rtne_bf16(tl.where(amask, af, 0.0), FIX_IN).to(x_ptr.dtype.element_ty)
         if UPCAST:
             acc = tl.dot(gt.to(tl.float32), a.to(tl.float32), acc, input_precision=DOT_PRECISION)
         else:
             acc = tl.dot(gt.to(a.dtype), a, acc, input_precision=DOT_PRECISION)
     dw_off = offs_n[:, None] * (CIN * K) + offs_k[None, :] * K + tap
     tl.atomic_add(dw_ptr + dw_off, acc, mask=mask_n[:, None] & mask_k[None, :])
+
+
+@triton.jit
+def _lk_conv_grad_out_kernel(
+    gy_ptr, y_ptr, add_ptr, gsum_ptr, gsq_ptr, gr_ptr, gadd_ptr, gbias_ptr,
+    M, C, H, W,
+    stride_gn, stride_gc, stride_gh, stride_gw,
+    stride_yn, stride_yc, stride_yh, stride_yw,
+    stride_an, stride_ac, stride_ah, stride_aw,
+    stride_rn, stride_rc, stride_rh, stride_rw,
+    stride_dn, stride_dc, stride_dh, stride_dw,
+    HAS_GSUM: tl.constexpr, HAS_GSQ: tl.constexpr, RELU: tl.constexpr, HAS_ADD: tl.constexpr,
+    NEED_GADD: tl.constexpr, NEED_GBIAS: tl.constexpr, FIX_OUT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    # g = grad_y + grad_sum[c] + 2·y·grad_sumsq[c] (-> grad_add); g_r = g·[relu output > 0];
+    # grad_bias[c] = Σ g_r. One pass instead of a chain of full-size fp32 temporaries.
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_m = offs_m < M
+    mask_c = offs_c < C
+    mask = mask_m[:, None] & mask_c[None, :]
+    hw = H * W
+    n = (offs_m // hw).to(tl.int64)
+    rem = offs_m % hw
+    h = (rem // W).to(tl.int64)
+    w = (rem % W).to(tl.int64)
+    c = offs_c.to(tl.int64)[None, :]
+    g = tl.load(gy_ptr + (n * stride_gn + h * stride_gh + w * stride_gw)[:, None] + c * stride_gc,
+                mask=mask, other=0.0).to(tl.float32)
+    if HAS_GSUM:
+        g += tl.load(gsum_ptr + offs_c, mask=mask_c, other=0.0)[None, :]
+    if HAS_GSQ or RELU:
+        y = tl.load(y_ptr + (n * stride_yn + h * stride_yh + w * stride_yw)[:, None] + c * stride_yc,
+                    mask=mask, other=0.0).to(tl.float32)
+    if HAS_GSQ:
+        g += 2.0 * y * tl.load(gsq_ptr + offs_c, mask=mask_c, other=0.0)[None, :]
+    if NEED_GADD:
+        tl.store(gadd_ptr + (n * stride_dn + h * stride_dh + w * stride_dw)[:, None] + c * stride_dc,
+                 rtne_bf16(g, FIX_OUT).to(gadd_ptr.dtype.element_ty), mask=mask)
+    if RELU:
+        r = y
+        if HAS_ADD:
+            r = y - tl.load(add_ptr + (n * stride_an + h * stride_ah + w * stride_aw)[:, None]
+                            + c * stride_ac, mask=mask, other=0.0).to(tl.float32)
+        g = tl.where(r > 0, g, 0.0)
+    g = tl.where(mask, g, 0.0)
+    if NEED_GBIAS:
+        tl.atomic_add(gbias_ptr + offs_c, tl.sum(g, axis=0), mask=mask_c)
+    tl.store(gr_ptr + (n * stride_rn + h * stride_rh + w * stride_rw)[:, None] + c * stride_rc,
+             rtne_bf16(g, FIX_OUT).to(gr_ptr.dtype.element_ty), mask=mask)
 
 
 def _next_pow2(v: int) -> int:
@@ -247,6 +299,7 @@ def lk_conv_fwd(x, weight, bias, in_scale, in_shift, add, relu, stats, y, ch_sum
         ALONG_W=along_w, HAS_PROLOGUE=has_pro, HAS_BIAS=bias is not None, RELU=bool(relu),
         HAS_ADD=add is not None, STATS=bool(stats), PRO_BWD=pro_bwd is not None,
         UPCAST=_upcast(x.dtype), DOT_PRECISION=_dot_precision(x.dtype),
+        FIX_IN=fix_bf16(x.dtype), FIX_OUT=fix_bf16(y.dtype),
         BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, num_warps=warps, num_stages=stages,
     )
     return y
@@ -272,7 +325,37 @@ def lk_conv_wgrad(g, x, in_scale, in_shift, kernel_shape):
         M, cin, cout, H, W, K, m_per,
         *_strides4(g), *_strides4(x),
         ALONG_W=along_w, HAS_PROLOGUE=has_pro, UPCAST=_upcast(x.dtype),
-        DOT_PRECISION=_dot_precision(x.dtype),
+        DOT_PRECISION=_dot_precision(x.dtype), FIX_IN=fix_bf16(x.dtype),
         BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, num_warps=warps, num_stages=stages,
     )
     return dw.view(cout, cin, kh, kw)
+
+
+def _eltwise_blocks(M: int, C: int):
+    if triton_interpret():
+        bc = min(128, max(16, _next_pow2(C)))
+        return min(max(16, _next_pow2(M)), max(16, 8192 // bc)), bc, 4
+    return 128, min(64, max(16, _next_pow2(C))), 4
+
+
+def lk_conv_grad_out(grad_y, y, add, grad_sum, grad_sumsq, relu, g_r, grad_add, grad_bias):
+    """Fill ``g_r`` (and ``grad_add`` / ``grad_bias`` when not None; grad_bias zeroed fp32) per
+    SPEC.md's backward: g = grad_y + grad_sum + 2·y·grad_sumsq, g_r = g past the ReLU."""
+    N, C, H, W = y.shape
+    M = N * H * W
+    if M == 0 or C == 0:
+        return
+    BM, BC, warps = _eltwise_blocks(M, C)
+    a = add if add is not None else y
+    ga = grad_add if grad_add is not None else g_r
+    grid = (triton.cdiv(M, BM), triton.cdiv(C, BC))
+    _lk_conv_grad_out_kernel[grid](
+        grad_y, y, a, grad_sum if grad_sum is not None else g_r,
+        grad_sumsq if grad_sumsq is not None else g_r, g_r, ga,
+        grad_bias if grad_bias is not None else g_r,
+        M, C, H, W, *_strides4(grad_y), *_strides4(y), *_strides4(a), *_strides4(g_r),
+        *_strides4(ga),
+        HAS_GSUM=grad_sum is not None, HAS_GSQ=grad_sumsq is not None, RELU=bool(relu),
+        HAS_ADD=add is not None, NEED_GADD=grad_add is not None, NEED_GBIAS=grad_bias is not None,
+        FIX_OUT=fix_bf16(g_r.dtype), BLOCK_M=BM, BLOCK_C=BC, num_warps=warps,
+    )

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from msff.kernels._common import fix_bf16, rtne_bf16
 
 from msff.backend import triton_interpret
 
@@ -79,7 +80,7 @@ def _lkam_se_fwd_kernel(
     C, HW, W, P_BLOCKS,
     san, sac, sah, saw, sbn, sbc, sbh, sbw, srn, src, srh, srw, son, soc, soh, sow,
     HAS_B: tl.constexpr, AFF_A: tl.constexpr, AFF_B: tl.constexpr, AFF_R: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+    FIX_OUT: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     pid = tl.program_id(0)
     n = pid // P_BLOCKS
@@ -98,7 +99,7 @@ def _lkam_se_fwd_kernel(
         r = r * rs[None, :] + rh[None, :]
     out = r + f * z[None, :]
     tl.store(out_ptr + _tile(n, offs_p, offs_c, W, son, soc, soh, sow),
-             out.to(out_ptr.dtype.element_ty), mask=mask)
+             rtne_bf16(out, FIX_OUT).to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -137,7 +138,7 @@ def _lkam_se_bwd_reduce_kernel(
 
 @triton.jit
 def _branch_grad(gf, t_ptr, off, mask, s_ptr, h_ptr, gs_ptr, gh_ptr, gt_ptr, goff, offs_c, mask_c,
-                 AFF: tl.constexpr):
+                 AFF: tl.constexpr, FIX_OUT: tl.constexpr):
     if AFF:
         t = tl.load(t_ptr + off, mask=mask, other=0.0).to(tl.float32)
         s = tl.load(s_ptr + offs_c, mask=mask_c, other=0.0)
@@ -148,7 +149,7 @@ def _branch_grad(gf, t_ptr, off, mask, s_ptr, h_ptr, gs_ptr, gh_ptr, gt_ptr, gof
         g = gm * s[None, :]
     else:
         g = gf
-    tl.store(gt_ptr + goff, g.to(gt_ptr.dtype.element_ty), mask=mask)
+    tl.store(gt_ptr + goff, rtne_bf16(g, FIX_OUT).to(gt_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -159,7 +160,7 @@ def _lkam_se_bwd_kernel(
     sgn, sgc, sgh, sgw, san, sac, sah, saw, sbn, sbc, sbh, sbw,
     s1n, s1c, s1h, s1w, s2n, s2c, s2h, s2w, s3n, s3c, s3h, s3w,
     HAS_B: tl.constexpr, AFF_A: tl.constexpr, AFF_B: tl.constexpr, AFF_R: tl.constexpr,
-    NEED_R: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+    NEED_R: tl.constexpr, FIX_OUT: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     pid = tl.program_id(0)
     n = pid // P_BLOCKS
@@ -174,18 +175,18 @@ def _lkam_se_bwd_kernel(
     gf = go * z[None, :] + gp[None, :]
     _branch_grad(gf, fa_ptr, _tile(n, offs_p, offs_c, W, san, sac, sah, saw), mask, sa_ptr, ha_ptr,
                  gsa_ptr, gha_ptr, gfa_ptr, _tile(n, offs_p, offs_c, W, s1n, s1c, s1h, s1w),
-                 offs_c, mask_c, AFF_A)
+                 offs_c, mask_c, AFF_A, FIX_OUT)
     if HAS_B:
         _branch_grad(gf, fb_ptr, _tile(n, offs_p, offs_c, W, sbn, sbc, sbh, sbw), mask, sb_ptr,
                      hb_ptr, gsb_ptr, ghb_ptr, gfb_ptr,
-                     _tile(n, offs_p, offs_c, W, s2n, s2c, s2h, s2w), offs_c, mask_c, AFF_B)
+                     _tile(n, offs_p, offs_c, W, s2n, s2c, s2h, s2w), offs_c, mask_c, AFF_B, FIX_OUT)
     if NEED_R:
         gr = go
         if AFF_R:
             rs = tl.load(rs_ptr + offs_c, mask=mask_c, other=0.0)
             gr = go * rs[None, :]
         tl.store(gr_ptr + _tile(n, offs_p, offs_c, W, s3n, s3c, s3h, s3w),
-                 gr.to(gr_ptr.dtype.element_ty), mask=mask)
+                 rtne_bf16(gr, FIX_OUT).to(gr_ptr.dtype.element_ty), mask=mask)
 
 
 def _next_pow2(v: int) -> int:
@@ -251,7 +252,7 @@ def se_apply(fa, fb, sa, ha, sb, hb, z, residual, rs, rh, out):
         _opt(rs, z), _opt(rh, z), out, C, HW, W, pb,
         *_s(fa), *_s(fbt), *_s(residual), *_s(out),
         HAS_B=fb is not None, AFF_A=sa is not None, AFF_B=sb is not None, AFF_R=rs is not None,
-        BLOCK_P=BP, BLOCK_C=BC, num_warps=warps,
+        FIX_OUT=fix_bf16(out.dtype), BLOCK_P=BP, BLOCK_C=BC, num_warps=warps,
     )
     return out
 
@@ -296,5 +297,5 @@ def se_backward_apply(go, fa, fb, sa, ha, sb, hb, z, gp, rs, gfa, gfb, gsa, gha,
         C, HW, W, pb,
         *_s(go), *_s(fa), *_s(fbt), *_s(gfa), *_s(gfbt), *_s(grt),
         HAS_B=fb is not None, AFF_A=sa is not None, AFF_B=sb is not None, AFF_R=rs is not None,
-        NEED_R=gr is not None, BLOCK_P=BP, BLOCK_C=BC, num_warps=warps,
+        NEED_R=gr is not None, FIX_OUT=fix_bf16(gfa.dtype), BLOCK_P=BP, BLOCK_C=BC, num_warps=warps,
     )

@@ -257,6 +257,12 @@ def lk_conv(x, weight, bias=None, in_scale=None, in_shift=None, add=None, relu=F
 
 
 # ---- triton implementation --------------------------------------------------------------------
+def _vec(v):
+    # per-channel vectors are indexed as dense 1-D arrays by the kernels (a gradient such as
+    # grad_sum can arrive as a stride-0 expansion)
+    return v.contiguous() if v is not None else None
+
+
 def _no_fp64(t):
     if t.dtype == torch.float64:
         raise ValueError("float64 runs on the reference backend only (it exists for gradcheck)")
@@ -266,6 +272,7 @@ def _lk_conv_triton(x, weight, bias, in_scale, in_shift, add, relu, stats):
     from msff.kernels.lk_conv import lk_conv_fwd
 
     _no_fp64(x)
+    bias, in_scale, in_shift = _vec(bias), _vec(in_scale), _vec(in_shift)
     shape = (x.shape[0], weight.shape[0], x.shape[2], x.shape[3])
     y = empty_like_layout(x, shape, x.dtype)
     if stats:
@@ -280,16 +287,23 @@ def _lk_conv_triton(x, weight, bias, in_scale, in_shift, add, relu, stats):
 
 def _lk_conv_backward_triton(grad_y, grad_sum, grad_sumsq, x, weight, y, bias, in_scale,
                              in_shift, add, relu, output_mask):
-    from msff.kernels.lk_conv import lk_conv_fwd, lk_conv_wgrad
+    from msff.kernels.lk_conv import lk_conv_fwd, lk_conv_grad_out, lk_conv_wgrad
 
     dev = x.device
     outs = [empty_grad(dev) for _ in range(6)]
-    g, g_r = _grad_out_total(grad_y, grad_sum, grad_sumsq, y, add, relu)
-    if output_mask[5] and add is not None:
-        outs[5] = _like(add, g)
-    if output_mask[2] and bias is not None:
-        outs[2] = g_r.sum(dim=(0, 2, 3))
-    g_r = g_r.to(x.dtype)
+    gs = _vec(grad_sum) if grad_sum is not None and grad_sum.numel() else None
+    gq = _vec(grad_sumsq) if grad_sumsq is not None and grad_sumsq.numel() else None
+    bias, in_scale, in_shift = _vec(bias), _vec(in_scale), _vec(in_shift)
+    need_gadd = bool(output_mask[5]) and add is not None
+    need_gbias = bool(output_mask[2]) and bias is not None
+    g_r = empty_like_layout(y)
+    g_add = empty_like_layout(add) if need_gadd else None
+    g_bias = torch.zeros_like(bias) if need_gbias else None
+    lk_conv_grad_out(grad_y, y, add, gs, gq, relu, g_r, g_add, g_bias)
+    if need_gadd:
+        outs[5] = g_add
+    if need_gbias:
+        outs[2] = g_bias
     has_pro = in_scale is not None
     if output_mask[0] or (has_pro and (output_mask[3] or output_mask[4])):
         # backward-data = "same" conv of g_r with the tap-flipped, Cin<->Cout-swapped weight,

@@ -257,6 +257,9 @@ def _lkam_se_triton(fa, fb, scale_a, shift_a, scale_b, shift_b, w1, b1, w2, b2, 
 
     if fa.dtype == torch.float64:
         raise ValueError("float64 runs on the reference backend only (it exists for gradcheck)")
+    scale_a, shift_a, scale_b, shift_b, res_scale, res_shift = (
+        v.contiguous() if v is not None else None
+        for v in (scale_a, shift_a, scale_b, shift_b, res_scale, res_shift))
     hw = fa.shape[2] * fa.shape[3]
     pooled = se_pool(fa, fb, scale_a, shift_a, scale_b, shift_b) / max(hw, 1)
     _, _, z = _excite(pooled, w1, b1, w2, b2)
@@ -273,6 +276,9 @@ def _lkam_se_backward_triton(grad_out, grad_pooled, pooled, fa, fb, scale_a, shi
     dev = fa.device
     hw = fa.shape[2] * fa.shape[3]
     aff_r = res_scale is not None
+    scale_a, shift_a, scale_b, shift_b, res_scale, res_shift = (
+        v.contiguous() if v is not None else None
+        for v in (scale_a, shift_a, scale_b, shift_b, res_scale, res_shift))
     gz, grs, grh = se_backward_reduce(grad_out, fa, fb, scale_a, shift_a, scale_b, shift_b,
                                       residual, aff_r)
     z, gp, gw1, gb1, gw2, gb2 = _mlp_backward(gz, pooled, w1, b1, w2, b2, grad_pooled, hw)

@@ -188,3 +188,15 @@ def test_lk_conv_reference_is_conv2d():
     assert_close(y, want)
     assert_close(s, want.sum(dim=(0, 2, 3)))
     assert_close(q, (want * want).sum(dim=(0, 2, 3)))
+
+
+def test_lk_conv_expanded_output_grads():
+    # .sum() hands the backward stride-0 expansions for grad_y, grad_sum and grad_sumsq
+    x, w, kw = _make(2, 5, 6, 7, 9, 7, "h", "all", "contiguous")
+    res = {}
+    for backend in ("triton", "reference"):
+        y, s, q = lk_conv(x, w, backend=backend, **kw)
+        loss = y.sum() + s.sum() + q.sum()
+        res[backend] = torch.autograd.grad(loss, [x, w, kw["bias"], kw["in_scale"], kw["in_shift"], kw["add"]])
+    for a, b in zip(res["triton"], res["reference"], strict=True):
+        assert_close(a, b)
