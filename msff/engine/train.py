@@ -625,6 +625,8 @@ def _fit(config, cfg_dict, train_ds, val_ds, test_ds, out_dir, resume, progress,
             if elapsed + max(epoch_times) > config.time_budget_s:
                 stopped = "time budget"
                 break
+    if hasattr(ebar, "close"):
+        ebar.close()
     if tb is not None:
         tb.close()
     if dist is not None:
