@@ -18,9 +18,10 @@ __all__ = ["Predictor", "load_predictor", "model_in_channels"]
 
 def model_in_channels(model: nn.Module) -> Optional[int]:
     """The input band count of ``model``: ``config["in_channels"]``, else the first conv's."""
-    cfg = getattr(model, "config", None)
-    if isinstance(cfg, dict) and "in_channels" in cfg:
-        return int(cfg["in_channels"])
+    for attr in ("config", "zoo_kwargs"):  # MSFFNet / msff.models.zoo networks record it
+        cfg = getattr(model, attr, None)
+        if isinstance(cfg, dict) and "in_channels" in cfg:
+            return int(cfg["in_channels"])
     for m in model.modules():
         if isinstance(m, nn.Conv2d):
             return m.in_channels * m.groups

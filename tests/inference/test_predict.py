@@ -393,3 +393,18 @@ def test_load_predictor_accepts_a_run_folder(tmp_path, tiny_ckpt):
     run.mkdir()
     shutil.copytree(tiny_ckpt, run / "best")
     assert load_predictor(run).name == "tiny"
+
+
+def test_comparison_model_checkpoint_from_the_zoo(tmp_path, scene):
+    zoo = pytest.importorskip("msff.models.zoo")
+    m = zoo.create_model("unet", 3, width_multiplier=0.125)
+    ck = zoo.save_model(m, tmp_path / "unet", {"normalization": dict(NORM3), "threshold": 0.4})
+    p = load_predictor(ck)
+    assert p.name == "unet" and p.threshold == 0.4 and p.in_channels == 3
+    path, x = scene
+    r = predict_scene(p, path, tmp_path / "p.tif", tmp_path / "m.tif", tile=64, overlap=16, progress=False)
+    with rasterio.open(r.mask) as ds:
+        mask = ds.read(1)
+    assert r.threshold == 0.4 and np.all(mask[:20, :33] == MASK_NODATA) and set(np.unique(mask)) <= {0, 1, 255}
+    with pytest.raises(InferenceError, match="expects 3"):
+        predict_scene(p, write_tif(tmp_path / "one.tif", x[0]), tmp_path / "q.tif", progress=False)
