@@ -32,7 +32,7 @@ test-slow: install
 	$(BIN)/python -m pytest tests -m slow $(PYTEST_ARGS)
 
 bench: install
-	$(BIN)/python -m pytest benchmarks --benchmark-only $(PYTEST_ARGS)
+	$(BIN)/python -m pytest benchmarks --benchmark-only -m "not slow" $(PYTEST_ARGS)
 
 lint: install
 	$(BIN)/ruff check msff kernels tests benchmarks setup.py
