@@ -504,7 +504,13 @@ def write_reports(out: dict, out_dir: str | os.PathLike) -> dict[str, Path]:
     lines = [f"# Experiment `{cfg['name']}`", ""]
     if cfg.get("description"):
         lines += [cfg["description"], ""]
-    budget = f"{t.get('time_budget_s'):.0f} s wall time" if t.get("time_budget_s") else f"{t.get('epochs', 150)} epochs"
+    epochs = t.get("epochs", 150)
+    budget = f"{epochs} epochs"
+    if t.get("samples_per_epoch"):
+        budget += f" of {t['samples_per_epoch']} crops (≤ {epochs * math.ceil(t['samples_per_epoch'] / t.get('batch_size', 32))} steps)"
+    if t.get("time_budget_s"):
+        budget += f", capped at {t['time_budget_s']:.0f} s of wall time"
+
     lines += [
         f"Protocol (identical for every model): datasets {', '.join(datasets)}; split "
         f"val {cfg['split']['val_ratio']}, test {cfg['split']['test_ratio']} per dataset (seed "
