@@ -221,3 +221,30 @@ def test_registry_reports_missing_backend():
     with pytest.raises(OpImplementationMissing, match="no 'nonexistent' implementation"):
         get_impl("lk_conv", "nonexistent")
     assert fuse_for_inference is msff.ops.fuse_for_inference
+
+
+def _saved_bytes(fn):
+    storages = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        storages[st.data_ptr()] = st.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(storages.values())
+
+
+def test_lkam_block_activation_memory():
+    # Bytes kept for backward (unique storages), device independent. The fused training graph
+    # keeps x and the four raw conv outputs (BN+ReLU are recomputed in the consumers' prologues),
+    # the eager reference also keeps every BN output / ReLU output and the branch sum.
+    blk = _block(16, 16, 7).train()
+    x = torch.randn(2, 16, 24, 24, device=DEVICE, requires_grad=True)
+    act = x.numel() * x.element_size()
+    ref = _saved_bytes(lambda: copy.deepcopy(blk).forward_reference(x))
+    fused = _saved_bytes(lambda: lkam_block(copy.deepcopy(blk), x, backend="triton"))
+    print(f"saved activations: reference {ref / act:.2f}x, fused {fused / act:.2f}x, ratio {fused / ref:.3f}")
+    assert fused <= 5.5 * act
+    assert fused / ref <= 0.55
