@@ -157,9 +157,16 @@ def _probe(name: str, x: Optional[torch.Tensor]) -> Optional[str]:
     return probe(x)
 
 
-@functools.lru_cache(maxsize=None)
+_ops_loaded = False
+
+
 def _load_ops() -> None:
     # msff.ops registers the probes of the backends it provides; import lazily to avoid a cycle.
+    # A plain flag, not lru_cache: Dynamo traces through this under torch.compile.
+    global _ops_loaded
+    if _ops_loaded:
+        return
+    _ops_loaded = True
     try:
         import msff.ops  # noqa: F401
     except Exception as e:  # pragma: no cover
