@@ -7,7 +7,7 @@ of the committed tree, ~10-40 s on 2 cores):
   ``cuda`` backend says the extension was built without CUDA kernels.
 
 Each wheel is unpacked and imported in a subprocess with the unpacked folder first on
-``PYTHONPATH`` (ahead of the editable install), which the subprocess checks.
+``PYTHONPATH`` and the editable install's import hook removed, which the subprocess checks.
 """
 from __future__ import annotations
 
@@ -52,9 +52,18 @@ def _wheel(tmp_path, **env):
     return site, decisions
 
 
+# An editable install of msff in this environment would still resolve msff._C to the checkout
+# (its import hook runs after the path search fails): drop that hook in the subprocess.
+ISOLATE = """
+import sys
+sys.meta_path[:] = [f for f in sys.meta_path if "__editable__" not in getattr(f, "__module__", "")]
+"""
+
+
 def _run_in(site, code):
     env = {**os.environ, "PYTHONPATH": str(site), "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, cwd=str(site),
+    code = ISOLATE + textwrap.dedent(code)
+    r = subprocess.run([sys.executable, "-c", code], env=env, cwd=str(site),
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return r.stdout
