@@ -44,7 +44,11 @@ def _ext():
 
 def test_extension_built_with_cuda_kernels_for_every_op():
     C = _ext()
-    assert C.WITH_CUDA == 1, "msff._C was built without CUDA kernels although torch is a CUDA build"
+    assert C.WITH_CUDA == 1, (
+        "msff._C was built without CUDA kernels although torch is a CUDA build (no nvcc found? see "
+        "build/msff-build-decision.txt); install the CUDA toolkit and rebuild, or opt out with "
+        "MSFF_BUILD_CUDA=0 at build and test time"
+    )
     assert C.CUDA_VERSION // 1000 == int(torch.version.cuda.split(".")[0])
     for name in CUDA_OPS.values():
         qual = f"msff::{name}"
