@@ -71,6 +71,7 @@ __all__ = [
     "load_experiment_config",
     "run_experiment_config",
     "summarize",
+    "welch_test",
     "write_reports",
     "run_dir",
     "add_experiment_parser",
@@ -81,7 +82,7 @@ __all__ = [
 log = logging.getLogger("msff.experiment")
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
-SHIPPED_CONFIGS = ("paper", "cpu")
+SHIPPED_CONFIGS = tuple(sorted(p.stem[len("experiment_"):] for p in CONFIG_DIR.glob("experiment_*.json")))
 METRICS = ("precision", "recall", "iou", "f1")
 _KNOWN_KEYS = {"name", "description", "data_root", "datasets", "split", "models", "reference", "seeds",
                "select", "train", "mask_encoding", "bands", "threads", "notes"}
@@ -415,13 +416,12 @@ def run_experiment_config(
                      m["label"], seed, r["iou"], r["f1"], r["steps"], r["train_s"], time.time() - t0)
             print(f"[{len(results)}/{total}] {m['label']} seed {seed}: IoU {r['iou']:.4f} F1 {r['f1']:.4f} "
                   f"({r['steps']} steps, {r['train_s']:.0f} s train; {time.time() - t0:.0f} s elapsed)", flush=True)
-    # Every finished run in the folder counts, also those of other invocations (--models/--seeds).
+    # Every finished run in the folder counts, also those of other invocations (--models/--seeds,
+    # e.g. seeds added later to the same protocol).
     all_results = []
     for m in cfg["models"]:
-        for seed in cfg["seeds"]:
-            rp = _result_path(out_dir, m["label"], seed)
-            if rp.is_file():
-                all_results.append(json.loads(rp.read_text()))
+        files = sorted((out_dir / "runs" / m["label"]).glob("seed_*.json"), key=lambda p: int(p.stem[5:]))
+        all_results += [json.loads(p.read_text()) for p in files]
     summary = summarize(all_results, [m["label"] for m in cfg["models"]], list(cfg["datasets"]))
     out = {"config": cfg, "split": data["split"], "runs": all_results, "summary": summary, "skipped": skipped,
            "failed": failed}
@@ -463,13 +463,55 @@ def summarize(results: Sequence[dict], labels: Sequence[str], datasets: Sequence
     return out
 
 
-def _welch(a: dict, b: dict) -> tuple[float, float]:
-    """Difference of means and Welch's t statistic (NaN when undefined)."""
+def _betainc(a: float, b: float, x: float) -> float:
+    """Regularised incomplete beta I_x(a, b) (continued fraction, Numerical Recipes §6.4)."""
+    if x <= 0.0:
+        return 0.0
+    if x >= 1.0:
+        return 1.0
+    if x > (a + 1) / (a + b + 2):
+        return 1.0 - _betainc(b, a, 1.0 - x)
+    lbeta = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b)
+    front = math.exp(lbeta + a * math.log(x) + b * math.log1p(-x)) / a
+    tiny = 1e-300
+    c, d = 1.0, 1.0 - (a + b) * x / (a + 1)
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    f = d
+    for m in range(1, 300):
+        for num in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
+                    -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
+            d = 1.0 + num * d
+            d = 1.0 / (d if abs(d) > tiny else tiny)
+            c = 1.0 + num / c
+            c = c if abs(c) > tiny else tiny
+            f *= c * d
+        if abs(c * d - 1.0) < 1e-12:
+            break
+    return front * f
+
+
+def welch_test(a: dict, b: dict) -> dict:
+    """Welch's unequal-variance t-test of two ``{"mean", "std", "n"}`` summaries (std: sample std).
+
+    Returns:
+        ``{"diff": a − b, "t", "df" (Welch–Satterthwaite), "p" (two-sided)}``; NaN where undefined
+        (fewer than 2 runs, or zero spread in both).
+
+    Example:
+        >>> round(welch_test({"mean": 1.0, "std": 0.1, "n": 3}, {"mean": 0.8, "std": 0.1, "n": 3})["p"], 3)
+        0.07
+    """
     diff = a["mean"] - b["mean"]
+    nan = float("nan")
     if a["n"] < 2 or b["n"] < 2:
-        return diff, float("nan")
-    se = math.sqrt(a["std"] ** 2 / a["n"] + b["std"] ** 2 / b["n"])
-    return diff, (diff / se if se > 0 else float("nan"))
+        return {"diff": diff, "t": nan, "df": nan, "p": nan}
+    va, vb = a["std"] ** 2 / a["n"], b["std"] ** 2 / b["n"]
+    if va + vb <= 0:
+        return {"diff": diff, "t": nan, "df": nan, "p": nan}
+    t = diff / math.sqrt(va + vb)
+    df = (va + vb) ** 2 / (va**2 / (a["n"] - 1) + vb**2 / (b["n"] - 1))
+    p = _betainc(df / 2, 0.5, df / (df + t * t))
+    return {"diff": diff, "t": t, "df": df, "p": p}
 
 
 def _pm(s: dict, digits: int = 3) -> str:
@@ -536,15 +578,17 @@ def write_reports(out: dict, out_dir: str | os.PathLike) -> dict[str, Path]:
         lines.append("| " + " | ".join(row) + " |")
     ref = cfg.get("reference")
     if ref in summary and len(summary) > 1:
-        lines += ["", f"Differences to `{ref}` (IoU, micro and mean over datasets): Δ = other − {ref}; "
-                  "t = Welch's t statistic over seeds (|t| < 2 with 3 seeds is well within seed-to-seed noise).",
-                  "", "| Model | Δ IoU | t | Δ IoU mean/ds | t |", "|---|---|---|---|---|"]
+        lines += ["", f"Differences to `{ref}`: Δ = other − {ref}, Welch's t-test over seeds (t, two-sided p; "
+                  "unequal variances). With 3 seeds per model a p above 0.05 means the difference is within "
+                  "seed-to-seed noise; no correction for the several comparisons is applied.",
+                  "", "| Model | Δ IoU | t | p | Δ IoU mean/ds | t | p |", "|---|---|---|---|---|---|---|"]
         for label, s in summary.items():
             if label == ref:
                 continue
-            d1, t1 = _welch(s["iou"], summary[ref]["iou"])
-            d2, t2 = _welch(s["iou_dataset_mean"], summary[ref]["iou_dataset_mean"])
-            lines.append(f"| `{label}` | {d1:+.3f} | {t1:+.2f} | {d2:+.3f} | {t2:+.2f} |")
+            w1 = welch_test(s["iou"], summary[ref]["iou"])
+            w2 = welch_test(s["iou_dataset_mean"], summary[ref]["iou_dataset_mean"])
+            lines.append(f"| `{label}` | {w1['diff']:+.3f} | {w1['t']:+.2f} | {w1['p']:.3f} | "
+                         f"{w2['diff']:+.3f} | {w2['t']:+.2f} | {w2['p']:.3f} |")
     atomic_write_bytes(paths["md"], ("\n".join(lines) + "\n").encode())
     if summary:
         paths["png"] = out_dir / "results.png"

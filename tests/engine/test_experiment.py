@@ -192,3 +192,20 @@ def test_a_failing_run_does_not_stop_the_others(tmp_path, data_root):
     (f,) = res["failed"]
     assert f["model"] == "segnet" and "no_such_argument" in f["error"]
     assert "segnet" not in res["summary"] and (tmp_path / "exp" / "results.md").is_file()
+
+
+def test_welch_test_matches_student_t_tables():
+    import math
+
+    from msff.engine.experiment import welch_test
+
+    # Equal spreads, 3 runs each: df = 4; the two-sided 5% critical value of t(4) is 2.776.
+    s = 0.1
+    diff = 2.776 * math.sqrt(2 * s * s / 3)
+    w = welch_test({"mean": diff, "std": s, "n": 3}, {"mean": 0.0, "std": s, "n": 3})
+    assert w["df"] == pytest.approx(4.0) and w["t"] == pytest.approx(2.776)
+    assert w["p"] == pytest.approx(0.05, abs=2e-4)
+    # df = 1 is the Cauchy distribution: p = 1 - 2 atan(|t|) / pi.
+    w = welch_test({"mean": 3.0, "std": 1.0, "n": 2}, {"mean": 0.0, "std": 1e-12, "n": 10**12})
+    assert w["df"] == pytest.approx(1.0) and w["p"] == pytest.approx(1 - 2 * math.atan(w["t"]) / math.pi, rel=1e-6)
+    assert math.isnan(welch_test({"mean": 1, "std": 0, "n": 1}, {"mean": 0, "std": 0, "n": 3})["p"])
