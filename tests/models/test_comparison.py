@@ -24,8 +24,15 @@ BUILDERS = {
 }
 
 
-@pytest.mark.parametrize("size,bands", [((37, 53), 3), ((37, 53), 14), ((7, 5), 14)])
-@pytest.mark.parametrize("name", sorted(BUILDERS))
+def _cases():
+    # ResNet-101 bodies are slow on CPU: one case in the default run, the rest under -m slow.
+    for name in sorted(BUILDERS):
+        for k, (size, bands) in enumerate([((37, 53), 14), ((37, 53), 3), ((7, 5), 14)]):
+            marks = [pytest.mark.slow] if ("resnet101" in name and k > 0) else []
+            yield pytest.param(name, bands, size, marks=marks, id=f"{name}-{size[0]}x{size[1]}-{bands}")
+
+
+@pytest.mark.parametrize("name,bands,size", list(_cases()))
 def test_forward_backward_any_size_and_bands(name, bands, size):
     model = BUILDERS[name](bands)
     x = torch.randn(2, bands, *size, requires_grad=True)

@@ -75,7 +75,9 @@ def test_width_multiplier_shrinks_networks():
         assert 3.0 < half / small < 4.5, name
 
 
-@pytest.mark.parametrize("name", ["tv-fcn-resnet50", "tv-deeplabv3-resnet50", "smp-unet", "smp-deeplabv3plus"])
+@pytest.mark.parametrize("name", ["tv-fcn-resnet50", "smp-unet",
+                                  pytest.param("tv-deeplabv3-resnet50", marks=pytest.mark.slow),
+                                  pytest.param("smp-deeplabv3plus", marks=pytest.mark.slow)])
 def test_library_wrappers(name):
     info = model_info(name)
     if not info.installed:
