@@ -280,8 +280,9 @@ def save_model(model: nn.Module, directory: str | os.PathLike, metadata: Optiona
         The checkpoint folder.
 
     Example:
+        >>> import tempfile, pathlib
         >>> m = create_model("segnet", 3, width_multiplier=0.125)
-        >>> path = save_model(m, tmp_path / "segnet", {"threshold": 0.5})
+        >>> path = save_model(m, pathlib.Path(tempfile.mkdtemp()) / "segnet", {"threshold": 0.5})
         >>> load_model(path)[1]["model_name"]
         'segnet'
     """
