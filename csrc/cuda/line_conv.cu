@@ -347,6 +347,7 @@ __global__ void __launch_bounds__(NTHREADS) line_conv_wgrad_kernel(LineConvWgrad
 
 template <typename T>
 cudaError_t launch_fwd(const LineConvParams& p, cudaStream_t stream) {
+  if (p.K < 1 || p.K > KMAX || p.K % 2 == 0) return cudaErrorInvalidValue;  // halo buffer size
   const int L = p.axis == 1 ? p.W : p.H;
   const int lines = p.axis == 1 ? p.H : p.W;
   const int64_t blocks = static_cast<int64_t>(p.N) * lines * ((L + BM - 1) / BM);
@@ -359,6 +360,7 @@ cudaError_t launch_fwd(const LineConvParams& p, cudaStream_t stream) {
 
 template <typename T>
 cudaError_t launch_wgrad(const LineConvWgradParams& p, cudaStream_t stream) {
+  if (p.K < 1 || p.K % 2 == 0) return cudaErrorInvalidValue;
   const int L = p.axis == 1 ? p.W : p.H;
   const int lines = p.axis == 1 ? p.H : p.W;
   const int64_t segments = static_cast<int64_t>(p.N) * lines * ((L + BM - 1) / BM);
