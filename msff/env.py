@@ -35,6 +35,7 @@ def collect() -> dict:
     try:
         ext = importlib.import_module("msff._C")
         info["extension"] = getattr(ext, "__file__", "loaded")
+        info["extension_cuda"] = bool(getattr(ext, "WITH_CUDA", 0))
     except Exception as e:
         info["extension"] = f"not built ({type(e).__name__}: {e})"
     status = backend_status()
