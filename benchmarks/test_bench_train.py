@@ -65,7 +65,7 @@ def test_bench_train_step(benchmark, dataset):
         opt.zero_grad(set_to_none=True)
         if GPU:
             torch.cuda.synchronize()
-        return float(loss)
+        return float(loss.detach())
 
     for _ in range(2):  # warm-up
         step()
