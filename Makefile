@@ -20,7 +20,7 @@ $(BIN)/.msff-installed: pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h c
 install: $(BIN)/.msff-installed
 
 demo: install
-	$(BIN)/msff demo --out demo_out
+	$(BIN)/msff demo --out demo_out --overwrite
 
 test: install
 	$(BIN)/python -m pytest tests --durations=15 $(PYTEST_ARGS)
