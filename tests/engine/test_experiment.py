@@ -142,7 +142,7 @@ def test_config_validation(data_root):
         load_experiment_config(bad)
 
 
-@pytest.mark.parametrize("name", ["cpu", "paper"])
+@pytest.mark.parametrize("name", ["cpu", "cpu-long", "paper"])
 def test_shipped_configs(name):
     cfg = load_experiment_config(name)
     labels = [m["label"] for m in cfg["models"]]
