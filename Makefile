@@ -6,6 +6,13 @@ BIN    := $(VENV)/bin
 # machine without a GPU; set TORCH_SPEC=torch==2.13.0 for the small CPU-only build.
 TORCH_SPEC  ?= torch==2.14.1
 TRITON_SPEC ?= triton==3.8.0
+# The optional comparison-network libraries (msff[zoo]), pinned to match torch 2.14.1 so pip never
+# swaps torch; empty for any other torch (PyPI's torchvision does not import beside torch 2.13.0).
+ifeq ($(TORCH_SPEC),torch==2.14.1)
+ZOO_SPEC ?= torchvision==0.29.1 segmentation-models-pytorch==0.6.0
+else
+ZOO_SPEC ?=
+endif
 PYTEST_ARGS ?=
 
 .PHONY: install demo test test-gpu test-slow bench lint env clean
@@ -13,7 +20,7 @@ PYTEST_ARGS ?=
 $(BIN)/.msff-installed: pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cu csrc/cuda/*.cuh)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q "$(TORCH_SPEC)" "$(TRITON_SPEC)" numpy pybind11 ninja setuptools wheel
+	$(BIN)/pip install -q "$(TORCH_SPEC)" "$(TRITON_SPEC)" $(ZOO_SPEC) numpy pybind11 ninja setuptools wheel
 	$(BIN)/pip install --no-build-isolation -e ".[test,vector]"
 	touch $@
 

@@ -495,7 +495,7 @@ def _fit(config, cfg_dict, train_ds, val_ds, test_ds, out_dir, resume, progress,
     metadata.update(extra_metadata or {})
 
     history: list[dict] = []
-    best_iou, best_epoch, bad_epochs, start_epoch = -1.0, 0, 0, 1
+    best_iou, best_epoch, bad_epochs, start_epoch = -math.inf, 0, 0, 1
     state_path = out_dir / "checkpoints" / STATE_NAME
     if resume:
         st = torch.load(state_path, map_location="cpu", weights_only=True)

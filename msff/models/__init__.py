@@ -39,7 +39,13 @@ def build_model(preset: str = "paper", **kwargs) -> MSFFNet:
     return MSFFNet(**cfg)
 
 
+from msff.models.zoo import available_models, create_model, load_model, save_model  # noqa: E402
+
 __all__ = [
+    "available_models",
+    "create_model",
+    "load_model",
+    "save_model",
     "ASPP",
     "ChannelAttention",
     "CheckpointError",

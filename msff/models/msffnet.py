@@ -76,7 +76,7 @@ class MSFFEncoder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         skips = []
-        for stage, pool in zip((self.e1, self.e2, self.e3, self.e4), self.pools):
+        for stage, pool in zip((self.e1, self.e2, self.e3, self.e4), self.pools, strict=True):
             x = stage(x)
             skips.append(x)
             x = pool(x)
@@ -198,7 +198,7 @@ class MSFFNet(nn.Module):
             x = F.pad(x, (0, pw, 0, ph))
         feats = self.encoder(x)
         y = feats[-1]
-        for block, skip in zip(self.decoder, reversed(feats[:-1])):
+        for block, skip in zip(self.decoder, reversed(feats[:-1]), strict=True):
             y = block(y, skip)
         y = self.head(y)
         if ph or pw:

@@ -137,3 +137,13 @@ def test_ddp_two_cpu_processes(scenes, tmp_path):
     m = json.loads((run / "metrics.json").read_text())
     assert m["best"]["images"] == 2  # both ranks' validation shares summed
     assert time.time() - t0 < 120
+
+
+def test_no_validation_set_and_a_loss_above_one_still_writes_best(scenes, tmp_path):
+    # Without a validation set the selection score is minus the training loss; with bce+dice that
+    # loss exceeds 1 early on, which once left best/ unwritten (best score started at -1).
+    tr, _ = datasets(scenes)
+    res = fit(TrainConfig(epochs=1, loss="bce+dice", **dict(TINY, overlays=0)), tr, None, tmp_path / "noval",
+              progress=False)
+    assert (tmp_path / "noval" / "best" / "model.pt").is_file()
+    assert res["epochs_run"] == 1

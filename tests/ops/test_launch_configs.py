@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import copy
 
-import msff.kernels.lk_conv as klc
-import msff.kernels.lkam_se as kse
 import pytest
 import torch
 from ops_testing import DEVICE, assert_close, disable_tf32, make_layout, randomize_bn
 
+import msff.kernels.lk_conv as klc
+import msff.kernels.lkam_se as kse
 from msff.models import LKAMBlock
 from msff.ops.lkam import lkam_block
 
