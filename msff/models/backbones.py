@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from msff.models.blocks import ConvBNReLU
+from msff.models.msffnet import apply_activation
 
 __all__ = [
     "SegmentationModel",
@@ -90,14 +91,7 @@ class SegmentationModel(nn.Module):
         y = self.forward_logits(x)
         if ph or pw:
             y = y[..., :h, :w]
-        a = self._activation
-        if a is None:
-            return y
-        if a == "sigmoid":
-            return torch.sigmoid(y)
-        if a == "softmax":
-            return torch.softmax(y, dim=1)
-        return a(y)
+        return apply_activation(y, self._activation)
 
 
 class VGG16Encoder(nn.Module):

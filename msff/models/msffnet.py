@@ -15,7 +15,7 @@ from torch import nn
 from msff.backend import _check_name
 from msff.models.blocks import ASPP, DecoderBlock, LKAMLayer, VGGLayer
 
-__all__ = ["MSFFNet", "MSFFEncoder", "CheckpointError", "PAPER_CHANNELS", "CONFIG_NAME", "WEIGHTS_NAME"]
+__all__ = ["MSFFNet", "apply_activation", "load_weights_file", "MSFFEncoder", "CheckpointError", "PAPER_CHANNELS", "CONFIG_NAME", "WEIGHTS_NAME"]
 
 PAPER_CHANNELS = (64, 128, 256, 512, 1024)
 CONFIG_NAME = "config.json"
@@ -206,14 +206,7 @@ class MSFFNet(nn.Module):
         return self._activate(y)
 
     def _activate(self, y: torch.Tensor) -> torch.Tensor:
-        a = self._activation
-        if a is None:
-            return y
-        if a == "sigmoid":
-            return torch.sigmoid(y)
-        if a == "softmax":
-            return torch.softmax(y, dim=1)
-        return a(y)
+        return apply_activation(y, self._activation)
 
     # ---- persistence ----------------------------------------------------------------------------
     def save_pretrained(self, directory: str | os.PathLike, metadata: Optional[dict] = None) -> Path:
@@ -306,15 +299,32 @@ class MSFFNet(nn.Module):
             model = cls(**kwargs)
         except TypeError as e:
             raise CheckpointError(f"checkpoint {directory} has an invalid config: {e}") from None
-        try:
-            state = torch.load(weights, map_location=map_location, weights_only=True)
-        except Exception as e:
-            raise CheckpointError(f"checkpoint weights {weights} are corrupt or unreadable: {e}") from None
-        if not isinstance(state, dict):
-            raise CheckpointError(f"checkpoint weights {weights} do not hold a state dict")
-        load_state_dict_checked(model, state, source=str(weights))
+        load_weights_file(model, weights, map_location)
         model.metadata = cfg.get("metadata", {})
         return model.eval()
+
+
+def apply_activation(y: torch.Tensor, activation: Any) -> torch.Tensor:
+    """Apply an smp-style output activation: None (logits), "sigmoid", "softmax" (dim 1) or a callable."""
+    if activation is None:
+        return y
+    if activation == "sigmoid":
+        return torch.sigmoid(y)
+    if activation == "softmax":
+        return torch.softmax(y, dim=1)
+    return activation(y)
+
+
+def load_weights_file(model: nn.Module, weights: Path, map_location: str | torch.device = "cpu") -> None:
+    """Load a plain state-dict file into ``model`` without unpickling code
+    (``torch.load(weights_only=True)``); every problem is one CheckpointError naming the file."""
+    try:
+        state = torch.load(weights, map_location=map_location, weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"checkpoint weights {weights} are corrupt or unreadable: {e}") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"checkpoint weights {weights} do not hold a state dict")
+    load_state_dict_checked(model, state, source=str(weights))
 
 
 def load_state_dict_checked(model: nn.Module, state: dict, source: str = "state dict") -> None:

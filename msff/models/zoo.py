@@ -56,7 +56,7 @@ from msff.models.msffnet import (
     WEIGHTS_NAME,
     CheckpointError,
     MSFFNet,
-    load_state_dict_checked,
+    load_weights_file,
 )
 from msff.models.resnet_skip import ResNetSkipNet
 from msff.models.segnet import SegNet
@@ -360,11 +360,5 @@ def load_model(directory: str | os.PathLike, map_location: str | torch.device = 
         model = create_model(cfg["model_name"], cfg["in_channels"], cfg["classes"], **cfg.get("kwargs", {}))
     except (KeyError, TypeError) as e:
         raise CheckpointError(f"checkpoint {directory} has an invalid config: {e}") from None
-    try:
-        state = torch.load(weights, map_location=map_location, weights_only=True)
-    except Exception as e:
-        raise CheckpointError(f"checkpoint weights {weights} are corrupt or unreadable: {e}") from None
-    if not isinstance(state, dict):
-        raise CheckpointError(f"checkpoint weights {weights} do not hold a state dict")
-    load_state_dict_checked(model, state, source=str(weights))
+    load_weights_file(model, weights, map_location)
     return model.eval(), dict(cfg.get("metadata", {}))
