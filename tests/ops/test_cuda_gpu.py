@@ -170,12 +170,12 @@ def test_lkam_block_cuda_matches_reference(case):
     cin, cout, k, N, H, W, train, layout = case
     blk = _block(cin, cout, k).to(DEV)
     x = make_layout(torch.randn(N, cin, H, W, device=DEV), layout)
-    (y, gx, fused), (yr, gxr, ref) = _run_pair(
-        blk, x, train, lambda b, x: lkam_block(b, x, backend="cuda"), steps=2 if train else 1
+    (y, gx, fused), (yr, gxr, ref), ref64 = _run_pair(
+        blk, x, train, lambda b, x: lkam_block(b, x, backend="cuda"), steps=2 if train else 1, with64=True
     )
     assert_close(y, yr, "out")
     assert_close(gx, gxr, "grad x")
-    _compare_modules(fused, ref)
+    _compare_modules(fused, ref, ref64=ref64)
 
 
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
