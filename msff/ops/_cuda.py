@@ -154,19 +154,11 @@ def _register_python_side() -> None:
         ctx.relu, ctx.stats = relu, stats
 
     def _lk_backward(ctx, grad_y, grad_sum, grad_sumsq):
-        x, weight, y, bias, in_scale, in_shift, add = ctx.saved_tensors
-        nig = ctx.needs_input_grad
-        mask = [bool(nig[0]), bool(nig[1]), bool(nig[2]) and bias is not None,
-                bool(nig[3]) and in_scale is not None, bool(nig[4]) and in_shift is not None,
-                bool(nig[5]) and add is not None]
-        if grad_y is None:
-            grad_y = torch.zeros_like(y)
-        if not ctx.stats:
-            grad_sum = grad_sumsq = None
-        outs = torch.ops.msff._lk_conv_backward_cuda(
-            grad_y, grad_sum, grad_sumsq, x, weight, y, bias, in_scale, in_shift, add, ctx.relu, mask
-        )
-        return (*[o if m else None for o, m in zip(outs, mask, strict=True)], None, None)
+        from msff.ops.lk_conv import backward_arguments
+
+        args = backward_arguments(ctx, grad_y, grad_sum, grad_sumsq)
+        outs = torch.ops.msff._lk_conv_backward_cuda(*args)
+        return (*[o if m else None for o, m in zip(outs, args[-1], strict=True)], None, None)
 
     torch.library.register_autograd(lib + "lk_conv_cuda", _lk_backward, setup_context=_lk_setup)
 

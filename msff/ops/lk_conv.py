@@ -213,7 +213,10 @@ def _setup_context(ctx, inputs, output):
     ctx.relu, ctx.stats, ctx.backend = relu, stats, backend
 
 
-def _backward(ctx, grad_y, grad_sum, grad_sumsq):
+def backward_arguments(ctx, grad_y, grad_sum, grad_sumsq):
+    """The positional arguments of a ``_lk_conv_backward`` op (without ``backend``) for an autograd
+    context saved as ``(x, weight, y, bias, in_scale, in_shift, add)`` with ``ctx.relu`` and
+    ``ctx.stats``; shared by the public op and the CUDA backend's own ``*_cuda`` op."""
     x, weight, y, bias, in_scale, in_shift, add = ctx.saved_tensors
     nig = ctx.needs_input_grad
     mask = [bool(nig[0]), bool(nig[1]), bool(nig[2]) and bias is not None,
@@ -223,9 +226,13 @@ def _backward(ctx, grad_y, grad_sum, grad_sumsq):
         grad_y = torch.zeros_like(y)
     if not ctx.stats:
         grad_sum = grad_sumsq = None
-    outs = _lk_conv_backward_op(grad_y, grad_sum, grad_sumsq, x, weight, y, bias, in_scale,
-                                in_shift, add, ctx.relu, mask, ctx.backend)
-    grads = [o if m else None for o, m in zip(outs, mask, strict=True)]
+    return (grad_y, grad_sum, grad_sumsq, x, weight, y, bias, in_scale, in_shift, add, ctx.relu, mask)
+
+
+def _backward(ctx, grad_y, grad_sum, grad_sumsq):
+    args = backward_arguments(ctx, grad_y, grad_sum, grad_sumsq)
+    outs = _lk_conv_backward_op(*args, ctx.backend)
+    grads = [o if m else None for o, m in zip(outs, args[-1], strict=True)]
     return (*grads, None, None, None)
 
 
