@@ -253,6 +253,14 @@ def _fwd_blocks(M: int, cin: int, cout: int):
     return 128, bn, 32, 4 if bn == 64 else 8, 3
 
 
+def _sm_count(device) -> int:
+    """Streaming multiprocessors of ``device``; an ``int`` is taken as the count itself (the
+    offline kernel report plans launches for a GPU it does not have)."""
+    if isinstance(device, int):
+        return device
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def _wgrad_cfg(M: int, cin: int, cout: int, K: int, device):
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, split): the pixel reduction is split
     over ``split`` programs per (Cout, Cin, tap) tile, reduced with fp32 atomics."""
@@ -261,7 +269,7 @@ def _wgrad_cfg(M: int, cin: int, cout: int, K: int, device):
                 min(64, max(16, _next_pow2(cin))), 4, 1, 1)
     BM, BN, BK = 64, 64, 64
     tiles = triton.cdiv(cout, BN) * triton.cdiv(cin, BK) * K
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    sms = _sm_count(device)
     split = max(1, min(triton.cdiv(M, BM * 8), triton.cdiv(4 * sms, tiles)))
     return BM, BN, BK, 4, 3, split
 
@@ -359,3 +367,179 @@ def lk_conv_grad_out(grad_y, y, add, grad_sum, grad_sumsq, relu, g_r, grad_add, 
         HAS_ADD=add is not None, NEED_GADD=grad_add is not None, NEED_GBIAS=grad_bias is not None,
         FIX_OUT=fix_bf16(g_r.dtype), BLOCK_M=BM, BLOCK_C=BC, num_warps=warps,
     )
+
+
+# ---- launch plans for the offline kernel report (msff/kernel_report.py) -----------------------
+# compile_specs must describe exactly what the launchers above launch: it calls their config
+# functions (_fwd_blocks, _wgrad_cfg, _eltwise_blocks) and passes the same flags and strides.
+# Whoever changes a launcher or a kernel signature updates this section with it;
+# tests/test_kernel_report.py checks that every spec compiles for sm_90a and sm_80.
+_TRITON_DEFAULT_STAGES = 3  # what a launch without num_stages gets (triton 3.8 CUDAOptions)
+
+
+class SpecPointer:
+    """A stand-in for a tensor argument: its dtype and a 256-byte aligned address, which is all
+    Triton's launch-time specialization (pointer type, 16-byte divisibility) looks at."""
+
+    def __init__(self, dtype: torch.dtype):
+        self.dtype = dtype
+
+    def data_ptr(self) -> int:
+        return 1 << 20
+
+    def __repr__(self) -> str:
+        return f"SpecPointer({self.dtype})"
+
+
+def spec_strides(shape, channels_last: bool):
+    """The strides of a dense (N, C, H, W) tensor in NCHW or channels_last."""
+    n, c, h, w = shape
+    if channels_last:
+        return (h * w * c, 1, w * c, c)
+    return (c * h * w, h * w, w, 1)
+
+
+def _kernel_spec(kernel, name, role, values, constexprs, num_warps, num_stages, grid, notes=""):
+    """One launch: ``values`` maps every runtime parameter of ``kernel`` to its value (ints as
+    launched, tensors as :class:`SpecPointer`), ``constexprs`` every constexpr parameter."""
+    params = [p.name for p in kernel.params]
+    missing = [p for p in params if p not in values and p not in constexprs]
+    if missing:
+        raise ValueError(f"{name}: no value for kernel parameters {missing}")
+    args = [values[p] if p in values else constexprs[p] for p in params]
+    signature = {}
+    for p in params:
+        if p in constexprs:
+            signature[p] = "constexpr"
+        else:
+            v = values[p]
+            if isinstance(v, SpecPointer):
+                signature[p] = "*" + {torch.bfloat16: "bf16", torch.float16: "fp16",
+                                      torch.float32: "fp32"}[v.dtype]
+            else:
+                signature[p] = "i64" if abs(int(v)) >= 2 ** 31 else "i32"
+    return {
+        "name": name, "role": role, "kernel": kernel, "kernel_name": kernel.fn.__name__,
+        "signature": signature, "constexprs": dict(constexprs), "args": args,
+        "options": {"num_warps": int(num_warps), "num_stages": int(num_stages)},
+        "grid": tuple(int(g) for g in grid), "notes": notes,
+    }
+
+
+def _conv_fwd_spec(name, role, N, cin, cout, H, W, K, along_w, xdt, ydt, x_cl, y_cl, w_strides,
+                   prologue, bias, relu, add, stats, pro_bwd):
+    M = N * H * W
+    BM, BN, BK, warps, stages = _fwd_blocks(M, cin, cout)
+    P = SpecPointer
+    f32 = torch.float32
+    xs = spec_strides((N, cin, H, W), x_cl)
+    ys = spec_strides((N, cout, H, W), y_cl)
+    vals = dict(
+        x_ptr=P(xdt), w_ptr=P(xdt), bias_ptr=P(f32) if bias else P(ydt),
+        scale_ptr=P(f32) if prologue else P(ydt), shift_ptr=P(f32) if prologue else P(ydt),
+        add_ptr=P(ydt), y_ptr=P(ydt), sum_ptr=P(f32) if stats else P(ydt),
+        sumsq_ptr=P(f32) if stats else P(ydt),
+        px_ptr=P(ydt), pscale_ptr=P(f32) if pro_bwd else P(ydt),
+        pshift_ptr=P(f32) if pro_bwd else P(ydt), gscale_ptr=P(f32) if pro_bwd else P(ydt),
+        gshift_ptr=P(f32) if pro_bwd else P(ydt),
+        M=M, CIN=cin, COUT=cout, H=H, W=W, K=K,
+        stride_wo=w_strides[0], stride_wi=w_strides[1], stride_wk=w_strides[2],
+    )
+    for pre, st in (("x", xs), ("a", ys), ("y", ys), ("p", ys)):
+        for dim, v in zip("nchw", st, strict=True):
+            vals[f"stride_{pre}{dim}"] = v
+    cx = dict(ALONG_W=along_w, HAS_PROLOGUE=prologue, HAS_BIAS=bias, RELU=relu, HAS_ADD=add,
+              STATS=stats, PRO_BWD=pro_bwd, UPCAST=_upcast(xdt), DOT_PRECISION=_dot_precision(xdt),
+              FIX_IN=fix_bf16(xdt), FIX_OUT=fix_bf16(ydt), BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK)
+    grid = (triton.cdiv(M, BM), triton.cdiv(cout, BN))
+    return _kernel_spec(_lk_conv_fwd_kernel, name, role, vals, cx, warps, stages, grid)
+
+
+def compile_specs(problems):
+    """The Triton launches of ``msff::lk_conv`` (and its backward) for each problem, with the
+    configurations the launchers above choose on a GPU.
+
+    Args:
+        problems: iterable of dicts describing one ``lk_conv`` op call each: ``N, cin, cout, H,
+            W, K`` (ints), ``along_w`` (1×k kernel if True, k×1 if False), ``dtype`` (torch
+            dtype of x / weight / y), ``channels_last`` (bool), ``prologue, bias, relu, add,
+            stats`` (bools: the op's optional inputs / flags), ``backward`` (bool: also the
+            launches of the Triton backward with every gradient needed), ``sms`` (int, SM count
+            of the GPU planned for; 132 = H100/H200 SXM). Optional ``tag`` (str) prefixes names.
+
+    Returns:
+        list of dicts, one per kernel launch: ``name``, ``role`` (``conv_fwd`` / ``conv_dgrad``
+        main loops, ``conv_wgrad``, ``pointwise``), ``kernel`` (the ``triton.JITFunction``),
+        ``kernel_name``, ``signature`` (param -> Triton type or ``constexpr``; ints equal to 1
+        are specialized further by Triton at launch), ``constexprs``, ``args`` (every parameter's
+        launch value in order, tensors as :class:`SpecPointer`), ``options`` (num_warps,
+        num_stages), ``grid``, ``problem`` (the input dict).
+
+    Example:
+        >>> specs = compile_specs([dict(N=2, cin=64, cout=64, H=64, W=64, K=15, along_w=True,
+        ...     dtype=torch.bfloat16, channels_last=True, prologue=True, bias=False, relu=False,
+        ...     add=False, stats=True, backward=True, sms=132)])  # doctest: +SKIP
+        >>> [s["role"] for s in specs]  # doctest: +SKIP
+        ['conv_fwd', 'pointwise', 'conv_dgrad', 'conv_wgrad']
+    """
+    if triton_interpret():
+        raise RuntimeError("compile_specs describes GPU launches; unset TRITON_INTERPRET "
+                           "before importing triton (the interpreter chooses other blocks)")
+    out = []
+    for pb in problems:
+        N, cin, cout, H, W, K = (int(pb[k]) for k in ("N", "cin", "cout", "H", "W", "K"))
+        along_w, dt, cl = bool(pb["along_w"]), pb["dtype"], bool(pb["channels_last"])
+        pro, bias, relu, add, stats = (bool(pb.get(k, False))
+                                       for k in ("prologue", "bias", "relu", "add", "stats"))
+        tag = pb.get("tag", "")
+        flags = ",".join(f for f, on in (("pro", pro), ("bias", bias), ("relu", relu),
+                                         ("add", add), ("stats", stats)) if on) or "plain"
+        base = f"{tag}{'1xk' if along_w else 'kx1'} {cin}->{cout} k{K} [{flags}]"
+        # weight (Cout, Cin, 1, K) / (Cout, Cin, K, 1) contiguous: the tap stride is 1
+        w_st = (cin * K, K, 1)
+        specs = [_conv_fwd_spec(f"fwd {base}", "conv_fwd", N, cin, cout, H, W, K, along_w, dt, dt,
+                                cl, cl, w_st, pro, bias, relu, add, stats, False)]
+        if pb.get("backward", False):
+            M = N * H * W
+            BM, BC, warps = _eltwise_blocks(M, cout)
+            P = SpecPointer
+            f32 = torch.float32
+            ys = spec_strides((N, cout, H, W), cl)
+            vals = dict(gy_ptr=P(dt), y_ptr=P(dt), add_ptr=P(dt),
+                        gsum_ptr=P(f32) if stats else P(dt), gsq_ptr=P(f32) if stats else P(dt),
+                        gr_ptr=P(dt), gadd_ptr=P(dt), gbias_ptr=P(f32) if bias else P(dt),
+                        M=M, C=cout, H=H, W=W)
+            for pre in "gyard":
+                for dim, v in zip("nchw", ys, strict=True):
+                    vals[f"stride_{pre}{dim}"] = v
+            cx = dict(HAS_GSUM=stats, HAS_GSQ=stats, RELU=relu, HAS_ADD=add, NEED_GADD=add,
+                      NEED_GBIAS=bias, FIX_OUT=fix_bf16(dt), BLOCK_M=BM, BLOCK_C=BC)
+            specs.append(_kernel_spec(_lk_conv_grad_out_kernel, f"grad_out {base}", "pointwise",
+                                      vals, cx, warps, _TRITON_DEFAULT_STAGES,
+                                      (triton.cdiv(M, BM), triton.cdiv(cout, BC))))
+            # backward-data: the forward kernel on g_r with the tap-flipped, transposed weight
+            # (flip copies; transpose(0, 1) swaps the first two strides)
+            specs.append(_conv_fwd_spec(
+                f"dgrad {base}", "conv_dgrad", N, cout, cin, H, W, K, along_w, dt, dt, cl, cl,
+                (K, cin * K, 1), False, False, False, False, False, pro))
+            BMw, BNw, BKw, warps_w, stages_w, split = _wgrad_cfg(M, cin, cout, K,
+                                                                 int(pb.get("sms", 132)))
+            m_per = triton.cdiv(triton.cdiv(M, split), BMw) * BMw
+            split = triton.cdiv(M, m_per)
+            xs = spec_strides((N, cin, H, W), cl)
+            vals = dict(g_ptr=P(dt), x_ptr=P(dt), scale_ptr=P(f32), shift_ptr=P(f32),
+                        dw_ptr=P(f32), M=M, CIN=cin, COUT=cout, H=H, W=W, K=K, M_PER_PROG=m_per)
+            for pre, st in (("g", ys), ("x", xs)):
+                for dim, v in zip("nchw", st, strict=True):
+                    vals[f"stride_{pre}{dim}"] = v
+            cx = dict(ALONG_W=along_w, HAS_PROLOGUE=pro, UPCAST=_upcast(dt),
+                      DOT_PRECISION=_dot_precision(dt), FIX_IN=fix_bf16(dt),
+                      BLOCK_M=BMw, BLOCK_N=BNw, BLOCK_K=BKw)
+            specs.append(_kernel_spec(
+                _lk_conv_wgrad_kernel, f"wgrad {base}", "conv_wgrad", vals, cx, warps_w, stages_w,
+                (triton.cdiv(cout, BNw), triton.cdiv(cin, BKw), K * split),
+                notes=f"pixel reduction split {split} ways (fp32 atomics)"))
+        for s in specs:
+            s["problem"] = dict(pb)
+        out += specs
+    return out

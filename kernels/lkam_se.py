@@ -203,7 +203,7 @@ def _blocks(HW: int, C: int):
 def _split(N, C, HW, BP, BC, device):
     if triton_interpret():
         return HW
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    sms = device if isinstance(device, int) else torch.cuda.get_device_properties(device).multi_processor_count
     progs = N * triton.cdiv(C, BC)
     split = max(1, min(triton.cdiv(HW, BP * 4), triton.cdiv(4 * sms, progs)))
     return triton.cdiv(triton.cdiv(HW, split), BP) * BP
@@ -299,3 +299,88 @@ def se_backward_apply(go, fa, fb, sa, ha, sb, hb, z, gp, rs, gfa, gfb, gsa, gha,
         HAS_B=fb is not None, AFF_A=sa is not None, AFF_B=sb is not None, AFF_R=rs is not None,
         NEED_R=gr is not None, FIX_OUT=fix_bf16(gfa.dtype), BLOCK_P=BP, BLOCK_C=BC, num_warps=warps,
     )
+
+
+# ---- launch plans for the offline kernel report (msff/kernel_report.py) -----------------------
+# Like msff.kernels.lk_conv.compile_specs: built on _blocks/_split above, same flags and strides as
+# the launchers; update it with them.
+def compile_specs(problems):
+    """The Triton launches of ``msff::lkam_se`` (and its backward) for each problem, with the
+    configurations the launchers above choose on a GPU.
+
+    Args:
+        problems: iterable of dicts: ``N, C, H, W`` (ints), ``dtype`` (torch dtype of the branch
+            outputs / residual), ``channels_last`` (bool), ``has_b`` (a second branch tensor),
+            ``aff_a``/``aff_b`` (pending BN + ReLU on the branches), ``aff_r`` (pending BN on
+            the residual), ``backward`` (bool: also the backward launches), ``sms`` (int, SM
+            count; 132 = H100/H200 SXM), optional ``tag``.
+
+    Returns:
+        list of spec dicts as :func:`msff.kernels.lk_conv.compile_specs` returns them; roles are
+        ``reduction`` (pool / backward reduce) and ``pointwise`` (apply / backward apply).
+    """
+    from msff.kernels.lk_conv import _TRITON_DEFAULT_STAGES, SpecPointer, _kernel_spec, spec_strides
+
+    if triton_interpret():
+        raise RuntimeError("compile_specs describes GPU launches; unset TRITON_INTERPRET "
+                           "before importing triton (the interpreter chooses other blocks)")
+    out = []
+    P = SpecPointer
+    f32 = torch.float32
+    for pb in problems:
+        N, C, H, W = (int(pb[k]) for k in ("N", "C", "H", "W"))
+        dt, cl = pb["dtype"], bool(pb["channels_last"])
+        has_b, aff_a, aff_b, aff_r = (bool(pb.get(k, False))
+                                      for k in ("has_b", "aff_a", "aff_b", "aff_r"))
+        HW = H * W
+        BP, BC, warps = _blocks(HW, C)
+        per = _split(N, C, HW, BP, BC, int(pb.get("sms", 132)))
+        pbk = triton.cdiv(HW, BP)
+        st = spec_strides((N, C, H, W), cl)
+        flags = ",".join(f for f, on in (("b", has_b), ("affA", aff_a), ("affB", aff_b),
+                                         ("affR", aff_r)) if on) or "plain"
+        base = f"{pb.get('tag', '')}C{C} [{flags}]"
+
+        def strides(*prefixes, st=st):
+            return {f"{p}{d}": v for p in prefixes for d, v in zip("nchw", st, strict=True)}
+
+        specs = []
+        # absent per-channel vectors are fp32 dummies (pool / z / gz) in the launchers too
+        vals = dict(fa_ptr=P(dt), fb_ptr=P(dt), sa_ptr=P(f32), ha_ptr=P(f32), sb_ptr=P(f32),
+                    hb_ptr=P(f32), pool_ptr=P(f32), C=C, HW=HW, W=W, P_PER_PROG=per,
+                    **strides("sa", "sb"))
+        cx = dict(HAS_B=has_b, AFF_A=aff_a, AFF_B=aff_b, BLOCK_P=BP, BLOCK_C=BC)
+        specs.append(_kernel_spec(_lkam_se_pool_kernel, f"se_pool {base}", "reduction", vals, cx,
+                                  warps, _TRITON_DEFAULT_STAGES,
+                                  (N, triton.cdiv(C, BC), triton.cdiv(HW, per))))
+        vals = dict(fa_ptr=P(dt), fb_ptr=P(dt), sa_ptr=P(f32), ha_ptr=P(f32), sb_ptr=P(f32),
+                    hb_ptr=P(f32), z_ptr=P(f32), r_ptr=P(dt), rs_ptr=P(f32), rh_ptr=P(f32),
+                    out_ptr=P(dt), C=C, HW=HW, W=W, P_BLOCKS=pbk,
+                    **strides("sa", "sb", "sr", "so"))
+        cx = dict(HAS_B=has_b, AFF_A=aff_a, AFF_B=aff_b, AFF_R=aff_r, FIX_OUT=fix_bf16(dt),
+                  BLOCK_P=BP, BLOCK_C=BC)
+        specs.append(_kernel_spec(_lkam_se_fwd_kernel, f"se_apply {base}", "pointwise", vals, cx,
+                                  warps, _TRITON_DEFAULT_STAGES, (N * pbk, triton.cdiv(C, BC))))
+        if pb.get("backward", False):
+            vals = dict(go_ptr=P(dt), fa_ptr=P(dt), fb_ptr=P(dt), sa_ptr=P(f32), ha_ptr=P(f32),
+                        sb_ptr=P(f32), hb_ptr=P(f32), r_ptr=P(dt), gz_ptr=P(f32), grs_ptr=P(f32),
+                        grh_ptr=P(f32), C=C, HW=HW, W=W, P_PER_PROG=per,
+                        **strides("sg", "sa", "sb", "sr"))
+            cx = dict(HAS_B=has_b, AFF_A=aff_a, AFF_B=aff_b, AFF_R=aff_r, BLOCK_P=BP, BLOCK_C=BC)
+            specs.append(_kernel_spec(_lkam_se_bwd_reduce_kernel, f"se_bwd_reduce {base}",
+                                      "reduction", vals, cx, warps, _TRITON_DEFAULT_STAGES,
+                                      (N, triton.cdiv(C, BC), triton.cdiv(HW, per))))
+            vals = dict(go_ptr=P(dt), fa_ptr=P(dt), fb_ptr=P(dt), sa_ptr=P(f32), ha_ptr=P(f32),
+                        sb_ptr=P(f32), hb_ptr=P(f32), z_ptr=P(f32), gp_ptr=P(f32), rs_ptr=P(f32),
+                        gfa_ptr=P(dt), gfb_ptr=P(dt), gsa_ptr=P(f32), gha_ptr=P(f32),
+                        gsb_ptr=P(f32), ghb_ptr=P(f32), gr_ptr=P(dt), C=C, HW=HW, W=W,
+                        P_BLOCKS=pbk, **strides("sg", "sa", "sb", "s1", "s2", "s3"))
+            cx = dict(HAS_B=has_b, AFF_A=aff_a, AFF_B=aff_b, AFF_R=aff_r, NEED_R=True,
+                      FIX_OUT=fix_bf16(dt), BLOCK_P=BP, BLOCK_C=BC)
+            specs.append(_kernel_spec(_lkam_se_bwd_kernel, f"se_bwd_apply {base}", "pointwise",
+                                      vals, cx, warps, _TRITON_DEFAULT_STAGES,
+                                      (N * pbk, triton.cdiv(C, BC))))
+        for s in specs:
+            s["problem"] = dict(pb)
+        out += specs
+    return out
