@@ -12,6 +12,7 @@ from torch.utils.data import Dataset
 
 from msff.data.discover import Pair
 from msff.data.io import IGNORE_INDEX, DataError, MaskEncoding, raster_shape, read_image, read_mask
+from msff.data.scaling import InputScale
 from msff.data.transforms import Augment, pad_to, random_crop_affine
 
 __all__ = [
@@ -19,6 +20,7 @@ __all__ = [
     "EpochSampler",
     "collate",
     "compute_normalization",
+    "sample_pixels",
     "split_pairs",
     "read_list",
     "select_pairs",
@@ -47,7 +49,11 @@ class SegmentationDataset(Dataset):
         bands: 1-based band indices to read; None: all.
         crop: training crop size; None: whole images.
         augment: :class:`~msff.data.transforms.Augment`; None: no augmentation.
-        normalization: ``{"mean": [...], "std": [...]}`` per band, or None.
+        normalization: ``{"mean": [...], "std": [...]}`` per band (in model-input units, i.e.
+            after ``input_scale``), or None.
+        input_scale: :class:`~msff.data.scaling.InputScale` (or its text form, e.g.
+            ``"divide:10000"``) applied to raw values before normalisation; a percentile stretch
+            is fitted on this dataset by :func:`compute_normalization` when not fitted yet.
         seed: augmentation seed.
         cache: read and decode every file now and keep them in memory (raw dtype).
 
@@ -68,6 +74,7 @@ class SegmentationDataset(Dataset):
         normalization: Optional[dict] = None,
         seed: int = 0,
         cache: bool = True,
+        input_scale: "InputScale | str | None" = None,
     ):
         if len(pairs) == 0:
             raise DataError("empty dataset: no image/mask pairs")
@@ -77,6 +84,7 @@ class SegmentationDataset(Dataset):
         self.crop = crop
         self.augment = augment
         self.normalization = normalization
+        self.input_scale = InputScale.parse(input_scale)
         self.seed = int(seed)
         self.epoch = 0
         self._cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
@@ -129,6 +137,27 @@ class SegmentationDataset(Dataset):
         """(image (C, H, W) as stored, target (H, W) uint8) of sample ``i``, unnormalised."""
         return self._read(i)
 
+    def model_card(self, max_pixels: int = 1_000_000) -> dict:
+        """What prediction needs to build the same input and to check new input against this
+        (training) data: ``input_scale`` and ``domain`` (see :mod:`msff.data.domain`)."""
+        from msff.data.domain import training_domain
+
+        raw, dtypes = sample_pixels(self, max_pixels)
+        fractions, pos, tot = [], 0, 0
+        for i in range(len(self)):
+            tgt = self._read(i)[1]
+            v = tgt != IGNORE_INDEX
+            nv = int(v.sum())
+            if nv:
+                k = int((tgt[v] == 1).sum())
+                fractions.append(k / nv)
+                pos, tot = pos + k, tot + nv
+        names = [f"band {b}" for b in self.bands] if self.bands else None
+        return {
+            "input_scale": self.input_scale.to_dict(),
+            "domain": training_domain(raw, dtypes, self.input_scale, names, fractions, (pos, tot)),
+        }
+
     def normalize(self, image: torch.Tensor) -> torch.Tensor:
         if self.normalization is None:
             return image
@@ -140,7 +169,7 @@ class SegmentationDataset(Dataset):
         # key is an index, or (index, draw) from EpochSampler: draw numbers the random crop.
         i, draw = key if isinstance(key, tuple) else (key, key)
         img, tgt = self._read(i)
-        image = torch.from_numpy(img.astype(np.float32, copy=False))
+        image = torch.from_numpy(self.input_scale.apply(img.astype(np.float32, copy=self.input_scale.kind != "none")))
         target = torch.from_numpy(np.ascontiguousarray(tgt))
         valid = target != IGNORE_INDEX
         # Invalid pixels become 0 after normalisation (the band mean), not nodata values.
@@ -198,8 +227,32 @@ def collate(items: list[dict]) -> dict:
     return {"image": torch.stack(imgs), "target": torch.stack(tgts), "name": [it["name"] for it in items]}
 
 
+def sample_pixels(dataset: SegmentationDataset, max_pixels: int = 1_000_000, seed: int = 0) -> tuple[np.ndarray, list]:
+    """Raw values of valid pixels of ``dataset``: a seeded sample of at most ``max_pixels`` per band,
+    spread evenly over the images, plus the stored dtype of each band.
+
+    Returns:
+        ``(samples (C, N) float64, dtypes)``.
+    """
+    rng = np.random.default_rng(seed)
+    per_image = max(1, max_pixels // max(len(dataset), 1))
+    parts, dtypes = [], None
+    for i in range(len(dataset)):
+        img, tgt = dataset.raw(i)
+        dtypes = dtypes or [str(img.dtype)] * img.shape[0]
+        x = img.reshape(img.shape[0], -1)
+        keep = np.flatnonzero(tgt.reshape(-1) != IGNORE_INDEX)
+        if keep.size > per_image:
+            keep = np.sort(rng.choice(keep, per_image, replace=False))
+        parts.append(x[:, keep].astype(np.float64))
+    samples = np.concatenate(parts, axis=1) if parts else np.zeros((dataset.in_channels, 0))
+    return samples, dtypes or ["float32"] * dataset.in_channels
+
+
 def compute_normalization(dataset: SegmentationDataset) -> dict:
-    """Per-band mean and standard deviation of the raw values over valid pixels of ``dataset``.
+    """Per-band mean and standard deviation over valid pixels of ``dataset``, in model-input units
+    (after ``dataset.input_scale``; a percentile stretch not fitted yet is fitted here first, on
+    a sample of this dataset, and stored in ``dataset.input_scale``).
 
     Returns:
         ``{"mean": [float per band], "std": [float per band]}`` (std floored at 1e-6), the
@@ -208,13 +261,15 @@ def compute_normalization(dataset: SegmentationDataset) -> dict:
     Example:
         >>> stats = compute_normalization(train_ds)  # doctest: +SKIP
     """
+    if dataset.input_scale.needs_fit:
+        dataset.input_scale = dataset.input_scale.fit(sample_pixels(dataset)[0], "training split")
     c = dataset.in_channels
     s = np.zeros(c, np.float64)
     ss = np.zeros(c, np.float64)
     n = 0
     for i in range(len(dataset)):
         img, tgt = dataset.raw(i)
-        x = img.reshape(img.shape[0], -1).astype(np.float64)
+        x = dataset.input_scale.apply(img.astype(np.float32, copy=True)).reshape(img.shape[0], -1).astype(np.float64)
         keep = tgt.reshape(-1) != IGNORE_INDEX
         x = x[:, keep]
         s += x.sum(axis=1)

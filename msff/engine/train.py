@@ -469,6 +469,7 @@ def _fit(config, cfg_dict, train_ds, val_ds, test_ds, out_dir, resume, progress,
                     f"(e.g. {ds.pairs[0].image})"
                 )
             ds.normalization = norm
+            ds.input_scale = train_ds.input_scale  # the one scale, fitted on the training split
             ds.crop, ds.augment = None, None
     train_ds.crop = config.crop
     train_ds.augment = Augment() if config.augment else None
@@ -491,6 +492,7 @@ def _fit(config, cfg_dict, train_ds, val_ds, test_ds, out_dir, resume, progress,
         "in_channels": train_ds.in_channels,
         "mask_encoding": asdict(train_ds.encoding),
         "train": cfg_dict,
+        **train_ds.model_card(),  # input_scale, training domain statistics (msff.data.domain)
     }
     metadata.update(extra_metadata or {})
 
