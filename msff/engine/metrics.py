@@ -240,7 +240,7 @@ class BinaryMetrics:
     Example:
         >>> import torch
         >>> m = BinaryMetrics()
-        >>> m.update(torch.tensor([[[2.0, -1.0]]]), torch.tensor([[[1, 1]]], dtype=torch.uint8))
+        >>> _ = m.update(torch.tensor([[[2.0, -1.0]]]), torch.tensor([[[1, 1]]], dtype=torch.uint8))
         >>> r = m.compute(); r["iou"], r["recall"], r["precision"]
         (0.5, 0.5, 1.0)
     """
