@@ -27,11 +27,14 @@ Example:
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
+import numpy as np
 import torch
 
-__all__ = ["soil_like_mask", "soil_mask_for_batch", "SOIL_DEFAULTS"]
+__all__ = ["soil_like_mask", "dataset_soil_masks", "SOIL_DEFAULTS"]
+
+ignore_value = 255
 
 SOIL_DEFAULTS = {"greenness_max": 0.05, "ndvi_max": 0.2, "brightness_quantile": 0.5}
 
@@ -81,22 +84,23 @@ def soil_like_mask(
     return not_green & bright & valid & (s > 0)
 
 
-def soil_mask_for_batch(image: torch.Tensor, target: torch.Tensor, normalization: Optional[dict],
-                        bands: dict, ignore_index: int = 255) -> torch.Tensor:
-    """Soil-like mask of a normalised evaluation batch (undoes ``(x − mean)/std`` first).
+def dataset_soil_masks(dataset, indices: Sequence[int], shape: Sequence[int], bands: dict) -> torch.Tensor:
+    """Soil-like masks of dataset items, from their raw bands (before any input scaling or
+    normalisation, which may change band ratios), padded to a batch's ``shape``.
 
     Args:
-        image: (N, C, H, W) as the dataset returns it.
-        target: (N, H, W); ``ignore_index`` pixels are not considered.
-        normalization: the dataset's ``{"mean", "std"}`` or None (image already raw).
-        bands: keyword arguments of :func:`soil_like_mask` (band indices and thresholds).
+        dataset: a :class:`msff.data.SegmentationDataset` (its ``raw(i)`` is read).
+        indices: the items of the batch.
+        shape: (N, H, W) of the batch target (items are padded bottom/right, as ``collate`` does).
+        bands: keyword arguments of :func:`soil_like_mask` (band indices, thresholds).
 
     Returns:
-        (N, H, W) bool.
+        (N, H, W) bool; padding is never soil-like.
     """
-    x = image.float()
-    if normalization:
-        mean = torch.tensor(normalization["mean"], dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
-        std = torch.tensor(normalization["std"], dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
-        x = x * std + mean
-    return soil_like_mask(x, target.to(x.device) != ignore_index, **bands)
+    out = torch.zeros(tuple(shape), dtype=torch.bool)
+    for j, i in enumerate(indices):
+        raw, tgt = dataset.raw(i)
+        m = soil_like_mask(torch.from_numpy(np.asarray(raw, dtype=np.float32))[None],
+                           torch.from_numpy(np.asarray(tgt) != ignore_value)[None], **bands)[0]
+        out[j, : m.shape[0], : m.shape[1]] = m
+    return out

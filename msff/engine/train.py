@@ -287,8 +287,12 @@ def evaluate(
     loss: Optional[str] = "bce",
     channels_last: bool = False,
     progress: bool = False,
+    soil_bands: Optional[dict] = None,
 ) -> dict:
-    """Precision, recall, IoU and F1 of ``model`` on ``dataset`` (whole images).
+    """Precision, recall, IoU and F1 of ``model`` on ``dataset`` (whole images), Boundary IoU and
+    boundary F-score, and with ``soil_bands`` (keyword arguments of
+    :func:`msff.analysis.confusable.soil_like_mask`, e.g. ``{}`` for RGB in bands 1-3) the
+    false-positive rate on soil-like background (``soil_fp_rate``).
 
     Under DDP each rank evaluates its share of the images and the counts are summed.
 
@@ -329,7 +333,12 @@ def evaluate(
         logits = logits.float()
         if not torch.isfinite(logits).all():
             raise FloatingPointError(f"model produced NaN/inf logits on {batch['name']}")
-        metrics.update(logits, y)
+        soil = None
+        if soil_bands is not None:
+            from msff.analysis.confusable import dataset_soil_masks
+
+            soil = dataset_soil_masks(dataset, idx[s : s + batch_size], y.shape, soil_bands)
+        metrics.update(logits, y, soil=soil)
         if loss is not None:
             loss_sum += torch.tensor([float(segmentation_loss(logits, y, loss)) * x.shape[0], x.shape[0]], dtype=torch.float64)
     dist, _, _ = _dist()
@@ -587,7 +596,7 @@ def _fit(config, cfg_dict, train_ds, val_ds, test_ds, out_dir, resume, progress,
             vm = evaluate(model, val_ds, config.eval_batch_size, device, config.threshold, config.amp,
                           config.loss, config.channels_last)
             row.update({f"val_{k}": vm[k] for k in ("loss", "precision", "recall", "iou", "f1",
-                                                     "image_iou", "image_f1")})
+                                                     "image_iou", "image_f1", "boundary_iou", "boundary_f")})
             score = vm["iou"]
         else:
             score = -row["train_loss"]

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from msff.analysis.confusable import soil_like_mask, soil_mask_for_batch
+from msff.analysis.confusable import dataset_soil_masks, soil_like_mask
 
 
 def numpy_soil(img, valid, nir=None, gmax=0.05, nmax=0.2, q=0.5):
@@ -32,15 +32,23 @@ def test_matches_numpy_and_is_scale_invariant(nir):
     assert (scaled == got).float().mean() > 0.995
 
 
-def test_normalised_batch_is_undone_and_bad_bands_rejected():
+def test_dataset_masks_read_raw_bands_and_pad():
     rng = np.random.default_rng(1)
-    raw = torch.from_numpy(rng.uniform(0, 255, (1, 3, 8, 9)).astype(np.float32))
-    norm = {"mean": [100.0, 110.0, 90.0], "std": [50.0, 40.0, 60.0]}
-    x = (raw - torch.tensor(norm["mean"]).view(1, 3, 1, 1)) / torch.tensor(norm["std"]).view(1, 3, 1, 1)
-    t = torch.zeros(1, 8, 9, dtype=torch.uint8)
-    t[0, 0] = 255
-    got = soil_mask_for_batch(x, t, norm, {})
-    ref = soil_like_mask(raw, t != 255)
-    assert (got == ref).all() and not got[0, 0].any()
+
+    class DS:
+        raws = [(rng.uniform(0, 255, (3, 8, 9)).astype(np.uint8), np.zeros((8, 9), np.uint8)),
+                (rng.uniform(0, 255, (3, 6, 7)).astype(np.uint8), np.full((6, 7), 1, np.uint8))]
+
+        def raw(self, i):
+            return self.raws[i]
+
+    DS.raws[0][1][0] = 255
+    got = dataset_soil_masks(DS(), [1, 0], (2, 10, 11), {})
+    for j, i in enumerate([1, 0]):
+        raw, t = DS.raws[i]
+        ref = soil_like_mask(torch.from_numpy(raw.astype(np.float32))[None], torch.from_numpy(t != 255)[None])[0]
+        h, w = t.shape
+        assert (got[j, :h, :w] == ref).all() and not got[j, h:].any() and not got[j, :, w:].any()
+    assert not got[1, 0].any() and got.any()
     with pytest.raises(ValueError, match="out of range"):
-        soil_like_mask(raw, nir=5)
+        soil_like_mask(torch.zeros(1, 3, 2, 2), nir=5)
