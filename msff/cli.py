@@ -341,7 +341,8 @@ def _fmt(v: float) -> str:
 
 def _print_metrics(title: str, m: dict) -> None:
     print(f"{title}: precision {_fmt(m['precision'])}  recall {_fmt(m['recall'])}  IoU {_fmt(m['iou'])}  "
-          f"F1 {_fmt(m['f1'])}   (per-image mean IoU {_fmt(m.get('image_iou'))}, F1 {_fmt(m.get('image_f1'))}; "
+          f"F1 {_fmt(m['f1'])}  Boundary IoU {_fmt(m.get('boundary_iou'))}  boundary F {_fmt(m.get('boundary_f'))}   "
+          f"(per-image mean IoU {_fmt(m.get('image_iou'))}, F1 {_fmt(m.get('image_f1'))}; "
           f"{m.get('images', '?')} images)")
 
 
@@ -441,7 +442,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     atomic_write_json(out, result)
     if args.overlays:
         write_overlays(model, ds, args.overlays, args.overlay_count, device, threshold)
-    print(json.dumps({k: m[k] for k in ("precision", "recall", "iou", "f1", "image_iou", "image_f1", "images")}, indent=2))
+    print(json.dumps({k: m[k] for k in ("precision", "recall", "iou", "f1", "image_iou", "image_f1", "boundary_iou",
+                                         "boundary_f", "image_boundary_iou", "image_boundary_f", "images")}, indent=2))
     print(f"metrics written to {out}")
     return 0
 
