@@ -48,6 +48,7 @@ __all__ = [
     "mask_contour",
     "boundary_counts",
     "boundary_dilation",
+    "micro_metrics",
     "BOUNDARY_DILATION_RATIO",
     "BOUNDARY_TOLERANCE_PX",
 ]
@@ -227,6 +228,42 @@ def metrics_from_counts(tp: int, fp: int, fn: int) -> dict[str, float]:
     return {k: (0.0 if torch.isnan(v) else float(v)) for k, v in r.items()}
 
 
+_BOUNDARY_COUNTS = _COUNT_NAMES[4:10]
+_SOIL_COUNTS = _COUNT_NAMES[10:]
+
+
+def micro_metrics(counts: dict) -> dict[str, float]:
+    """Micro metrics from counts summed over images (or datasets): what :meth:`BinaryMetrics.compute`
+    reports, so results of several evaluations combine exactly.
+
+    Args:
+        counts: ``tp``, ``fp``, ``fn``, ``tn``; optionally the boundary counts ``biou_inter``,
+            ``biou_union``, ``bf_pred_matched``, ``bf_pred``, ``bf_gt_matched``, ``bf_gt`` and the
+            soil counts ``soil_fp``, ``soil_bg``, ``soil_landslide``, ``landslide``.
+
+    Returns:
+        ``precision``, ``recall``, ``iou``, ``f1``, ``background_fp_rate``; ``boundary_*`` and
+        ``soil_*`` when their counts are given (0.0 when undefined; soil rates NaN).
+
+    Example:
+        >>> micro_metrics({"tp": 6, "fp": 2, "fn": 2, "tn": 10})["background_fp_rate"]
+        0.16666666666666666
+    """
+    tp, fp, fn, tn = (int(counts[k]) for k in ("tp", "fp", "fn", "tn"))
+    out: dict[str, float] = dict(metrics_from_counts(tp, fp, fn))
+    out["background_fp_rate"] = fp / (fp + tn) if fp + tn > 0 else 0.0
+    if all(k in counts for k in _BOUNDARY_COUNTS):
+        r = _boundary_ratios(torch.tensor([[int(counts[k]) for k in _BOUNDARY_COUNTS]]))
+        out.update({k: (0.0 if torch.isnan(v[0]) else float(v[0])) for k, v in r.items()})
+    if all(k in counts for k in _SOIL_COUNTS):
+        c = {k: int(counts[k]) for k in _SOIL_COUNTS}
+        nan = float("nan")
+        out["soil_fp_rate"] = c["soil_fp"] / c["soil_bg"] if c["soil_bg"] else nan
+        out["soil_background_fraction"] = c["soil_bg"] / (fp + tn) if fp + tn else nan
+        out["soil_landslide_fraction"] = c["soil_landslide"] / c["landslide"] if c["landslide"] else nan
+    return out
+
+
 class BinaryMetrics:
     """Accumulates region and boundary counts over batches (and DDP ranks) and reports the metrics.
 
@@ -346,28 +383,25 @@ class BinaryMetrics:
             ``image_f1`` (per-image means; NaN when defined for no image), ``tp``, ``fp``,
             ``fn``, ``tn``, ``images``, ``background_fp_rate``; with ``boundary``:
             ``boundary_iou``, ``boundary_precision``, ``boundary_recall``, ``boundary_f`` (micro),
-            ``image_boundary_iou``, ``image_boundary_f``; when soil masks were given:
+            ``image_boundary_iou``, ``image_boundary_f``; the counts behind each micro metric
+            (see :func:`micro_metrics`); when soil masks were given:
             ``soil_fp_rate`` (FP / soil-like background pixels), ``soil_background_fraction``
             (soil-like share of the background) and ``soil_landslide_fraction`` (share of the
             landslide pixels the proxy also flags: how landslide-like the proxy is).
         """
         cnt = {k: int(v) for k, v in zip(_COUNT_NAMES, self.counts, strict=True)}
-        tp, fp, fn, tn = cnt["tp"], cnt["fp"], cnt["fn"], cnt["tn"]
-        out: dict[str, float] = dict(metrics_from_counts(tp, fp, fn))
+        if not self.boundary:
+            cnt = {k: v for k, v in cnt.items() if k not in _BOUNDARY_COUNTS}
+        if not self.soil_images:
+            cnt = {k: v for k, v in cnt.items() if k not in _SOIL_COUNTS}
+        out: dict[str, float] = micro_metrics(cnt)
         for j, k in enumerate(_IMAGE_NAMES):
             if k.startswith("boundary") and not self.boundary:
                 continue
             n = float(self.img_n[j])
             out[f"image_{k}"] = float(self.img_sum[j] / n) if n > 0 else float("nan")
-        out.update(tp=tp, fp=fp, fn=fn, tn=tn, images=self.images)
-        out["background_fp_rate"] = fp / (fp + tn) if fp + tn > 0 else 0.0
-        if self.boundary:
-            r = _boundary_ratios(self.counts[None, 4:10])
-            out.update({k: (0.0 if torch.isnan(v[0]) else float(v[0])) for k, v in r.items()})
-        if self.soil_images:
-            out["soil_fp_rate"] = cnt["soil_fp"] / cnt["soil_bg"] if cnt["soil_bg"] else float("nan")
-            out["soil_background_fraction"] = cnt["soil_bg"] / (fp + tn) if fp + tn else float("nan")
-            out["soil_landslide_fraction"] = cnt["soil_landslide"] / cnt["landslide"] if cnt["landslide"] else float("nan")
+        out.update(cnt)
+        out["images"] = self.images
         if prefix:
             out = {f"{prefix}{k}": v for k, v in out.items()}
         return out

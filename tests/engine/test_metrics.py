@@ -271,3 +271,24 @@ def test_soil_confusable_fp_rate():
     assert "soil_fp_rate" not in BinaryMetrics().compute()
     with pytest.raises(ValueError, match="soil mask"):
         m.update(logits, t, soil=soil[:, :2])
+
+
+def test_micro_metrics_combine_evaluations_exactly():
+    """Counts of two evaluations summed give the micro metrics of one evaluation over both."""
+    from msff.engine.metrics import micro_metrics
+
+    imgs = list(shapes())
+    soil = torch.from_numpy(np.random.default_rng(3).random((4,) + imgs[0][1].shape) > 0.5)
+    parts, whole = [BinaryMetrics(), BinaryMetrics()], BinaryMetrics()
+    for i, (_, p, g, k) in enumerate(imgs):
+        lg = torch.from_numpy(np.where(p, 3.0, -3.0))[None]
+        t = torch.from_numpy(np.where(k, g, 255).astype(np.uint8))[None]
+        parts[i % 2].update(lg, t, soil=soil[i : i + 1])
+        whole.update(lg, t, soil=soil[i : i + 1])
+    a, b, w = parts[0].compute(), parts[1].compute(), whole.compute()
+    summed = {k: a[k] + b[k] for k in a if k in ("tp", "fp", "fn", "tn") or k.startswith(("biou", "bf_", "soil_f",
+                                                                                          "soil_bg", "soil_l", "land"))}
+    got = micro_metrics(summed)
+    for k in ("iou", "f1", "boundary_iou", "boundary_f", "soil_fp_rate", "background_fp_rate"):
+        assert got[k] == pytest.approx(w[k]), k
+    assert "boundary_iou" not in BinaryMetrics(boundary=False).compute()
