@@ -44,6 +44,10 @@ def _number_key(stem: str) -> Optional[str]:
     return nums[-1].lstrip("0") or "0" if nums else None
 
 
+def _shown(paths: list[Path]) -> str:
+    return ", ".join(str(p) for p in paths[:5]) + (f" and {len(paths) - 5} more" if len(paths) > 5 else "")
+
+
 def _subdir(root: Path, given: Optional[str], names: tuple[str, ...], what: str) -> Path:
     if given is not None:
         d = Path(given) if os.path.isabs(given) else root / given
@@ -79,7 +83,8 @@ def find_pairs(
         Pairs sorted by image name.
 
     Raises:
-        DataError: folders missing, empty, an image without a mask (named), ambiguous numbers.
+        DataError: folders missing, empty, an image without a mask or (with ``require_masks``) a
+            mask without an image (named, with the count), ambiguous numbers.
 
     Example:
         >>> pairs = find_pairs("/data/sichuan_landslide")   # doctest: +SKIP
@@ -129,7 +134,13 @@ def find_pairs(
         used.add(m)
         pairs.append(Pair(img, m))
     if missing and require_masks:
-        shown = ", ".join(str(p) for p in missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-        raise DataError(f"unpaired image(s) without a mask in {mdir} (pair_by={pair_by}): {shown}")
+        raise DataError(f"{len(missing)} unpaired image(s) without a mask in {mdir} (pair_by={pair_by}): {_shown(missing)}")
+    orphans = [m for m in masks if m not in used]
+    if orphans and require_masks:
+        # Symmetric with images: a mask whose image is missing or misnamed would silently drop a sample.
+        raise DataError(
+            f"{len(orphans)} unpaired mask(s) without an image in {idir} (pair_by={pair_by}): {_shown(orphans)}; "
+            "add or rename the image, or move the mask out of the mask folder"
+        )
     pairs += [Pair(p, None) for p in missing]
     return sorted(pairs, key=lambda p: p.image.name)

@@ -53,6 +53,54 @@ def _open_raster(path: Path):
         raise DataError(f"{path}: not a readable raster ({e})") from None
 
 
+def _check_png(path: Path, decode: bool = True) -> tuple[int, int]:
+    # GDAL's PNG driver decodes a truncated 8-bit PNG without any error (missing rows come back as
+    # zeros or as whatever was in memory, different on each read). Pillow checks every chunk's CRC
+    # up to IEND (verify) and, with decode, decodes every row refusing truncated data (load).
+    from PIL import Image, ImageFile, UnidentifiedImageError
+
+    if ImageFile.LOAD_TRUNCATED_IMAGES:
+        raise DataError(f"{path}: cannot check the file: PIL.ImageFile.LOAD_TRUNCATED_IMAGES is set in this process")
+    limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None  # large scenes are not decompression bombs here
+    try:
+        with Image.open(path) as im:
+            size = im.size
+            im.verify()
+        if decode:
+            with Image.open(path) as im:
+                im.load()
+    except (OSError, SyntaxError, ValueError, UnidentifiedImageError) as e:
+        raise DataError(f"{path}: corrupt or truncated PNG ({e}); re-export or remove it") from None
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
+    return size
+
+
+def _read_raster(path: Path) -> tuple[np.ndarray, object]:
+    """All bands of a raster file and its nodata value; a file that does not decode completely
+    is a DataError naming it."""
+    from rasterio.errors import RasterioError
+
+    png = path.suffix.lower() == ".png"
+    with _open_raster(path) as src:
+        if png:
+            size = _check_png(path)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                arr = src.read()
+            except RasterioError as e:
+                why = str(e.__cause__ or e) if "previous exception" in str(e) else str(e)
+                why = "; ".join(dict.fromkeys([str(w.message) for w in caught] + [why]))
+                raise DataError(f"{path}: corrupt or truncated raster, reading its pixels failed ({why})") from None
+        for w in caught:  # a read that worked passes its warnings on
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        nodata = src.nodata
+    if png and (arr.shape[2], arr.shape[1]) != tuple(size):
+        raise DataError(f"{path}: decoded {arr.shape[2]}x{arr.shape[1]} pixels but its header says {size[0]}x{size[1]}")
+    return arr, nodata
+
+
 def _h5_array(path: Path, keys: Sequence[str]) -> np.ndarray:
     import h5py
 
@@ -81,7 +129,8 @@ def _channels_first(arr: np.ndarray, path: Path) -> np.ndarray:
 
 
 def raster_shape(path: str | os.PathLike) -> tuple[int, int, int]:
-    """(bands, height, width) of an image file, read from its header only (h5: its dataset)."""
+    """(bands, height, width) of an image file, read from its header (h5: its dataset). A PNG's
+    chunk checksums are checked too (no decoding), so a truncated PNG fails here already."""
     path = Path(path)
     if _is_h5(path):
         import h5py
@@ -104,6 +153,8 @@ def raster_shape(path: str | os.PathLike) -> tuple[int, int, int]:
             return tuple(shp)  # type: ignore[return-value]
         raise DataError(f"{path}: expected a 2-D or 3-D dataset, got shape {shp}")
     with _open_raster(path) as src:
+        if path.suffix.lower() == ".png":
+            _check_png(path, decode=False)
         return (src.count, src.height, src.width)
 
 
@@ -134,9 +185,7 @@ def read_image(
     if _is_h5(path):
         arr = _channels_first(_h5_array(path, ("img", "image")), path)
     else:
-        with _open_raster(path) as src:
-            arr = src.read()
-            nodata = src.nodata
+        arr, nodata = _read_raster(path)
     if bands is not None:
         bands = [int(b) for b in bands]
         bad = [b for b in bands if b < 1 or b > arr.shape[0]]
@@ -288,7 +337,5 @@ def read_mask(path: str | os.PathLike, encoding: Optional[MaskEncoding] = None) 
         if arr.ndim == 3:
             arr = _channels_first(arr, path)
     else:
-        with _open_raster(path) as src:
-            arr = src.read()
-            nodata = src.nodata
+        arr, nodata = _read_raster(path)
     return decode_mask(arr, encoding or MaskEncoding(), path, nodata)
