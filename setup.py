@@ -211,7 +211,7 @@ ext_modules, cmdclass = _ext_modules()
 setup(
     packages=PACKAGES,
     package_dir=PACKAGE_DIR,
-    package_data={"msff.configs": ["*.json", "*.yaml"]},
+    package_data={"msff.configs": ["*.json", "*.yaml"], "msff": ["validation/*.json"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

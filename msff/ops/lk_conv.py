@@ -11,6 +11,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from msff.backend import resolve_backend
 from msff.ops.registry import empty_grad, empty_like_layout, get_impl, register_impl
 
 __all__ = ["acc_dtype", "lk_conv", "lk_conv_ref", "lk_conv_backward_ref", "check_lk_conv_args"]
@@ -240,7 +241,7 @@ _lk_conv_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def lk_conv(x, weight, bias=None, in_scale=None, in_shift=None, add=None, relu=False,
-            stats=False, backend="triton"):
+            stats=False, backend="auto"):
     """Call ``msff::lk_conv`` (SPEC.md) with the given backend.
 
     Args:
@@ -249,7 +250,9 @@ def lk_conv(x, weight, bias=None, in_scale=None, in_shift=None, add=None, relu=F
         bias: (Cout,) fp32. in_scale, in_shift: (Cin,) fp32 prologue ``relu(x*s + t)``.
         add: (N, Cout, H, W) added after the ReLU. relu: apply ReLU after the bias.
         stats: also return per-channel Σy and Σy² (fp32, (Cout,)).
-        backend: ``reference`` | ``triton`` | ``cuda``.
+        backend: ``auto`` (default: :func:`msff.backend.resolve_backend` decides; the reference
+            unless a GPU validation record says a fused backend is correct and faster) |
+            ``reference`` | ``triton`` | ``cuda``.
 
     Returns:
         (y (N, Cout, H, W), ch_sum, ch_sumsq).
@@ -260,6 +263,8 @@ def lk_conv(x, weight, bias=None, in_scale=None, in_shift=None, add=None, relu=F
         >>> y.shape, s.shape
         (torch.Size([2, 8, 9, 9]), torch.Size([8]))
     """
+    if backend == "auto":
+        backend = resolve_backend("auto", x)
     return _lk_conv_op(x, weight, bias, in_scale, in_shift, add, bool(relu), bool(stats), backend)
 
 

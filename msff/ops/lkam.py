@@ -22,6 +22,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from msff.backend import resolve_backend
 from msff.ops.lk_conv import acc_dtype, lk_conv
 from msff.ops.lkam_se import lkam_se
 
@@ -123,7 +124,7 @@ def _needs_grad(block, x) -> bool:
     return x.requires_grad or any(p.requires_grad for p in block.parameters())
 
 
-def lkam_block(block: nn.Module, x: torch.Tensor, backend: str = "triton") -> torch.Tensor:
+def lkam_block(block: nn.Module, x: torch.Tensor, backend: str = "auto") -> torch.Tensor:
     """Run an ``LKAMBlock`` through the fused ops of ``backend``.
 
     Args:
@@ -131,7 +132,10 @@ def lkam_block(block: nn.Module, x: torch.Tensor, backend: str = "triton") -> to
             statistics are updated in training mode, as ``forward_reference`` would).
         x: (N, C_in, H, W), any layout; fp32/fp16/bf16 (autocast is honoured: x and the conv
             weights run in the autocast dtype, BN/SE vectors in fp32).
-        backend: ``triton`` | ``cuda`` | ``reference`` (ops' pure-PyTorch implementations).
+        backend: ``auto`` (default: :func:`msff.backend.resolve_backend` decides once for the
+            block; the reference unless a GPU validation record says a fused backend is
+            correct and faster) | ``triton`` | ``cuda`` | ``reference`` (ops' pure-PyTorch
+            implementations).
 
     Returns:
         (N, C_out, H, W), equal to ``block.forward_reference(x)``.
@@ -144,6 +148,8 @@ def lkam_block(block: nn.Module, x: torch.Tensor, backend: str = "triton") -> to
     """
     if x.dim() != 4:
         raise ValueError(f"x must be 4-D (N, C, H, W), got {x.dim()}-D")
+    if backend == "auto":
+        backend = resolve_backend("auto", x)
     dev_type = x.device.type
     cdt = x.dtype
     if torch.is_autocast_enabled(dev_type):

@@ -10,6 +10,7 @@ from typing import Optional
 
 import torch
 
+from msff.backend import resolve_backend
 from msff.ops.lk_conv import acc_dtype
 from msff.ops.registry import empty_grad, empty_like_layout, get_impl, register_impl
 
@@ -234,7 +235,7 @@ _lkam_se_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def lkam_se(fa, fb, scale_a, shift_a, scale_b, shift_b, w1, b1, w2, b2, residual,
-            res_scale=None, res_shift=None, backend="triton"):
+            res_scale=None, res_shift=None, backend="auto"):
     """Call ``msff::lkam_se`` (SPEC.md) with the given backend.
 
     Returns:
@@ -247,6 +248,8 @@ def lkam_se(fa, fb, scale_a, shift_a, scale_b, shift_b, w1, b1, w2, b2, residual
         >>> out.shape
         torch.Size([2, 8, 5, 5])
     """
+    if backend == "auto":  # msff.backend decides: reference unless a GPU record validates one
+        backend = resolve_backend("auto", fa)
     return _lkam_se_op(fa, fb, scale_a, shift_a, scale_b, shift_b, w1, b1, w2, b2, residual,
                        res_scale, res_shift, backend)
 
