@@ -8,6 +8,8 @@
 #include <torch/library.h>
 
 #include <array>
+#include <cstdlib>
+#include <cstring>
 #include <mutex>
 #include <tuple>
 #include <vector>
@@ -134,6 +136,38 @@ int num_sms(int device) {
   return cache[device];
 }
 
+// MSFF_CUDA_CONV picks the forward / input-gradient kernels: "generic" (default; csrc/cuda/
+// line_conv.cu), "tc" (the tensor-core pipeline of this GPU where the shape allows: wgmma on
+// sm_90a builds on Hopper, mma.sync on sm_80+; csrc/cuda/line_conv_tc.cu) or "sm80" (the mma.sync
+// pipeline even on Hopper). Read at every call so that tests can switch it.
+ConvRequest conv_request() {
+  const char* v = std::getenv("MSFF_CUDA_CONV");
+  if (v == nullptr || *v == '\0' || std::strcmp(v, "generic") == 0) return ConvRequest::kGeneric;
+  if (std::strcmp(v, "tc") == 0) return ConvRequest::kBest;
+  if (std::strcmp(v, "sm80") == 0) return ConvRequest::kSm80;
+  TORCH_CHECK(false, "MSFF_CUDA_CONV must be one of generic, tc, sm80, got '", v, "'");
+  return ConvRequest::kGeneric;
+}
+
+// Chooses the kernel of a filled-in line convolution and gives the tensor-core kernels what they
+// need: the weight packed (K, Cout, Cin) (from `w_tco`, the (K, Cout', Cin') view of the caller's
+// orientation) and the fp64 scratch of their deterministic statistics. The returned tensors must
+// outlive the launch.
+std::vector<Tensor> prepare_conv_kernel(LineConvParams& p, const Tensor& ref, const Tensor& w_tco) {
+  p.num_sms = num_sms(ref.device().index());
+  p.kernel = line_conv_choose(p, conv_request());
+  if (p.kernel == ConvKernel::kGeneric) return {};
+  Tensor wnk = w_tco.contiguous();
+  p.w_nk = wnk.data_ptr();
+  std::vector<Tensor> keep{wnk};
+  if (p.stat0 != nullptr) {
+    Tensor part = at::empty({2, p.num_sms, p.Cout}, ref.options().dtype(at::kDouble));
+    p.partials = part.data_ptr<double>();
+    keep.push_back(part);
+  }
+  return keep;
+}
+
 // Channel sums are accumulated in fp64 (atomics over the whole batch); outputs are fp32.
 Tensor sums_to_float(const Tensor& d) { return d.to(at::kFloat); }
 
@@ -199,6 +233,7 @@ std::tuple<Tensor, Tensor, Tensor> lk_conv_cuda(const Tensor& x, const Tensor& w
   p.axis = axis;
   p.dtype = dt;
   p.fp32_mode = fp32_mode();
+  const auto keep = prepare_conv_kernel(p, x, weight.reshape({Cout, Cin, k}).permute({2, 0, 1}));
   check_launch(line_conv_forward(p, c10::cuda::getCurrentCUDAStream(x.device().index())), "lk_conv forward");
   if (!stats) return {y, empty_grad(x), empty_grad(x)};
   Tensor sf = sums_to_float(st);
@@ -296,6 +331,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lk_conv_backward_cuda
     p.axis = axis;
     p.dtype = dt;
     p.fp32_mode = fp32_mode();
+    // (K, Cout', Cin') = (k, Cin, Cout) of the flipped kernel
+    const auto keep = prepare_conv_kernel(p, x, weight.reshape({Cout, Cin, k}).flip({2}).permute({2, 1, 0}));
     check_launch(line_conv_forward(p, stream), "lk_conv backward (input gradient)");
     if (want_ps) {
       Tensor psf = sums_to_float(ps);

@@ -43,6 +43,18 @@ struct MutView4 {
 // w is packed (K, Cin, Cout) contiguous in T. stat0/stat1 are fp64 (Cout,), zeroed by the caller.
 enum class Epilogue : int { kConv = 0, kGate = 1 };
 
+// Which forward/input-gradient kernel runs (csrc/cuda/line_conv.cu is kGeneric, every layout and
+// dtype; csrc/cuda/line_conv_tc.cu holds the tensor-core pipelines for bf16/fp16 channels_last
+// with Cin, Cout multiples of 8): kSm80 = mma.sync fed by ldmatrix from cp.async (sm_80 and up),
+// kSm90a = wgmma (sm_90a builds on a compute-capability 9.0 GPU).
+enum class ConvKernel : int { kGeneric = 0, kSm80 = 1, kSm90a = 2 };
+
+// What the caller asks for (the MSFF_CUDA_CONV environment variable, read by the torch glue):
+// kGeneric (the default until a GPU validation record says otherwise), kBest (the fastest
+// tensor-core kernel of this GPU where the shape allows it, else generic), kSm80 (the mma.sync
+// kernel even on Hopper, for parity checks).
+enum class ConvRequest : int { kGeneric = 0, kBest = 1, kSm80 = 2 };
+
 struct LineConvParams {
   View4 x;
   const void* w;
@@ -61,7 +73,16 @@ struct LineConvParams {
   int N, Cin, Cout, H, W, K, axis;
   DType dtype;
   Fp32Mode fp32_mode;
+  // Tensor-core kernels only (kernel != kGeneric):
+  ConvKernel kernel;     // from line_conv_choose()
+  const void* w_nk;      // the weight packed (K, Cout, Cin) contiguous, 16-byte aligned
+  double* partials;      // (2, num_sms, Cout) fp64 scratch of the deterministic statistics
+  int num_sms;
 };
+
+// The kernel that line_conv_forward would run for p (reads p's shapes, strides, dtype and the
+// device's compute capability), given the caller's request.
+ConvKernel line_conv_choose(const LineConvParams& p, ConvRequest request);
 
 // Weight gradient of the line convolution above (prologue recomputed from x, never stored):
 //   dw[co, ci, t] += sum_{n, p} g[n, co, p] * a[n, ci, p + t - K/2]

@@ -111,6 +111,9 @@ struct Mma<float> {
   }
 };
 
+// The tensor-core forward / input-gradient kernels (line_conv_tc.cu), for p.kernel != kGeneric.
+cudaError_t line_conv_tc_forward(const LineConvParams& p, cudaStream_t stream);
+
 // Launch error of the last kernel, or of a failed configuration call before it.
 inline cudaError_t last_error() { return cudaGetLastError(); }
 

@@ -382,6 +382,7 @@ cudaError_t launch_wgrad(const LineConvWgradParams& p, cudaStream_t stream) {
 }  // namespace
 
 cudaError_t line_conv_forward(const LineConvParams& p, cudaStream_t stream) {
+  if (p.kernel != ConvKernel::kGeneric) return line_conv_tc_forward(p, stream);
   switch (p.dtype) {
     case DType::kFloat32:
       return launch_fwd<float>(p, stream);

@@ -1,0 +1,647 @@
+// Tensor-core line convolutions for bf16/fp16 channels_last (the forward and the input gradient
+// of lk_conv; csrc/cuda/line_conv.cu keeps the generic kernel for every other case).
+//
+// Design (one kernel body, two tensor-core back ends):
+// * Persistent CTAs of 8 warps. A CTA owns BN output channels (blockIdx.y) and walks pixel tiles
+//   tile = blockIdx.x, + gridDim.x, ...; a tile is BM = 128 consecutive pixels of one image line
+//   along the convolution axis.
+// * The weights of the CTA's BN channels, all K taps and all Cin, are staged ONCE per CTA into
+//   shared memory (cp.async, 16-byte LDGSTS) in the canonical "core matrix" layout of wgmma's
+//   K-major B operand (8 rows x 16 bytes per 128-byte core matrix). The host picks the largest
+//   BN in {64, 32, 16} whose footprint fits the device's opt-in shared memory
+//   (C=64, k=15: 123 KB of bf16 weights at BN=64).
+// * The halo tile of a pixel tile (BM + K - 1 rows x Cin channels) is staged by cp.async into one
+//   of two buffers while the other tile computes (zero-fill of the "same" padding by a 0-byte
+//   source); the prologue (pending BN + ReLU) is applied in place once per staged element; the K
+//   taps read it as shifted views (row offset t), never from global memory again.
+// * kSm80: mma.sync.m16n8k16 with A and B fragments from ldmatrix; warp tile 32 x BN/2.
+//   kSm90a: wgmma.m64nBNk16 with A from registers (ldmatrix of the shifted halo rows; a shared
+//   memory descriptor cannot express an arbitrary row shift) and B from the weight descriptor;
+//   two warpgroups of 64 pixels, one wgmma group in flight while the next A fragment loads.
+// * Epilogue from the accumulator registers: bias, ReLU, residual add (kConv) or the
+//   prologue's backward gate (kGate), paired 4-byte stores; BN statistics as per-CTA fp64
+//   partials (fp32 per tile, fixed-order reductions) summed in CTA order by a second kernel,
+//   so the statistics are deterministic.
+#include "common.cuh"
+
+namespace msff {
+namespace {
+
+constexpr int TC_BM = 128;
+constexpr int TC_THREADS = 256;
+
+// Shared-memory geometry of one launch. Byte sizes are multiples of 128.
+struct TcGeo {
+  int cin_pad;      // Cin rounded up to 16 (one k16 step)
+  int lda;          // halo row length in elements: cin_pad + 8 (16 bytes of skew)
+  int rows;         // BM + K - 1
+  int sbo;          // bytes between consecutive 8-channel groups of one tap's weights
+  int tap_bytes;    // one tap's weights
+  int w_bytes, stage_bytes, prm_bytes, total;
+};
+
+__host__ __device__ inline int round_up(int v, int m) { return (v + m - 1) / m * m; }
+
+__host__ __device__ inline TcGeo tc_geometry(int Cin, int K, int bn) {
+  TcGeo g;
+  g.cin_pad = round_up(Cin, 16);
+  g.lda = g.cin_pad + 8;
+  g.rows = TC_BM + K - 1;
+  g.sbo = g.cin_pad * 16;
+  g.tap_bytes = g.cin_pad * bn * 2;
+  g.w_bytes = round_up(K * g.tap_bytes, 128);
+  g.stage_bytes = round_up(g.rows * g.lda * 2, 128);
+  g.prm_bytes = round_up(2 * g.cin_pad * 4, 128);
+  g.total = g.w_bytes + 2 * g.stage_bytes + g.prm_bytes;
+  return g;
+}
+
+__device__ __forceinline__ uint32_t smem_u32(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// 16-byte global -> shared copy; src_bytes = 0 zero-fills (the "same" padding, channel tails).
+__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0)
+               : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t* r, uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+__device__ __forceinline__ void ldmatrix_x2(uint32_t* r, uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];\n" : "=r"(r[0]), "=r"(r[1]) : "r"(addr));
+}
+
+template <typename T>
+__device__ __forceinline__ void mma16816(float* c, const uint32_t* a, const uint32_t* b);
+template <>
+__device__ __forceinline__ void mma16816<__nv_bfloat16>(float* c, const uint32_t* a, const uint32_t* b) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+template <>
+__device__ __forceinline__ void mma16816<__half>(float* c, const uint32_t* a, const uint32_t* b) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+// ---- Hopper: wgmma with A in registers, B from a shared-memory descriptor --------------------
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define MSFF_SM90A_DEVICE 1
+#endif
+
+#ifdef MSFF_SM90A_DEVICE
+// Matrix descriptor, no swizzle: start address, leading (K direction) and stride (N direction)
+// byte offsets between core matrices.
+__device__ __forceinline__ uint64_t wgmma_desc(uint32_t addr, uint32_t lbo, uint32_t sbo) {
+  uint64_t d = 0;
+  d |= static_cast<uint64_t>((addr & 0x3FFFF) >> 4);
+  d |= static_cast<uint64_t>((lbo & 0x3FFFF) >> 4) << 16;
+  d |= static_cast<uint64_t>((sbo & 0x3FFFF) >> 4) << 32;
+  return d;  // base offset 0, layout type 0 (no swizzle)
+}
+
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void wgmma_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
+__device__ __forceinline__ void fence_proxy_async() {
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+}
+
+// d (64 x N per warpgroup, fp32) += a (64 x 16, registers) * B (16 x N, descriptor, K-major)
+template <int N, typename T>
+__device__ __forceinline__ void wgmma_rs(float* d, const uint32_t* a, uint64_t desc);
+
+template <>
+__device__ __forceinline__ void wgmma_rs<16, __nv_bfloat16>(float* d, const uint32_t* a, uint64_t desc) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %13, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n16k16.f32.bf16.bf16 "
+      "{%0,%1,%2,%3,%4,%5,%6,%7}, {%8,%9,%10,%11}, %12, p, 1, 1, 0;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(1)
+      : "memory");
+}
+
+template <>
+__device__ __forceinline__ void wgmma_rs<32, __nv_bfloat16>(float* d, const uint32_t* a, uint64_t desc) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %21, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 "
+      "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15}, {%16,%17,%18,%19}, %20, p, 1, 1, 0;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(1)
+      : "memory");
+}
+
+template <>
+__device__ __forceinline__ void wgmma_rs<64, __nv_bfloat16>(float* d, const uint32_t* a, uint64_t desc) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
+      "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31}, {%32,%33,%34,%35}, %36, p, 1, 1, 0;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(1)
+      : "memory");
+}
+
+template <>
+__device__ __forceinline__ void wgmma_rs<16, __half>(float* d, const uint32_t* a, uint64_t desc) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %13, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n16k16.f32.f16.f16 "
+      "{%0,%1,%2,%3,%4,%5,%6,%7}, {%8,%9,%10,%11}, %12, p, 1, 1, 0;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(1)
+      : "memory");
+}
+
+template <>
+__device__ __forceinline__ void wgmma_rs<32, __half>(float* d, const uint32_t* a, uint64_t desc) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %21, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n32k16.f32.f16.f16 "
+      "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15}, {%16,%17,%18,%19}, %20, p, 1, 1, 0;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(1)
+      : "memory");
+}
+
+template <>
+__device__ __forceinline__ void wgmma_rs<64, __half>(float* d, const uint32_t* a, uint64_t desc) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 "
+      "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31}, {%32,%33,%34,%35}, %36, p, 1, 1, 0;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(1)
+      : "memory");
+}
+#endif  // MSFF_SM90A_DEVICE
+
+template <typename T>
+struct Pair;
+template <>
+struct Pair<__nv_bfloat16> {
+  using type = __nv_bfloat162;
+  static __device__ __forceinline__ float2 to_float2(type v) { return __bfloat1622float2(v); }
+  static __device__ __forceinline__ type from_float2(float a, float b) { return __floats2bfloat162_rn(a, b); }
+};
+template <>
+struct Pair<__half> {
+  using type = __half2;
+  static __device__ __forceinline__ float2 to_float2(type v) { return __half22float2(v); }
+  static __device__ __forceinline__ type from_float2(float a, float b) { return __floats2half2_rn(a, b); }
+};
+
+// Channel pairs (c, c+1) of a view as one 4-byte access: line_conv_choose only picks these
+// kernels when every epilogue view has contiguous channels and 4-byte aligned pairs (pair_ok).
+template <typename V>
+__host__ __device__ inline bool pair_ok(const V& v) {
+  return v.ptr == nullptr || (v.sc == 1 && ((v.sn | v.sh | v.sw) & 1) == 0 &&
+                              (reinterpret_cast<uintptr_t>(v.ptr) & 3) == 0);
+}
+template <typename T>
+__device__ __forceinline__ float2 load_pair(const View4& v, int n, int c, int h, int w) {
+  const T* base = static_cast<const T*>(v.ptr);
+  return Pair<T>::to_float2(*reinterpret_cast<const typename Pair<T>::type*>(base + offset4(v, n, c, h, w)));
+}
+template <typename T>
+__device__ __forceinline__ void store_pair(const MutView4& v, int n, int c, int h, int w, float a, float b) {
+  T* base = static_cast<T*>(v.ptr);
+  *reinterpret_cast<typename Pair<T>::type*>(base + offset4(v, n, c, h, w)) = Pair<T>::from_float2(a, b);
+}
+
+// Per-launch facts the epilogue needs, fixed for the whole CTA.
+struct EpiCtx {
+  int n, line, pos0, L;
+  bool gate;
+};
+
+// Epilogue of two neighbouring output channels (co, co + 1; Cout is a multiple of 8) of pixel
+// pos0 + m. Adds the statistics' contributions to s0/s1 (fp32, per channel of the pair).
+template <typename T>
+__device__ __forceinline__ void epi_pair(const LineConvParams& p, const EpiCtx& e, int m, int co, float v0,
+                                         float v1, float* s0, float* s1) {
+  const int pos = e.pos0 + m;
+  if (pos >= e.L || co >= p.Cout) return;
+  const int h = p.axis == 1 ? e.line : pos;
+  const int w = p.axis == 1 ? pos : e.line;
+  float a0, a1, b0, b1;
+  if (!e.gate) {
+    if (p.bias != nullptr) {
+      v0 += p.bias[co];
+      v1 += p.bias[co + 1];
+    }
+    if (p.relu) {
+      v0 = fmaxf(v0, 0.0f);
+      v1 = fmaxf(v1, 0.0f);
+    }
+    if (p.add.ptr != nullptr) {
+      const float2 r = load_pair<T>(p.add, e.n, co, h, w);
+      v0 += r.x;
+      v1 += r.y;
+    }
+    a0 = v0;
+    a1 = v1;
+    b0 = v0 * v0;
+    b1 = v1 * v1;
+  } else {
+    const float2 xg = load_pair<T>(p.gate_x, e.n, co, h, w);
+    const float sc0 = p.gate_scale[co], sc1 = p.gate_scale[co + 1];
+    const float g0 = xg.x * sc0 + p.gate_shift[co] > 0.0f ? v0 : 0.0f;
+    const float g1 = xg.y * sc1 + p.gate_shift[co + 1] > 0.0f ? v1 : 0.0f;
+    a0 = g0 * xg.x;
+    a1 = g1 * xg.y;
+    b0 = g0;
+    b1 = g1;
+    v0 = g0 * sc0;
+    v1 = g1 * sc1;
+  }
+  if (p.y.ptr != nullptr) store_pair<T>(p.y, e.n, co, h, w, v0, v1);
+  s0[0] += a0;
+  s0[1] += a1;
+  s1[0] += b0;
+  s1[1] += b1;
+}
+
+template <typename T, int BN, int ARCH>
+struct TcTraits {
+  // kSm80: 4 x 2 warps of 32 pixels x BN/2 channels; kSm90a: 8 warps of 16 pixels x BN.
+  static constexpr int ROW_GROUPS = ARCH == 90 ? 8 : 4;
+  static constexpr int NJ = ARCH == 90 ? BN / 8 : BN / 16;  // n8 blocks per thread
+  static constexpr int MI = ARCH == 90 ? 1 : 2;             // m16 blocks per thread
+  static constexpr int ACC = MI * NJ * 4;
+};
+
+template <typename T, int BN, int ARCH>
+__device__ __forceinline__ void line_conv_tc_body(const LineConvParams& p, unsigned char* smem) {
+  using Tr = TcTraits<T, BN, ARCH>;
+  constexpr int NJ = Tr::NJ, MI = Tr::MI;
+  const TcGeo g = tc_geometry(p.Cin, p.K, BN);
+  T* wsm = reinterpret_cast<T*>(smem);
+  T* stage0 = reinterpret_cast<T*>(smem + g.w_bytes);
+  T* stage1 = reinterpret_cast<T*>(smem + g.w_bytes + g.stage_bytes);
+  float* prm = reinterpret_cast<float*>(smem + g.w_bytes + 2 * g.stage_bytes);
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int L = p.axis == 1 ? p.W : p.H;
+  const int lines = p.axis == 1 ? p.H : p.W;
+  const int segs = (L + TC_BM - 1) / TC_BM;
+  const int64_t tiles = static_cast<int64_t>(p.N) * lines * segs;
+  const int co0 = blockIdx.y * BN;
+  const int pad = p.K / 2;
+  const int c8n = g.cin_pad / 8;
+  const int ksteps = g.cin_pad / 16;
+  const T* x = static_cast<const T*>(p.x.ptr);
+  const int64_t x_step = p.axis == 1 ? p.x.sw : p.x.sh;
+  const bool prologue = p.in_scale != nullptr;
+
+  if (prologue) {
+    for (int i = tid; i < g.cin_pad; i += TC_THREADS) {
+      prm[i] = i < p.Cin ? p.in_scale[i] : 0.0f;
+      prm[g.cin_pad + i] = i < p.Cin ? p.in_shift[i] : 0.0f;
+    }
+  }
+  // Weights of this CTA's channels, every tap: (t, co_l, ci) -> core matrix (co_l / 8, ci / 8).
+  {
+    const T* wnk = static_cast<const T*>(p.w_nk);
+    const uint32_t wbase = smem_u32(wsm);
+    const int chunks = p.K * BN * c8n;
+    for (int idx = tid; idx < chunks; idx += TC_THREADS) {
+      const int c8 = idx % c8n;
+      const int co_l = (idx / c8n) % BN;
+      const int t = idx / (c8n * BN);
+      const int co = co0 + co_l;
+      const bool ok = co < p.Cout && c8 * 8 < p.Cin;
+      const T* src = ok ? wnk + (static_cast<int64_t>(t) * p.Cout + co) * p.Cin + c8 * 8 : wnk;
+      cp_async16(wbase + t * g.tap_bytes + (co_l >> 3) * g.sbo + c8 * 128 + (co_l & 7) * 16, src, ok);
+    }
+  }
+  cp_async_commit();
+
+  auto decode = [&](int64_t tile, int& n, int& line, int& pos0) {
+    const int seg = static_cast<int>(tile % segs);
+    line = static_cast<int>((tile / segs) % lines);
+    n = static_cast<int>(tile / (static_cast<int64_t>(segs) * lines));
+    pos0 = seg * TC_BM;
+  };
+  auto load_halo = [&](int64_t tile, T* buf) {
+    int n, line, pos0;
+    decode(tile, n, line, pos0);
+    const int64_t x_line = p.axis == 1 ? n * p.x.sn + line * p.x.sh : n * p.x.sn + line * p.x.sw;
+    const uint32_t base = smem_u32(buf);
+    for (int idx = tid; idx < g.rows * c8n; idx += TC_THREADS) {
+      const int r = idx / c8n, c8 = idx % c8n;
+      const int pos = pos0 - pad + r;
+      const bool ok = pos >= 0 && pos < L && c8 * 8 < p.Cin;
+      const T* src = ok ? x + x_line + pos * x_step + c8 * 8 : x;
+      cp_async16(base + (r * g.lda + c8 * 8) * 2, src, ok);
+    }
+  };
+
+  EpiCtx e;
+  e.L = L;
+  e.gate = p.epilogue == Epilogue::kGate;
+  const bool stats = p.stat0 != nullptr;
+  double cta_s0 = 0.0, cta_s1 = 0.0;  // this CTA's statistics of channel co0 + tid (tid < BN)
+
+  const int g8 = lane >> 2, t4 = lane & 3;
+  int64_t tile = blockIdx.x;
+  if (tile < tiles) load_halo(tile, stage0);
+  cp_async_commit();
+  for (int it = 0; tile < tiles; ++it, tile += gridDim.x) {
+    T* cur = (it & 1) ? stage1 : stage0;
+    if (tile + gridDim.x < tiles) load_halo(tile + gridDim.x, (it & 1) ? stage0 : stage1);
+    cp_async_commit();
+    cp_async_wait<1>();  // the weights and this tile's halo have landed (this thread's copies)
+#ifdef MSFF_SM90A_DEVICE
+    if constexpr (ARCH == 90) fence_proxy_async();  // make them visible to wgmma's async proxy
+#endif
+    __syncthreads();
+    decode(tile, e.n, e.line, e.pos0);
+    if (prologue) {
+      // relu(x * scale + shift), once per staged element; padding rows stay zero.
+      for (int idx = tid; idx < g.rows * c8n; idx += TC_THREADS) {
+        const int r = idx / c8n, c8 = idx % c8n;
+        const int pos = e.pos0 - pad + r;
+        if (pos < 0 || pos >= L || c8 * 8 >= p.Cin) continue;
+        uint4* q = reinterpret_cast<uint4*>(cur + r * g.lda + c8 * 8);
+        uint4 v = *q;
+        typename Pair<T>::type* h2 = reinterpret_cast<typename Pair<T>::type*>(&v);
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          const int ci = c8 * 8 + 2 * j;
+          const float2 f = Pair<T>::to_float2(h2[j]);
+          h2[j] = Pair<T>::from_float2(fmaxf(f.x * prm[ci] + prm[g.cin_pad + ci], 0.0f),
+                                       fmaxf(f.y * prm[ci + 1] + prm[g.cin_pad + ci + 1], 0.0f));
+        }
+        *q = v;
+      }
+      __syncthreads();
+    }
+
+    float acc[Tr::ACC];
+#pragma unroll
+    for (int i = 0; i < Tr::ACC; ++i) acc[i] = 0.0f;
+    int row_base, col_base;  // this thread's first accumulator row (pixel) and column (channel)
+    if constexpr (ARCH == 90) {
+#ifdef MSFF_SM90A_DEVICE
+      const uint32_t a_base = smem_u32(cur) + ((warp * 16 + (lane & 15)) * g.lda + (lane >> 4) * 8) * 2;
+      const uint32_t w_base = smem_u32(wsm);
+      const int steps = p.K * ksteps;
+      uint32_t a0[4], a1[4];
+      auto step = [&](int s, uint32_t* a) {
+        const int t = s / ksteps, ks = s - t * ksteps;
+        ldmatrix_x4(a, a_base + (t * g.lda + ks * 16) * 2);
+        wgmma_fence();
+        wgmma_rs<BN, T>(acc, a, wgmma_desc(w_base + t * g.tap_bytes + ks * 256, 128, g.sbo));
+        wgmma_commit();
+        wgmma_wait<1>();  // the previous step's wgmma is done: its A registers may be reloaded
+      };
+      for (int s = 0; s < steps; s += 2) {
+        step(s, a0);
+        if (s + 1 < steps) step(s + 1, a1);
+      }
+      wgmma_wait<0>();
+#endif
+      row_base = warp * 16 + g8;
+      col_base = 2 * t4;
+    } else {
+      const int warp_m = warp & 3, warp_n = warp >> 2;
+      const uint32_t a_base =
+          smem_u32(cur) + ((warp_m * 32 + (lane & 15)) * g.lda + (lane >> 4) * 8) * 2;
+      const uint32_t b_base =
+          smem_u32(wsm) + (warp_n * (BN / 16)) * g.sbo + ((lane >> 3) & 1) * 128 + (lane & 7) * 16;
+      for (int t = 0; t < p.K; ++t) {
+        for (int ks = 0; ks < ksteps; ++ks) {
+          uint32_t a[MI][4];
+#pragma unroll
+          for (int i = 0; i < MI; ++i) ldmatrix_x4(a[i], a_base + ((i * 16 + t) * g.lda + ks * 16) * 2);
+#pragma unroll
+          for (int j = 0; j < NJ; ++j) {
+            uint32_t b[2];
+            ldmatrix_x2(b, b_base + t * g.tap_bytes + j * g.sbo + ks * 256);
+#pragma unroll
+            for (int i = 0; i < MI; ++i) mma16816<T>(&acc[(i * NJ + j) * 4], a[i], b);
+          }
+        }
+      }
+      row_base = warp_m * 32 + g8;
+      col_base = warp_n * (BN / 2) + 2 * t4;
+    }
+
+    // Epilogue straight from the accumulators: acc[(i * NJ + j) * 4 + q] is pixel
+    // row_base + 16 i + 8 (q >> 1), channel col_base + 8 j + (q & 1).
+    float s0[NJ][2], s1[NJ][2];
+#pragma unroll
+    for (int j = 0; j < NJ; ++j) s0[j][0] = s0[j][1] = s1[j][0] = s1[j][1] = 0.0f;
+#pragma unroll
+    for (int i = 0; i < MI; ++i)
+#pragma unroll
+      for (int j = 0; j < NJ; ++j)
+#pragma unroll
+        for (int hh = 0; hh < 2; ++hh) {
+          const float* c = &acc[(i * NJ + j) * 4 + 2 * hh];
+          epi_pair<T>(p, e, row_base + 16 * i + 8 * hh, co0 + col_base + 8 * j, c[0], c[1], s0[j], s1[j]);
+        }
+    __syncthreads();  // every warp is done reading `cur`: reuse it as the statistics scratch
+    if (stats) {
+      // Fixed-order reductions: over the 8 row lanes by shuffles, then over the row groups.
+      float* scratch = reinterpret_cast<float*>(cur);  // [2][ROW_GROUPS][BN]
+      const int group = ARCH == 90 ? warp : (warp & 3);
+#pragma unroll
+      for (int j = 0; j < NJ; ++j)
+#pragma unroll
+        for (int q = 0; q < 2; ++q) {
+          float a = s0[j][q], b = s1[j][q];
+#pragma unroll
+          for (int off = 4; off < 32; off <<= 1) {
+            a += __shfl_xor_sync(0xffffffffu, a, off);
+            b += __shfl_xor_sync(0xffffffffu, b, off);
+          }
+          if (g8 == 0) {
+            const int col = col_base + 8 * j + q;
+            scratch[group * BN + col] = a;
+            scratch[(Tr::ROW_GROUPS + group) * BN + col] = b;
+          }
+        }
+      __syncthreads();
+      if (tid < BN) {
+        float a = 0.0f, b = 0.0f;
+#pragma unroll
+        for (int r = 0; r < Tr::ROW_GROUPS; ++r) {
+          a += scratch[r * BN + tid];
+          b += scratch[(Tr::ROW_GROUPS + r) * BN + tid];
+        }
+        cta_s0 += a;
+        cta_s1 += b;
+      }
+      __syncthreads();  // the scratch (= `cur`) is free for the next prefetch
+    }
+  }
+  cp_async_wait<0>();
+  if (stats && tid < BN && co0 + tid < p.Cout) {
+    const int64_t P = gridDim.x;
+    p.partials[blockIdx.x * static_cast<int64_t>(p.Cout) + co0 + tid] = cta_s0;
+    p.partials[(P + blockIdx.x) * static_cast<int64_t>(p.Cout) + co0 + tid] = cta_s1;
+  }
+}
+
+template <typename T, int BN>
+__global__ void __launch_bounds__(TC_THREADS, 1) line_conv_sm80_kernel(LineConvParams p) {
+  extern __shared__ __align__(128) unsigned char tc_smem[];
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  line_conv_tc_body<T, BN, 80>(p, tc_smem);
+#elif defined(__CUDA_ARCH__)
+  __trap();  // the host never launches it below sm_80
+#endif
+}
+
+template <typename T, int BN>
+__global__ void __launch_bounds__(TC_THREADS, 1) line_conv_sm90a_kernel(LineConvParams p) {
+  extern __shared__ __align__(128) unsigned char tc_smem[];
+#if defined(MSFF_SM90A_DEVICE)
+  line_conv_tc_body<T, BN, 90>(p, tc_smem);
+#elif defined(__CUDA_ARCH__)
+  __trap();  // compiled without sm_90a: the host only launches it from an sm_90a build on a 9.0 GPU
+#endif
+}
+
+// stat[c] = sum over CTAs (in CTA order) of the fp64 partials: deterministic.
+__global__ void reduce_partials_kernel(const double* partials, int ctas, int C, double* stat0, double* stat1) {
+  const int c = blockIdx.x * blockDim.x + threadIdx.x;
+  if (c >= C) return;
+  double a = 0.0, b = 0.0;
+  for (int i = 0; i < ctas; ++i) {
+    a += partials[static_cast<int64_t>(i) * C + c];
+    b += partials[static_cast<int64_t>(ctas + i) * C + c];
+  }
+  stat0[c] = a;
+  stat1[c] = b;
+}
+
+// ---- host side -------------------------------------------------------------------------------
+struct DeviceFacts {
+  int cc = 0, smem_optin = 0, sms = 0;
+};
+
+DeviceFacts device_facts() {
+  DeviceFacts f;
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return f;
+  }
+  int major = 0, minor = 0;
+  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&f.smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&f.sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return DeviceFacts{};
+  }
+  f.cc = 10 * major + minor;
+  return f;
+}
+
+// The widest channel tile whose weights + two halo stages fit the opt-in shared memory; 0: none.
+int tc_pick_bn(int Cin, int Cout, int K, int smem_optin) {
+  const int first = Cout <= 16 ? 16 : (Cout <= 32 ? 32 : 64);
+  for (int bn = first; bn >= 16; bn /= 2)
+    if (tc_geometry(Cin, K, bn).total <= smem_optin) return bn;
+  return 0;
+}
+
+template <typename T, int BN>
+cudaError_t launch_tc_bn(const LineConvParams& p, cudaStream_t stream) {
+  const TcGeo g = tc_geometry(p.Cin, p.K, BN);
+  const int L = p.axis == 1 ? p.W : p.H;
+  const int lines = p.axis == 1 ? p.H : p.W;
+  const int64_t tiles = static_cast<int64_t>(p.N) * lines * ((L + TC_BM - 1) / TC_BM);
+  const int co_tiles = (p.Cout + BN - 1) / BN;
+  const int sms = p.num_sms > 0 ? p.num_sms : 1;
+  int64_t ctas = sms / co_tiles;
+  if (ctas < 1) ctas = 1;
+  if (ctas > tiles) ctas = tiles;
+  const dim3 grid(static_cast<unsigned>(ctas), co_tiles);
+  cudaError_t err;
+  if (p.kernel == ConvKernel::kSm90a) {
+    err = cudaFuncSetAttribute(line_conv_sm90a_kernel<T, BN>, cudaFuncAttributeMaxDynamicSharedMemorySize, g.total);
+    if (err != cudaSuccess) return err;
+    line_conv_sm90a_kernel<T, BN><<<grid, TC_THREADS, g.total, stream>>>(p);
+  } else {
+    err = cudaFuncSetAttribute(line_conv_sm80_kernel<T, BN>, cudaFuncAttributeMaxDynamicSharedMemorySize, g.total);
+    if (err != cudaSuccess) return err;
+    line_conv_sm80_kernel<T, BN><<<grid, TC_THREADS, g.total, stream>>>(p);
+  }
+  err = last_error();
+  if (err != cudaSuccess || p.stat0 == nullptr) return err;
+  reduce_partials_kernel<<<(p.Cout + 127) / 128, 128, 0, stream>>>(p.partials, static_cast<int>(ctas), p.Cout,
+                                                                   p.stat0, p.stat1);
+  return last_error();
+}
+
+template <typename T>
+cudaError_t launch_tc(const LineConvParams& p, cudaStream_t stream) {
+  const DeviceFacts f = device_facts();
+  switch (tc_pick_bn(p.Cin, p.Cout, p.K, f.smem_optin)) {
+    case 64:
+      return launch_tc_bn<T, 64>(p, stream);
+    case 32:
+      return launch_tc_bn<T, 32>(p, stream);
+    case 16:
+      return launch_tc_bn<T, 16>(p, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace
+
+ConvKernel line_conv_choose(const LineConvParams& p, ConvRequest request) {
+  if (request == ConvRequest::kGeneric) return ConvKernel::kGeneric;
+  if (p.dtype != DType::kFloat16 && p.dtype != DType::kBFloat16) return ConvKernel::kGeneric;
+  if (p.Cin <= 0 || p.Cout <= 0 || p.Cin % 8 != 0 || p.Cout % 8 != 0) return ConvKernel::kGeneric;
+  if (p.K < 1 || p.K % 2 == 0 || p.K > 31) return ConvKernel::kGeneric;
+  // 16-byte cp.async of 8 channels of one pixel: channels contiguous, pixel starts 16-byte aligned.
+  if (p.x.sc != 1 || (p.x.sn | p.x.sh | p.x.sw) % 8 != 0 || reinterpret_cast<uintptr_t>(p.x.ptr) % 16 != 0)
+    return ConvKernel::kGeneric;
+  if (!pair_ok(p.y) || !pair_ok(p.add) || !pair_ok(p.gate_x)) return ConvKernel::kGeneric;
+  const DeviceFacts f = device_facts();
+  if (f.cc < 80 || tc_pick_bn(p.Cin, p.Cout, p.K, f.smem_optin) == 0) return ConvKernel::kGeneric;
+#ifdef MSFF_HAVE_SM90A
+  if (request == ConvRequest::kBest && f.cc == 90) return ConvKernel::kSm90a;
+#endif
+  return ConvKernel::kSm80;
+}
+
+cudaError_t line_conv_tc_forward(const LineConvParams& p, cudaStream_t stream) {
+  if (p.w_nk == nullptr || (p.stat0 != nullptr && p.partials == nullptr)) return cudaErrorInvalidValue;
+  switch (p.dtype) {
+    case DType::kFloat16:
+      return launch_tc<__half>(p, stream);
+    case DType::kBFloat16:
+      return launch_tc<__nv_bfloat16>(p, stream);
+    default:
+      return cudaErrorInvalidValue;
+  }
+}
+
+}  // namespace msff
