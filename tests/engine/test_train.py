@@ -1,10 +1,10 @@
 """Training: run folder artefacts, exact resume, seeds, failure status, repeated runs, options, DDP."""
 import json
+import math
 import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -94,13 +94,154 @@ def test_runs_report_mean_and_std(scenes, tmp_path):
     assert s["summary"]["val_iou"]["std"] == pytest.approx(abs(ious[0] - ious[1]) / 2**0.5)
 
 
-def test_options_accumulate_amp_channels_last_dice_budget(scenes, tmp_path):
+class _Probe:
+    """Records what happens inside ``fit``: the model it builds (forward hooks on every conv),
+    the gradients and parameter dtypes at each optimizer step (Adam subclassed), and every loss
+    call (logits, target, kind, value)."""
+
+    def __init__(self, monkeypatch, freeze_bn=False):
+        import msff.engine.train as T
+
+        self.models, self.steps, self.losses, self.conv_out_dtypes, self.inputs = [], [], [], set(), []
+        probe = self
+        build, loss = T.build_model, T.segmentation_loss
+
+        def build_model(*a, **k):
+            model = build(*a, **k)
+            for m in model.modules():
+                if isinstance(m, torch.nn.Conv2d):
+                    m.register_forward_hook(lambda mod, i, o: probe.conv_out_dtypes.add(o.dtype) if mod.training else None)
+                if freeze_bn and isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                    m.eval()
+                    m.train = lambda mode=True, m=m: m  # stays in eval: BN is linear in the batch
+            model.register_forward_pre_hook(lambda mod, args: probe.inputs.append(args[0].detach()) if mod.training else None)
+            probe.models.append(model)
+            return model
+
+        class RecordingAdam(torch.optim.Adam):
+            def step(self, closure=None):
+                params = [p for g in self.param_groups for p in g["params"]]
+                probe.steps.append({
+                    "grads": [p.grad.detach().clone() for p in params],
+                    "param_dtypes": {p.dtype for p in params},
+                    "grad_dtypes": {p.grad.dtype for p in params},
+                })
+                return super().step(closure)
+
+        def segmentation_loss(logits, target, kind="bce"):
+            value = loss(logits, target, kind)
+            probe.losses.append((logits.detach(), target.detach(), kind, value.detach()))
+            return value
+
+        monkeypatch.setattr(T, "build_model", build_model)
+        monkeypatch.setattr(T, "segmentation_loss", segmentation_loss)
+        monkeypatch.setattr(torch.optim, "Adam", RecordingAdam)
+
+
+def test_accumulate_two_half_batches_equals_one_batch(scenes, tmp_path, monkeypatch):
+    # BN frozen in eval mode (BN's batch statistics differ between half and whole batches), no
+    # augmentation (no ignored pixels: each half batch's mean loss weighs the same pixel count).
+    # The gradient at the optimizer step and the weights after it must match one whole batch of
+    # 4; accumulate=2 takes one step, not two.
+    states = {}
+    for acc in (1, 2):
+        probe = _Probe(monkeypatch, freeze_bn=True)
+        tr, va = datasets(scenes)
+        cfg = TrainConfig(epochs=1, accumulate=acc, samples_per_epoch=4, augment=False, **dict(TINY, overlays=0))
+        fit(cfg, tr, va, tmp_path / f"acc{acc}", progress=False)
+        assert len(probe.steps) == 1, f"accumulate={acc}: {len(probe.steps)} optimizer steps for one batch"
+        assert [x.shape[0] for x in probe.inputs] == ([4] if acc == 1 else [2, 2])
+        states[acc] = (probe.steps[0]["grads"], last_state(tmp_path / f"acc{acc}")["model"])
+    (g1, w1), (g2, w2) = states[1], states[2]
+    for i, (a, b) in enumerate(zip(g1, g2, strict=True)):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-7, msg=lambda m, i=i: f"gradient of parameter {i}: {m}")
+    assert sum(float(g.abs().sum()) for g in g1) > 0
+    for k in w1:
+        torch.testing.assert_close(w2[k], w1[k], rtol=1e-5, atol=1e-6, msg=lambda m, k=k: f"{k}: {m}")
+
+
+def test_amp_bf16_runs_the_forward_in_bf16_with_fp32_master_weights(scenes, tmp_path, monkeypatch):
+    probe = _Probe(monkeypatch)
     tr, va = datasets(scenes)
-    cfg = TrainConfig(epochs=5, accumulate=2, amp="bf16", channels_last=True, loss="bce+dice",
-                      samples_per_epoch=6, time_budget_s=0.01, **TINY)
-    res = fit(cfg, tr, va, tmp_path / "opts", progress=False)
+    fit(TrainConfig(epochs=1, amp="bf16", samples_per_epoch=4, **dict(TINY, overlays=0)), tr, va,
+        tmp_path / "amp", progress=False)
+    assert probe.conv_out_dtypes == {torch.bfloat16}, probe.conv_out_dtypes  # inside the model
+    assert probe.losses[0][0].dtype == torch.bfloat16  # the training batch's logits
+    assert probe.steps and all(s["param_dtypes"] == {torch.float32} == s["grad_dtypes"] for s in probe.steps)
+    state = last_state(tmp_path / "amp")["model"]
+    assert {v.dtype for v in state.values() if v.is_floating_point()} == {torch.float32}
+    # the control: without amp the same forward runs in fp32
+    probe = _Probe(monkeypatch)
+    tr, va = datasets(scenes)
+    fit(TrainConfig(epochs=1, samples_per_epoch=4, **dict(TINY, overlays=0)), tr, va, tmp_path / "fp32",
+        progress=False)
+    assert probe.conv_out_dtypes == {torch.float32}
+
+
+def test_channels_last_model_and_batch(scenes, tmp_path, monkeypatch):
+    probe = _Probe(monkeypatch)
+    tr, va = datasets(scenes)
+    fit(TrainConfig(epochs=1, channels_last=True, samples_per_epoch=4, **dict(TINY, overlays=0)), tr, va,
+        tmp_path / "cl", progress=False)
+    (model,) = probe.models
+    convs = [m.weight for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
+    assert any(not w.is_contiguous() for w in convs)  # so the check above can fail
+    assert probe.inputs and all(
+        x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous() for x in probe.inputs
+    )
+
+
+def _dice(p, t, eps=1.0):
+    return 1 - (2 * (p * t).sum() + eps) / (p.sum() + t.sum() + eps)
+
+
+def test_dice_losses_on_a_known_input():
+    from msff.engine.losses import segmentation_loss
+
+    # logits 0 -> p = 0.5 on 3 valid pixels (one ignored), targets 0, 1, 1:
+    # dice = 1 - (2·1 + 1) / (1.5 + 2 + 1) = 1/3, bce = ln 2
+    logits = torch.zeros(1, 1, 2, 2)
+    target = torch.tensor([[[0, 1], [255, 1]]], dtype=torch.uint8)
+    assert segmentation_loss(logits, target, "dice").item() == pytest.approx(1 / 3)
+    assert segmentation_loss(logits, target, "bce").item() == pytest.approx(math.log(2))
+    assert segmentation_loss(logits, target, "bce+dice").item() == pytest.approx(math.log(2) + 1 / 3)
+    # a second, uneven input against the formula written out
+    logits = torch.tensor([[[[4.0, 0.0], [0.0, 0.0]]]])
+    target = torch.tensor([[[1, 0], [0, 0]]], dtype=torch.uint8)
+    p = torch.sigmoid(logits[0, 0]).double()
+    t = target[0].double()
+    want = float(_dice(p, t))
+    assert segmentation_loss(logits, target, "dice").item() == pytest.approx(want, rel=1e-6)
+
+
+@pytest.mark.parametrize("loss", ["dice", "bce+dice"])
+def test_dice_option_trains_on_the_dice_formula(scenes, tmp_path, monkeypatch, loss):
+    probe = _Probe(monkeypatch)
+    tr, va = datasets(scenes)
+    res = fit(TrainConfig(epochs=1, loss=loss, samples_per_epoch=4, **dict(TINY, overlays=0)), tr, va,
+              tmp_path / "dice", progress=False)
+    train_calls = probe.losses[:1]  # one training batch per epoch; validation calls follow
+    (logits, target, kind, value), = train_calls
+    assert kind == loss
+    valid = (target != 255).double()
+    p = torch.sigmoid(logits[:, 0].double()) * valid
+    t = (target == 1).double() * valid
+    want = _dice(p, t)
+    if loss == "bce+dice":
+        bce = torch.nn.functional.binary_cross_entropy_with_logits(
+            logits[:, 0].double(), (target == 1).double(), reduction="none")
+        want = want + (bce * valid).sum() / valid.sum()
+    assert float(value) == pytest.approx(float(want), rel=1e-5)
+    assert res["history"][0]["train_loss"] == pytest.approx(float(want), rel=1e-5)
+
+
+def test_time_budget_stops_after_the_epoch_that_would_overrun(scenes, tmp_path):
+    tr, va = datasets(scenes)
+    cfg = TrainConfig(epochs=5, samples_per_epoch=4, time_budget_s=0.01, **dict(TINY, overlays=0))
+    res = fit(cfg, tr, va, tmp_path / "budget", progress=False)
     assert res["stopped"] == "time budget" and res["epochs_run"] == 1
-    assert 0.0 <= res["best"]["iou"] <= 1.0
+    assert json.loads((tmp_path / "budget" / "status.json").read_text())["state"] == "complete"
 
 
 def test_config_validation():
@@ -123,7 +264,6 @@ def test_ddp_two_cpu_processes(scenes, tmp_path):
            "-m", "msff.cli", "train", str(scenes), "--out", str(run), "--preset", "tiny", "--kernel-size", "3",
            "--epochs", "1", "--batch-size", "4", "--crop", "32", "--device", "cpu", "--no-progress",
            "--overlays", "0"]
-    t0 = time.time()
     p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                          start_new_session=True)
     try:
@@ -136,7 +276,6 @@ def test_ddp_two_cpu_processes(scenes, tmp_path):
     assert json.loads((run / "status.json").read_text())["state"] == "complete"
     m = json.loads((run / "metrics.json").read_text())
     assert m["best"]["images"] == 2  # both ranks' validation shares summed
-    assert time.time() - t0 < 120
 
 
 def test_no_validation_set_and_a_loss_above_one_still_writes_best(scenes, tmp_path):
