@@ -42,6 +42,21 @@ def test_table1_stage_shapes_paper_width():
     assert seen["aspp"] == (1, 1024, 32, 32)
 
 
+def _assert_pad_and_crop(model, x):
+    """The model's internal pad-and-crop equals running it on the input explicitly zero-padded
+    (bottom/right) to a multiple of 16 and cropping the logits back (eval mode, so BN is a fixed
+    map). Returns the model's output."""
+    model = model.eval()
+    h, w = x.shape[-2:]
+    padded = torch.nn.functional.pad(x, (0, (-w) % 16, 0, (-h) % 16))
+    with torch.no_grad():
+        y = model(x)
+        want = model(padded)[..., :h, :w]
+    assert y.shape == want.shape
+    torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-6)
+    return y
+
+
 @pytest.mark.parametrize("h,w", [(97, 123), (37, 53), (16, 16), (5, 9), (1, 1), (64, 200)])
 def test_any_resolution(h, w):
     model = MSFFNet(**TINY)
@@ -49,6 +64,8 @@ def test_any_resolution(h, w):
     y = model(x)
     assert y.shape == (2, 1, h, w)
     assert torch.isfinite(y).all()
+    y = _assert_pad_and_crop(model, x)
+    assert y.shape == (2, 1, h, w)
 
 
 @pytest.mark.parametrize("in_channels,classes", [(1, 1), (3, 2), (14, 1), (4, 2)])
@@ -56,6 +73,8 @@ def test_bands_and_classes(in_channels, classes):
     model = MSFFNet(in_channels=in_channels, classes=classes, **TINY)
     y = model(torch.randn(2, in_channels, 40, 24))
     assert y.shape == (2, classes, 40, 24)
+    y = _assert_pad_and_crop(model, torch.randn(2, in_channels, 37, 21))
+    assert y.shape == (2, classes, 37, 21)
 
 
 def test_forward_backward_all_params_get_gradients():
