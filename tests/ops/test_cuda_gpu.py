@@ -26,7 +26,7 @@ from msff.ops import lkam_block
 from msff.ops.lk_conv import _lk_conv_op
 from msff.ops.lkam_se import _lkam_se_op
 
-pytestmark = [pytest.mark.gpu, pytest.mark.filterwarnings("ignore::UserWarning")]
+pytestmark = pytest.mark.gpu
 
 DEV = "cuda"
 

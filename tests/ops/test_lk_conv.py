@@ -13,8 +13,6 @@ from ops_testing import DEVICE, assert_close, assert_close_lowp, disable_tf32, m
 
 from msff.ops.lk_conv import _lk_conv_backward_op, _lk_conv_op, lk_conv, lk_conv_ref
 
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
-
 
 @pytest.fixture(autouse=True)
 def _ieee_fp32():
