@@ -198,6 +198,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--list", dest="eval_list", default=None, metavar="FILE", help="evaluate only the images named here")
     e.add_argument("--overlays", default=None, metavar="DIR", help="also write overlay PNGs here")
     e.add_argument("--overlay-count", type=int, default=8)
+    e.add_argument("--input-scale", default=None, metavar="SPEC",
+                   help="override the checkpoint's input scale: none, divide:C, percentile[:LO,HI[:MAX]] "
+                        "(percentiles then computed on this data)")
+    e.add_argument("--strict", action="store_true",
+                   help="refuse data whose band statistics are far from the training data's (default: warn)")
     _add_data_options(e, defaults_suppressed=False)
     e.set_defaults(func=cmd_evaluate)
 
@@ -391,6 +396,24 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _evaluate_domain(ds, meta: dict, ckpt: Path, args: argparse.Namespace) -> dict:
+    """Input domain check of evaluation data against the checkpoint's training statistics
+    (msff.data.domain): a warning naming bands and numbers, an error under --strict."""
+    from msff.data.dataset import sample_pixels
+    from msff.data.domain import DomainError, compare_domain
+
+    samples, dtypes = sample_pixels(ds, 65536)
+    if ds.input_scale.needs_fit:
+        ds.input_scale = ds.input_scale.fit(samples, "evaluation data")
+    card = dict(meta, model_name=meta.get("model_name", ckpt.name))
+    report = compare_domain(card, samples, dtypes, ds.input_scale, None, " + ".join(str(d) for d in args.data))
+    if not report.ok:
+        if args.strict:
+            raise DomainError(report.message(strict_hint=False) + " (refused under --strict)")
+        print(f"msff evaluate: warning: {report.message()}", file=sys.stderr)
+    return report.to_dict()
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     import torch
 
@@ -420,7 +443,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     else:
         enc = _encoding(opts)
     bands = args.bands if args.bands is not None else meta.get("bands")
-    ds = SegmentationDataset(pairs, encoding=enc, bands=bands, normalization=norm)
+    ds = SegmentationDataset(pairs, encoding=enc, bands=bands, normalization=norm,
+                             input_scale=args.input_scale or meta.get("input_scale"))
+    domain = _evaluate_domain(ds, meta, ckpt, args)
     expected = len(norm["mean"])
     if ds.in_channels != expected:
         raise DataError(
@@ -433,7 +458,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     with torch.no_grad():
         m = evaluate(model.to(device), ds, args.batch_size, device, threshold, loss=None, progress=True)
     result = {"checkpoint": str(ckpt), "data": [str(d) for d in args.data], "threshold": threshold,
-              "seconds": time.time() - t0, **m}
+              "seconds": time.time() - t0, **m, "input_scale": ds.input_scale.to_dict(), "domain": domain}
     if args.out:
         out = Path(args.out)
     else:

@@ -89,6 +89,18 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
         help="MSFFNet kernel backend (default: the checkpoint's / MSFF_BACKEND)",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    g = p.add_argument_group("input domain (is this scene like the training data?)")
+    g.add_argument(
+        "--input-scale", default=None, metavar="SPEC",
+        help="override the checkpoint's input scale: none, divide:C (e.g. divide:10000), or "
+        "percentile[:LO,HI[:MAX]] (per-band stretch of this scene, default 2,98 to 0..255; for a scene "
+        "from another sensor than the training data)",
+    )
+    g.add_argument(
+        "--strict", action="store_true",
+        help="refuse (exit 2, nothing written) a scene whose sampled band statistics are far from the training data's",
+    )
+    g.add_argument("--no-domain-check", action="store_true", help="skip the input domain check")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -147,6 +159,7 @@ def _plan(args) -> list[dict]:
                 mask=f"{prefix}_mask.tif",
                 vector=(f"{prefix}_polygons.{vec_fmt}" if vec_fmt else vec) if vec else None,
                 quicklook=f"{prefix}_quicklook.png" if args.quicklook else None,
+                report=f"{prefix}_run.json",
             )
         )
     return plans
@@ -165,6 +178,21 @@ def _say(msg: str) -> None:
     print(f"msff predict: {msg}", file=sys.stderr)
 
 
+def _write_report(pl: dict, r, args) -> None:
+    """The run's JSON sidecar: inputs, outputs, counts, input scale and the domain check numbers."""
+    from msff.engine.report import atomic_write_json
+
+    doc = {
+        "checkpoint": str(args.checkpoint), "inputs": pl["files"],
+        "outputs": {k: pl[k] for k in ("prob", "mask", "vector", "quicklook") if pl[k]},
+        "width": r.width, "height": r.height, "crs": r.crs, "valid_pixels": r.valid_pixels,
+        "landslide_pixels": r.landslide_pixels, "threshold": r.threshold, "tiles": r.tiles,
+        "tiles_skipped": r.tiles_skipped, "seconds": r.seconds,
+        **{k: r.extra[k] for k in ("landslide_fraction", "input_scale", "domain", "fraction_warning", "stack") if k in r.extra},
+    }
+    atomic_write_json(Path(pl["report"]), doc)
+
+
 def run_predict(args) -> int:
     """Run ``msff predict`` for parsed ``args``. Returns the exit status (0 ok, 2 bad input/output,
     1 other failure); errors are printed as one line, never a traceback."""
@@ -179,7 +207,7 @@ def run_predict(args) -> int:
     try:
         plans = _plan(args)
         for pl in plans:
-            check_outputs([pl["prob"], pl["mask"], pl["vector"], pl["quicklook"]], overwrite=args.overwrite)
+            check_outputs([pl["prob"], pl["mask"], pl["vector"], pl["quicklook"], pl["report"]], overwrite=args.overwrite)
         if args.tile < 1 or not 0 <= args.overlap < args.tile:
             raise ValueError(f"need --tile >= 1 and 0 <= --overlap < --tile (got {args.tile}, {args.overlap})")
         if args.vector and Path(plans[0]["vector"]).suffix.lower() == ".gpkg":
@@ -217,6 +245,8 @@ def run_predict(args) -> int:
                     prob_dtype=args.prob_dtype,
                     overwrite=args.overwrite,
                     progress=not args.quiet,
+                    input_scale=args.input_scale,
+                    domain_check="off" if args.no_domain_check else ("strict" if args.strict else "warn"),
                 )
             for w in caught:
                 if not issubclass(w.category, (PendingDeprecationWarning, DeprecationWarning)):
@@ -239,6 +269,8 @@ def run_predict(args) -> int:
                     band_indexes=band_indexes,
                 )
                 print(f"  wrote {pl['quicklook']}")
+            _write_report(pl, r, args)
+            print(f"  wrote {pl['report']}")
         return 0
     except (InferenceError, ValueError, FileNotFoundError, BackendUnavailableError) as e:
         _say(f"error: {e}")

@@ -24,6 +24,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from msff.data.domain import DomainError, DomainWarning, compare_domain, fraction_check
+from msff.data.scaling import InputScale, ScaleError
 from msff.inference.predictor import Predictor
 from msff.inference.sources import InferenceError, RasterStack
 from msff.inference.tiling import TileGrid
@@ -108,6 +110,7 @@ def _as_predictor(model, normalization, threshold, model_output) -> Predictor:
         bands=meta.get("bands"),
         name=str(meta.get("model_name", type(model).__name__)),
         metadata=dict(meta),
+        input_scale=meta.get("input_scale"),
     )
 
 
@@ -202,6 +205,8 @@ def predict_array(
     if valid is None:
         valid = np.ones((h, w), dtype=bool)
     valid = valid & np.all(np.isfinite(x), axis=0)
+    if pred.input_scale.needs_fit:
+        pred = dataclasses.replace(pred, input_scale=pred.input_scale.fit(x[:, valid], "array"))
     dev = resolve_device(device)
     pred.model.eval().to(dev)
     grid = TileGrid(h, w, tile, overlap, margin)
@@ -224,10 +229,9 @@ def predict_array(
 
 
 def _prepare(pred: Predictor, batch: np.ndarray, valid: np.ndarray) -> np.ndarray:
-    """Normalise ``(B, C, h, w)`` in place; invalid pixels become 0 (the training mean)."""
-    if pred.mean is not None:
-        batch -= pred.mean[None, :, None, None]
-        batch /= pred.std[None, :, None, None]
+    """Input scale and normalisation of ``(B, C, h, w)`` in place; invalid pixels become 0 (the
+    training mean)."""
+    pred.normalize(batch)
     batch[np.broadcast_to(~valid[:, None], batch.shape)] = 0.0
     return batch
 
@@ -255,6 +259,9 @@ def predict_scene(
     progress: bool = True,
     model_output: Optional[str] = None,
     tags: Optional[dict] = None,
+    input_scale=None,
+    domain_check: str = "warn",
+    domain_windows: int = 256,
 ) -> SceneResult:
     """Predict landslide probability over a whole scene and write georeferenced COGs.
 
@@ -288,9 +295,18 @@ def predict_scene(
         progress: show a tqdm progress bar (stderr).
         model_output: ``"logits"`` or ``"probabilities"``; default from the model's activation.
         tags: extra metadata tags for the output rasters.
+        input_scale: override the checkpoint's input scale (an
+            :class:`~msff.data.scaling.InputScale` or its text, e.g. ``"percentile:2,98:255"``,
+            whose percentiles are then computed on a sample of this scene).
+        domain_check: ``"warn"`` (default): sample the scene (``domain_windows`` windows of 64²
+            pixels) and warn (:class:`~msff.data.domain.DomainWarning`) when it is unlike the
+            training data stored in the checkpoint, and when the predicted landslide fraction is
+            far above training; ``"strict"``: raise :class:`~msff.data.domain.DomainError` instead
+            (before any output is created); ``"off"``.
 
     Returns:
-        A :class:`SceneResult`.
+        A :class:`SceneResult`; ``extra`` holds ``domain`` (the check's numbers), ``input_scale``
+        and ``fraction_warning``.
 
     Raises:
         InferenceError: unreadable inputs, band mismatch, files on different grids, outputs that
@@ -323,6 +339,7 @@ def predict_scene(
                 NotGeoreferencedInputWarning,
                 stacklevel=2,
             )
+        pred, extra = _check_domain(pred, stack, input_scale, domain_check, domain_windows)
         if backend is not None and hasattr(pred.model, "set_backend"):
             pred.model.set_backend(backend)
         pred.model.eval().to(dev)
@@ -340,6 +357,11 @@ def predict_scene(
         with SceneWriter(out_prob, out_mask, stack.profile, prob_dtype, all_tags) as writer, _cudnn_benchmark(dev):
             stats = _sweep(pred, stack, grid, writer, dev, batch_size, tta, amp, progress, tqdm)
             written = writer.finish()
+        frac = stats["positive"] / max(stats["valid"], 1)
+        extra["landslide_fraction"] = frac
+        if domain_check != "off" and (text := fraction_check(pred.metadata, frac)):
+            extra["fraction_warning"] = text
+            warnings.warn(text, DomainWarning, stacklevel=2)
     finally:
         if own_stack:
             stack.close()
@@ -356,7 +378,42 @@ def predict_scene(
         threshold=pred.threshold,
         georeferenced=stack.georeferenced,
         crs=None if stack.crs is None else stack.crs.to_string(),
+        extra=extra,
     )
+
+
+def _check_domain(pred: Predictor, stack: RasterStack, input_scale, mode: str, windows: int):
+    """Fit an unfitted input scale on a sample of the scene, then compare the sample with the
+    training statistics of the model card. Returns the predictor to use and the report dict."""
+    if mode not in ("warn", "strict", "off"):
+        raise ValueError(f"domain_check must be 'warn', 'strict' or 'off', got {mode!r}")
+    try:
+        scale = pred.input_scale if input_scale is None else InputScale.parse(input_scale)
+        samples = stack.sample(max_windows=windows) if (mode != "off" or scale.needs_fit) else None
+        if scale.needs_fit:
+            if samples.shape[1] == 0:
+                raise InferenceError(f"{stack.paths[0]}: no valid pixel to fit the percentile stretch on")
+            scale = scale.fit(samples, "scene")
+        scale.check_bands(stack.count, f"input ({', '.join(p.name for p in stack.paths)})")
+    except ScaleError as e:
+        raise InferenceError(str(e)) from None
+    if scale is not pred.input_scale:
+        pred = dataclasses.replace(pred, input_scale=scale)
+    extra: dict = {"input_scale": scale.to_dict()}
+    if mode == "off":
+        return pred, extra
+    card = dict(pred.metadata)
+    if pred.mean is not None:
+        card["normalization"] = {"mean": pred.mean.tolist(), "std": pred.std.tolist()}
+    card.setdefault("model_name", pred.name)
+    report = compare_domain(card, samples, stack.dtypes, scale, stack.descriptions,
+                            " + ".join(p.name for p in stack.paths))
+    extra["domain"] = report.to_dict()
+    if not report.ok:
+        if mode == "strict":
+            raise DomainError(report.message(strict_hint=False) + " (refused under --strict; nothing was written)")
+        warnings.warn(report.message(), DomainWarning, stacklevel=3)
+    return pred, extra
 
 
 def _read_windows(stack: RasterStack, grid: TileGrid, pred: Predictor):

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from msff.data.scaling import InputScale, ScaleError, scale_from_metadata
 from msff.inference.sources import InferenceError
 
 __all__ = ["Predictor", "load_predictor", "model_in_channels"]
@@ -41,6 +42,10 @@ class Predictor:
         output: ``"logits"`` (sigmoid / softmax applied here) or ``"probabilities"``.
         bands: names of the expected input bands (informational, shown in errors).
         name: model name for output metadata.
+        metadata: the checkpoint's model card (training statistics for the domain check, …).
+        input_scale: :class:`~msff.data.scaling.InputScale` applied to raw values before
+            ``(x - mean) / std`` (default: none; a percentile stretch not fitted yet is fitted on a
+            sample of the scene by :func:`~msff.inference.predict_scene`).
 
     Example:
         >>> import torch
@@ -57,8 +62,13 @@ class Predictor:
     bands: Optional[list] = None
     name: str = "model"
     metadata: dict = field(default_factory=dict)
+    input_scale: Optional[InputScale] = None
 
     def __post_init__(self):
+        try:
+            self.input_scale = InputScale.parse(self.input_scale)
+        except ScaleError as e:
+            raise InferenceError(str(e)) from None
         if self.output not in ("logits", "probabilities"):
             raise ValueError(f"output must be 'logits' or 'probabilities', got {self.output!r}")
         if (self.mean is None) != (self.std is None):
@@ -96,7 +106,9 @@ class Predictor:
             )
 
     def normalize(self, x: np.ndarray) -> np.ndarray:
-        """``(x - mean) / std`` over the band axis of ``(..., C, H, W)`` float32 (in place)."""
+        """Input scale, then ``(x - mean) / std`` over the band axis of ``(..., C, H, W)`` float32
+        raw values (in place)."""
+        self.input_scale.apply(x)
         if self.mean is None:
             return x
         x -= self.mean[:, None, None]
@@ -207,6 +219,10 @@ def load_predictor(
             f"checkpoint {path} stores no 'normalization' statistics in its metadata; "
             "save it with metadata={'normalization': {'mean': [...], 'std': [...]}}"
         )
+    try:
+        scale = scale_from_metadata(meta, str(path))
+    except ScaleError as e:
+        raise InferenceError(str(e)) from None
     model.eval().to(device)
     return Predictor(
         model=model,
@@ -217,4 +233,5 @@ def load_predictor(
         bands=meta.get("bands"),
         name=str(meta.get("model_name", type(model).__name__)),
         metadata=meta,
+        input_scale=scale,
     )

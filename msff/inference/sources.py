@@ -173,6 +173,36 @@ class RasterStack:
         x = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
         return x, valid
 
+    def sample(self, max_windows: int = 256, window: int = 64, max_pixels: int = 16384, seed: int = 0) -> np.ndarray:
+        """Raw values of valid pixels from at most ``max_windows`` windows of ``window``² pixels
+        (seeded random positions; a scene that small is read whole, tile by tile), keeping at most
+        ``max_pixels`` in all (a seeded random subset of each window). Reads and memory are bounded
+        whatever the scene size.
+
+        Returns:
+            float32 ``(C, N)``: N valid pixels (pixels invalid in any band are left out).
+        """
+        from rasterio.windows import Window
+
+        wh, ww = min(window, self.height), min(window, self.width)
+        if self.height * self.width <= max_windows * wh * ww:
+            starts = [(y, x) for y in range(0, self.height, wh) for x in range(0, self.width, ww)]
+        else:
+            rng = np.random.default_rng(seed)
+            starts = list(zip(rng.integers(0, self.height - wh + 1, max_windows).tolist(),
+                              rng.integers(0, self.width - ww + 1, max_windows).tolist(), strict=True))
+        rng = np.random.default_rng(seed + 1)
+        per = max(1, max_pixels // len(starts))
+        parts = []
+        for y, x in starts:
+            h, w = min(wh, self.height - y), min(ww, self.width - x)
+            xin, v = self.read(Window(x, y, w, h))
+            idx = np.flatnonzero(v)
+            if idx.size > per:
+                idx = rng.choice(idx, per, replace=False)
+            parts.append(xin.reshape(self.count, -1)[:, idx])
+        return np.concatenate(parts, axis=1) if parts else np.zeros((self.count, 0), np.float32)
+
     def read_overview(self, out_height: int, out_width: int, bands: Sequence[int]) -> np.ndarray:
         """Decimated read of the given 0-based (selected) band positions: float32 ``(len(bands), h, w)``.
 

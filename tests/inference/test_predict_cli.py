@@ -35,7 +35,7 @@ def test_full_run_with_bands_vector_quicklook(tiny_ckpt, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "valid" in printed and "MP/s" in printed
     files = sorted(os.listdir(out))
-    assert files == ["scene_mask.tif", "scene_polygons.geojson", "scene_prob.tif", "scene_quicklook.png"]
+    assert files == ["scene_mask.tif", "scene_polygons.geojson", "scene_prob.tif", "scene_quicklook.png", "scene_run.json"]
     with rasterio.open(out / "scene_mask.tif") as ds:
         m = ds.read(1)
     assert np.all(m[:10] == 255) and np.all(m[10:] != 255)
