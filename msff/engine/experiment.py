@@ -27,8 +27,23 @@ Config keys::
       "reference": "msffnet",                  # the row others are compared with
       "seeds": [0, 1, 2],
       "select": "last",                         # evaluate the last or the best (val IoU) weights
+      "soil_proxy": {"red": 1, "green": 2, "blue": 3, "nir": null},   # 1-based input bands of the
+                                               # soil-like proxy (msff.analysis.confusable); default
+                                               # RGB = bands 1-3 for 3-band data, else off; null: off
       "train": {TrainConfig fields shared by every run}
     }
+
+Metrics per run (test split, whole images): region (precision, recall, IoU, F1), boundary
+(Boundary IoU at 0.02 × diagonal, boundary F at 2 px; :mod:`msff.engine.metrics`), and the
+false-positive rate on soil-like background (``soil_fp_rate``) beside the overall background
+false-positive rate. All are micro over the test pixels of all datasets, from summed counts.
+
+**Paired design.** Every model runs with the same seeds, and a seed fixes the weight
+initialisation *and* the training data (the crops, augmentation draws and their order depend
+only on the seed, never on the model; each run records a digest of them, ``data_order``). So
+the comparison with the reference is paired by seed: :func:`paired_test` (paired t-test on the
+per-seed differences, 95 % confidence interval, effect size d_z) and :func:`seeds_for_power`
+(how many seeds would detect a given difference at the observed spread of the differences).
 
 Example:
     >>> from msff.engine.experiment import run_experiment_config
@@ -63,11 +78,14 @@ from msff.data import (
     split_pairs,
 )
 from msff.data.discover import Pair
-from msff.engine.metrics import metrics_from_counts
+from msff.engine.metrics import micro_metrics
 from msff.engine.report import atomic_write_bytes, atomic_write_json
 from msff.engine.train import STATE_NAME, TrainConfig, build_model, evaluate, fit, load_checkpoint
 
 __all__ = [
+    "paired_test",
+    "seeds_for_power",
+    "t_quantile",
     "load_experiment_config",
     "run_experiment_config",
     "summarize",
@@ -84,8 +102,14 @@ log = logging.getLogger("msff.experiment")
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 SHIPPED_CONFIGS = tuple(sorted(p.stem[len("experiment_"):] for p in CONFIG_DIR.glob("experiment_*.json")))
 METRICS = ("precision", "recall", "iou", "f1")
+BOUNDARY_METRICS = ("boundary_iou", "boundary_f")
+CONFUSABLE_METRICS = ("soil_fp_rate", "background_fp_rate")
+PAIRED_METRICS = ("iou", "boundary_iou", "boundary_f", "soil_fp_rate")
+_COUNT_KEYS = ("tp", "fp", "fn", "tn", "biou_inter", "biou_union", "bf_pred_matched", "bf_pred", "bf_gt_matched",
+               "bf_gt", "soil_fp", "soil_bg", "soil_landslide", "landslide")
 _KNOWN_KEYS = {"name", "description", "data_root", "datasets", "split", "models", "reference", "seeds",
-               "select", "train", "mask_encoding", "bands", "threads", "notes"}
+               "select", "train", "mask_encoding", "bands", "threads", "notes", "soil_proxy"}
+_SOIL_KEYS = {"red", "green", "blue", "nir", "greenness_max", "ndvi_max", "brightness_quantile"}
 
 
 # ---- config -------------------------------------------------------------------------------------
@@ -161,6 +185,13 @@ def load_experiment_config(config: str | os.PathLike | dict) -> dict:
         raise ValueError("train options must not set 'model' or 'seed': the experiment sets them per run")
     TrainConfig.from_dict(dict(cfg["train"]))  # unknown training options fail now
     cfg["seeds"] = [int(s) for s in cfg["seeds"]]
+    sp = cfg.get("soil_proxy")
+    if sp is not None:
+        if not isinstance(sp, dict) or set(sp) - _SOIL_KEYS:
+            raise ValueError(f"soil_proxy must be null or a dict with keys from {sorted(_SOIL_KEYS)}, got {sp!r}")
+        for k in ("red", "green", "blue", "nir"):
+            if sp.get(k) is not None and (not isinstance(sp[k], int) or sp[k] < 1):
+                raise ValueError(f"soil_proxy.{k} must be a 1-based band number, got {sp[k]!r}")
     return cfg
 
 
@@ -252,6 +283,43 @@ def _inference_ms(model: torch.nn.Module, in_channels: int, size: int, device: t
     return 1000.0 * float(np.median(times))
 
 
+def _soil_bands(cfg: dict, in_channels: int) -> Optional[dict]:
+    """Keyword arguments of soil_like_mask (0-based bands) from the config, or None (proxy off)."""
+    if "soil_proxy" not in cfg:
+        if in_channels != 3:
+            log.info("soil-like proxy off: %d input bands (set soil_proxy to name the RGB/NIR bands)", in_channels)
+            return None
+        return {}
+    sp = cfg["soil_proxy"]
+    if sp is None:
+        return None
+    out = {k: v for k, v in sp.items() if k not in ("red", "green", "blue", "nir")}
+    for k, default in (("red", 1), ("green", 2), ("blue", 3), ("nir", None)):
+        b = sp.get(k, default)
+        if b is not None and b > in_channels:
+            raise ValueError(f"soil_proxy.{k} = {b} but the input has {in_channels} band(s)")
+        out[k] = None if b is None else b - 1
+    return out
+
+
+def data_order_digest(tc: TrainConfig, train_names: Sequence[str]) -> str:
+    """Digest of the training data a run sees: training image names, crop, augmentation, and every
+    (image, draw) key of every epoch. Equal digests ⇒ identical training data in identical order."""
+    import hashlib
+
+    from msff.data.dataset import EpochSampler
+
+    names = list(train_names)
+    sampler = EpochSampler(len(names), tc.samples_per_epoch, tc.seed)
+    keys = []
+    for epoch in range(1, tc.epochs + 1):
+        sampler.set_epoch(epoch)
+        keys.append(list(sampler))
+    blob = json.dumps({"names": names, "seed": tc.seed, "crop": tc.crop, "augment": tc.augment, "keys": keys},
+                      sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
 def _run_one(cfg: dict, model: dict, seed: int, out_dir: Path, data: dict, progress: bool) -> dict:
     label = model["label"]
     folder = run_dir(out_dir, label, seed)
@@ -273,18 +341,23 @@ def _run_one(cfg: dict, model: dict, seed: int, out_dir: Path, data: dict, progr
     from msff.models.zoo import count_parameters
 
     per_dataset: dict[str, dict] = {}
-    counts = np.zeros(3, dtype=np.int64)
+    counts: dict[str, int] = {}
     pixels = 0
+    soil = _soil_bands(cfg, train_ds.in_channels)
     t0 = time.perf_counter()
     for dname, ds in tests.items():
         ds.normalization = data["normalization"]
-        r = evaluate(net, ds, batch_size=1, device=device, threshold=tc.threshold, amp=tc.amp, loss=None)
-        per_dataset[dname] = {k: r[k] for k in METRICS} | {"tp": r["tp"], "fp": r["fp"], "fn": r["fn"],
-                                                            "images": r["images"]}
-        counts += np.array([r["tp"], r["fp"], r["fn"]], dtype=np.int64)
+        r = evaluate(net, ds, batch_size=1, device=device, threshold=tc.threshold, amp=tc.amp, loss=None,
+                     soil_bands=soil)
+        keep = METRICS + BOUNDARY_METRICS + CONFUSABLE_METRICS + ("image_iou", "image_boundary_iou", "image_boundary_f")
+        per_dataset[dname] = {k: r[k] for k in keep if k in r} | {k: r[k] for k in _COUNT_KEYS if k in r} | \
+            {"images": r["images"]}
+        for k in _COUNT_KEYS:
+            if k in r:
+                counts[k] = counts.get(k, 0) + int(r[k])
         pixels += r["tp"] + r["fp"] + r["fn"] + r["tn"]
     eval_s = time.perf_counter() - t0
-    overall = metrics_from_counts(*(int(c) for c in counts))
+    overall = micro_metrics(counts)
     history_rows = metrics_json.get("epochs_run", 0)
     train_s = _spent_seconds(folder)
     steps = history_rows * math.ceil((tc.samples_per_epoch or len(train_ds)) / tc.batch_size)
@@ -302,6 +375,7 @@ def _run_one(cfg: dict, model: dict, seed: int, out_dir: Path, data: dict, progr
         "infer_s_per_mpx": eval_s / max(pixels / 1e6, 1e-9),
         "infer_ms_crop": _inference_ms(net, train_ds.in_channels, tc.crop or 256, device),
         "select": cfg["select"],
+        "data_order": data_order_digest(tc, [p.name for p in train_ds.pairs]),
         **overall,
         "iou_dataset_mean": float(np.mean([v["iou"] for v in per_dataset.values()])),
         "per_dataset": per_dataset,
@@ -423,8 +497,9 @@ def run_experiment_config(
         files = sorted((out_dir / "runs" / m["label"]).glob("seed_*.json"), key=lambda p: int(p.stem[5:]))
         all_results += [json.loads(p.read_text()) for p in files]
     summary = summarize(all_results, [m["label"] for m in cfg["models"]], list(cfg["datasets"]))
-    out = {"config": cfg, "split": data["split"], "runs": all_results, "summary": summary, "skipped": skipped,
-           "failed": failed}
+    paired = paired_comparisons(all_results, cfg["reference"], list(summary))
+    out = {"config": cfg, "split": data["split"], "runs": all_results, "summary": summary, "paired": paired,
+           "skipped": skipped, "failed": failed}
     write_reports(out, out_dir)
     return out
 
@@ -437,7 +512,7 @@ def _mean_std(values: Sequence[float]) -> dict:
     return {"mean": float(a.mean()), "std": float(a.std(ddof=1)) if a.size > 1 else 0.0, "n": int(a.size)}
 
 
-_SUMMARY_KEYS = METRICS + ("iou_dataset_mean", "params", "steps", "epochs_run", "train_s", "infer_s_per_mpx",
+_SUMMARY_KEYS = METRICS + BOUNDARY_METRICS + CONFUSABLE_METRICS + ("iou_dataset_mean", "params", "steps", "epochs_run", "train_s", "infer_s_per_mpx",
                            "infer_ms_crop")
 
 
@@ -453,10 +528,10 @@ def summarize(results: Sequence[dict], labels: Sequence[str], datasets: Sequence
         rs = [r for r in results if r["model"] == label]
         if not rs:
             continue
-        s: dict[str, Any] = {k: _mean_std([r[k] for r in rs]) for k in _SUMMARY_KEYS}
+        s: dict[str, Any] = {k: _mean_std([r.get(k) for r in rs]) for k in _SUMMARY_KEYS}
         for d in datasets:
-            s[f"iou/{d}"] = _mean_std([r["per_dataset"][d]["iou"] for r in rs if d in r["per_dataset"]])
-            s[f"f1/{d}"] = _mean_std([r["per_dataset"][d]["f1"] for r in rs if d in r["per_dataset"]])
+            for k in ("iou", "f1", "boundary_iou"):
+                s[f"{k}/{d}"] = _mean_std([r["per_dataset"][d].get(k) for r in rs if d in r["per_dataset"]])
         s["seeds"] = sorted(r["seed"] for r in rs)
         s["model_name"] = rs[0]["model_name"]
         out[label] = s
@@ -514,6 +589,129 @@ def welch_test(a: dict, b: dict) -> dict:
     return {"diff": diff, "t": t, "df": df, "p": p}
 
 
+def _t_two_sided_p(t: float, df: float) -> float:
+    return _betainc(df / 2, 0.5, df / (df + t * t))
+
+
+def t_quantile(q: float, df: float) -> float:
+    """Quantile of Student's t distribution with ``df`` degrees of freedom (bisection on the CDF).
+
+    Example:
+        >>> round(t_quantile(0.975, 4), 3)
+        2.776
+    """
+    if not 0 < q < 1 or not df > 0:
+        return float("nan")
+    if q < 0.5:
+        return -t_quantile(1 - q, df)
+    target = 2 * (1 - q)  # two-sided tail probability of |T| > t
+    lo, hi = 0.0, 1.0
+    while _t_two_sided_p(hi, df) > target:
+        hi *= 2
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        if _t_two_sided_p(mid, df) > target:
+            lo = mid
+        else:
+            hi = mid
+    return (lo + hi) / 2
+
+
+def paired_test(a: dict, b: dict, confidence: float = 0.95) -> dict:
+    """Paired t-test of per-seed values ``a[seed] − b[seed]`` over the seeds both have.
+
+    Args:
+        a, b: ``{seed: value}`` (e.g. test IoU of a model and of the reference per seed).
+        confidence: level of the confidence interval of the mean difference.
+
+    Returns:
+        ``{"n", "seeds", "diff" (mean difference), "sd" (sample std of the differences),
+        "ci_low", "ci_high", "t", "df", "p" (two-sided), "dz" (Cohen's d_z = diff / sd)}``;
+        NaN where undefined (fewer than 2 pairs; zero spread gives t, p, d_z NaN).
+
+    Example:
+        >>> r = paired_test({0: 0.50, 1: 0.55, 2: 0.60}, {0: 0.45, 1: 0.49, 2: 0.56})
+        >>> round(r["diff"], 3), round(r["p"], 3)
+        (0.05, 0.013)
+    """
+    nan = float("nan")
+    seeds = sorted(k for k in set(a) & set(b)
+                   if a[k] is not None and b[k] is not None and math.isfinite(a[k]) and math.isfinite(b[k]))
+    d = np.array([a[k] - b[k] for k in seeds], dtype=np.float64)
+    n = int(d.size)
+    out = {"n": n, "seeds": seeds, "diff": float(d.mean()) if n else nan, "sd": nan, "ci_low": nan, "ci_high": nan,
+           "t": nan, "df": nan, "p": nan, "dz": nan}
+    if n < 2:
+        return out
+    sd = float(d.std(ddof=1))
+    se = sd / math.sqrt(n)
+    half = t_quantile(0.5 + confidence / 2, n - 1) * se
+    out.update(sd=sd, df=n - 1, ci_low=out["diff"] - half, ci_high=out["diff"] + half)
+    if sd > 0:
+        t = out["diff"] / se
+        out.update(t=t, p=_t_two_sided_p(t, n - 1), dz=out["diff"] / sd)
+    return out
+
+
+def seeds_for_power(sd: float, delta: float = 0.02, alpha: float = 0.05, power: float = 0.8, max_n: int = 100_000) -> int:
+    """Seeds (pairs) a two-sided paired t-test needs to detect a mean difference ``delta`` with
+    probability ``power`` at level ``alpha`` when the per-seed differences spread with std ``sd``.
+
+    Uses the usual shifted-central-t approximation n ≥ ((t_{1−α/2, n−1} + t_{power, n−1}) · sd/delta)²
+    (within one seed of the exact noncentral-t answer for n ≥ 5). Returns ``max_n`` when even that
+    is not enough, and 2 when ``sd`` is 0.
+
+    Example:
+        >>> seeds_for_power(0.05, 0.02)   # d_z = 0.4: G*Power's exact answer is 52
+        52
+    """
+    if not (sd > 0) or not math.isfinite(sd):
+        return 2
+    n = max(2, int((2.8 * sd / abs(delta)) ** 2) - 2)
+    while n < max_n:
+        need = ((t_quantile(1 - alpha / 2, n - 1) + t_quantile(power, n - 1)) * sd / abs(delta)) ** 2
+        if n >= need:
+            return n
+        n += 1
+    return max_n
+
+
+def minimum_detectable_difference(sd: float, n: int, alpha: float = 0.05, power: float = 0.8) -> float:
+    """Smallest mean difference a paired t-test over ``n`` seeds detects with ``power`` (same approximation)."""
+    if n < 2 or not math.isfinite(sd):
+        return float("nan")
+    return (t_quantile(1 - alpha / 2, n - 1) + t_quantile(power, n - 1)) * sd / math.sqrt(n)
+
+
+def paired_comparisons(results: Sequence[dict], reference: str, labels: Sequence[str],
+                       metrics: Sequence[str] = PAIRED_METRICS, delta: float = 0.02) -> dict:
+    """Every model against ``reference``, paired by seed, for each metric.
+
+    Runs pair only when their ``data_order`` digests agree (the same training data in the same
+    order); a seed whose runs differ is left out and listed under ``unpaired_seeds``.
+
+    Returns:
+        ``{label: {metric: paired_test(...) + {"seeds_for_power", "mdd"}}, "unpaired_seeds": [...]}``
+        where ``seeds_for_power`` is :func:`seeds_for_power` at ``delta`` and ``mdd`` the minimum
+        detectable difference at the seeds run (α = 0.05, power 0.8).
+    """
+    by = {lab: {r["seed"]: r for r in results if r["model"] == lab} for lab in labels}
+    ref = by.get(reference, {})
+    out: dict[str, Any] = {}
+    for lab in labels:
+        if lab == reference or not by[lab]:
+            continue
+        seeds = [s for s in by[lab] if s in ref and by[lab][s].get("data_order") == ref[s].get("data_order")]
+        entry: dict[str, Any] = {"unpaired_seeds": sorted(s for s in by[lab] if s in ref and s not in seeds)}
+        for m in metrics:
+            pt = paired_test({s: by[lab][s].get(m) for s in seeds}, {s: ref[s].get(m) for s in seeds})
+            pt["seeds_for_power"] = seeds_for_power(pt["sd"], delta) if pt["n"] >= 2 else None
+            pt["mdd"] = minimum_detectable_difference(pt["sd"], pt["n"])
+            entry[m] = pt
+        out[lab] = entry
+    return out
+
+
 def _pm(s: dict, digits: int = 3) -> str:
     if not s or s["n"] == 0 or not math.isfinite(s["mean"]):
         return "–"
@@ -532,8 +730,8 @@ def write_reports(out: dict, out_dir: str | os.PathLike) -> dict[str, Path]:
     paths = {"json": out_dir / "results.json", "csv": out_dir / "results.csv", "md": out_dir / "results.md"}
     atomic_write_json(paths["json"], {k: v for k, v in out.items() if k != "skipped"})
     # CSV: one row per model, mean and std columns.
-    cols = list(METRICS) + ["iou_dataset_mean"] + [f"iou/{d}" for d in datasets] + \
-        ["params", "steps", "train_s", "infer_s_per_mpx", "infer_ms_crop"]
+    cols = list(METRICS) + list(BOUNDARY_METRICS) + list(CONFUSABLE_METRICS) + ["iou_dataset_mean"] + \
+        [f"iou/{d}" for d in datasets] + ["params", "steps", "train_s", "infer_s_per_mpx", "infer_ms_crop"]
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(["model", "model_name", "runs"] + [f"{c}_{s}" for c in cols for s in ("mean", "std")])
@@ -563,25 +761,48 @@ def write_reports(out: dict, out_dir: str | os.PathLike) -> dict[str, Path]:
         "",
         "Test metrics on whole images, mean ± sample std over seeds. Precision/recall/IoU/F1 are "
         "micro-averaged over all test pixels of all datasets (the largest images dominate); "
-        "\"IoU mean/ds\" averages the per-dataset IoUs (each dataset counts once).",
+        "\"IoU mean/ds\" averages the per-dataset IoUs (each dataset counts once). "
+        "B-IoU: Boundary IoU (Cheng et al. 2021; band 0.02 × image diagonal); B-F: boundary F-score "
+        "(2 px tolerance); Soil FP: share of soil-like ground-truth background (low greenness, bright; "
+        "`msff.analysis.confusable`) predicted landslide; BG FP: share of all background predicted landslide.",
         "",
     ]
-    head = ["Model", "Runs", "Params", "Steps", "Precision", "Recall", "IoU", "F1", "IoU mean/ds"] + \
-        [f"IoU {d}" for d in datasets] + ["Train s", "Infer s/Mpx"]
+    head = ["Model", "Runs", "Params", "Steps", "Precision", "Recall", "IoU", "F1", "B-IoU", "B-F", "Soil FP",
+            "BG FP", "IoU mean/ds"] + [f"IoU {d}" for d in datasets] + ["Train s", "Infer s/Mpx"]
     lines.append("| " + " | ".join(head) + " |")
     lines.append("|" + "|".join(["---"] * len(head)) + "|")
     for label, s in summary.items():
         row = [f"`{label}`", str(s["iou"]["n"]), f"{s['params']['mean'] / 1e6:.2f} M", f"{s['steps']['mean']:.0f}"]
-        row += [_pm(s[m]) for m in METRICS] + [_pm(s["iou_dataset_mean"])]
+        row += [_pm(s[m]) for m in METRICS + BOUNDARY_METRICS + CONFUSABLE_METRICS] + [_pm(s["iou_dataset_mean"])]
         row += [_pm(s[f"iou/{d}"]) for d in datasets]
         row += [f"{s['train_s']['mean']:.0f}", f"{s['infer_s_per_mpx']['mean']:.2f}"]
         lines.append("| " + " | ".join(row) + " |")
     ref = cfg.get("reference")
     if ref in summary and len(summary) > 1:
-        lines += ["", f"Differences to `{ref}`: Δ = other − {ref}, Welch's t-test over seeds (t, two-sided p; "
-                  "unequal variances). With 3 seeds per model a p above 0.05 means the difference is within "
-                  "seed-to-seed noise; no correction for the several comparisons is applied.",
-                  "", "| Model | Δ IoU | t | p | Δ IoU mean/ds | t | p |", "|---|---|---|---|---|---|---|"]
+        paired = out.get("paired") or paired_comparisons(out["runs"], ref, list(summary))
+        lines += ["", f"Paired differences to `{ref}` (Δ = other − {ref}, per seed: a seed fixes the weight "
+                  "initialisation and the training crops and their order, the same for every model): mean Δ, its "
+                  "95 % confidence interval, effect size d_z = mean Δ / sd(Δ), paired t-test (two-sided p). "
+                  "\"Seeds for 0.02\": how many seeds a paired test would need to detect |Δ| = 0.02 with 80 % power "
+                  "at α = 0.05 given the observed sd(Δ); \"MDD\": the smallest difference the seeds run would "
+                  "detect so. No correction for the several comparisons is applied.", ""]
+        names = {"iou": "IoU", "boundary_iou": "Boundary IoU", "boundary_f": "Boundary F", "soil_fp_rate": "Soil FP rate"}
+        lines += ["| Model | Metric | Pairs | Δ | 95 % CI | d_z | t | p | Seeds for 0.02 | MDD |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for label, entry in paired.items():
+            for m in PAIRED_METRICS:
+                pt = entry.get(m)
+                if not pt or pt["n"] == 0:
+                    continue
+                ci = f"[{pt['ci_low']:+.3f}, {pt['ci_high']:+.3f}]" if math.isfinite(pt["ci_low"]) else "–"
+                sp = "–" if pt["seeds_for_power"] is None else str(pt["seeds_for_power"])
+                lines.append(f"| `{label}` | {names[m]} | {pt['n']} | {pt['diff']:+.3f} | {ci} | {pt['dz']:+.2f} | "
+                             f"{pt['t']:+.2f} | {pt['p']:.3f} | {sp} | {pt['mdd']:.3f} |")
+            if entry.get("unpaired_seeds"):
+                lines.append(f"| `{label}` | (seeds {entry['unpaired_seeds']} left out: different training data "
+                             "than the reference's run) | | | | | | | | |")
+        lines += ["", "Unpaired view (Welch's t-test over seeds, as if the runs were independent):", "",
+                  "| Model | Δ IoU | t | p | Δ IoU mean/ds | t | p |", "|---|---|---|---|---|---|---|"]
         for label, s in summary.items():
             if label == ref:
                 continue
@@ -602,7 +823,7 @@ def _plot(summary: dict, datasets: Sequence[str], path: Path, title: str) -> Non
     plt = _plt()
     labels = list(summary)
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2), dpi=90)
-    groups = [("overall", list(METRICS)), ("IoU per dataset", [f"iou/{d}" for d in datasets] + ["iou_dataset_mean"])]
+    groups = [("overall", list(METRICS + BOUNDARY_METRICS)), ("IoU per dataset", [f"iou/{d}" for d in datasets] + ["iou_dataset_mean"])]
     for ax, (name, keys) in zip(axes, groups, strict=True):
         n = len(labels)
         width = 0.8 / n

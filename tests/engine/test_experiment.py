@@ -58,6 +58,19 @@ def test_runner_end_to_end_and_resume(tmp_path, data_root):
         fp = sum(d["fp"] for d in r["per_dataset"].values())
         fn = sum(d["fn"] for d in r["per_dataset"].values())
         assert r["iou"] == pytest.approx(tp / max(tp + fp + fn, 1))
+        # Boundary and soil metrics are micro too: from the summed per-dataset counts.
+        bi = sum(d["biou_inter"] for d in r["per_dataset"].values())
+        bu = sum(d["biou_union"] for d in r["per_dataset"].values())
+        assert r["boundary_iou"] == pytest.approx(bi / bu if bu else 0.0)
+        sfp = sum(d["soil_fp"] for d in r["per_dataset"].values())
+        sbg = sum(d["soil_bg"] for d in r["per_dataset"].values())
+        assert sbg > 0 and r["soil_fp_rate"] == pytest.approx(sfp / sbg)
+        assert 0.0 <= r["boundary_f"] <= 1.0 and 0.0 <= r["background_fp_rate"] <= 1.0
+    # Paired design: one seed gives every model the same training data in the same order.
+    order = {(r["model"], r["seed"]): r["data_order"] for r in res["runs"]}
+    assert order[("unet", 0)] == order[("msffnet-baseline", 0)] != order[("unet", 1)] == order[("msffnet-baseline", 1)]
+    pt = res["paired"]["unet"]["iou"]
+    assert pt["n"] == 2 and pt["seeds"] == [0, 1] and res["paired"]["unet"]["unpaired_seeds"] == []
     # Same protocol for all: one split file, the same test images for every run.
     split = json.loads((out / "split.json").read_text())
     assert set(split) == {"alpha", "beta"}
@@ -75,6 +88,8 @@ def test_runner_end_to_end_and_resume(tmp_path, data_root):
     assert all(r["runs"] == "2" for r in rows)
     md = (out / "results.md").read_text()
     assert "| `unet` |" in md and "IoU alpha" in md and "±" in md and "Welch" in md
+    assert "B-IoU" in md and "Soil FP" in md and "Paired differences" in md and "| `unet` | Boundary IoU | 2 |" in md
+    assert "boundary_iou_mean" in rows[0] and "soil_fp_rate_mean" in rows[0]
     # Resume: nothing is retrained.
     stamps = {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("seed_*.json")}
     again = run_experiment_config(cfg, out)
@@ -209,3 +224,72 @@ def test_welch_test_matches_student_t_tables():
     w = welch_test({"mean": 3.0, "std": 1.0, "n": 2}, {"mean": 0.0, "std": 1e-12, "n": 10**12})
     assert w["df"] == pytest.approx(1.0) and w["p"] == pytest.approx(1 - 2 * math.atan(w["t"]) / math.pi, rel=1e-6)
     assert math.isnan(welch_test({"mean": 1, "std": 0, "n": 1}, {"mean": 0, "std": 0, "n": 3})["p"])
+
+
+def test_t_quantile_matches_tables():
+    from msff.engine.experiment import t_quantile
+
+    for q, df, ref in [(0.975, 4, 2.776), (0.975, 9, 2.262), (0.8, 10, 0.879), (0.95, 1, 6.314), (0.975, 200, 1.972)]:
+        assert t_quantile(q, df) == pytest.approx(ref, abs=1.5e-3)
+    assert t_quantile(0.025, 4) == pytest.approx(-2.776, abs=1.5e-3)
+
+
+def test_paired_test_by_hand_and_pairing_matters():
+    import math
+
+    from msff.engine.experiment import paired_test, welch_test
+
+    a = {0: 0.50, 1: 0.62, 2: 0.41, 3: 0.55, 4: 0.47}
+    b = {0: 0.48, 1: 0.59, 2: 0.40, 3: 0.52, 4: 0.46, 9: 0.99}  # seed 9 has no partner: ignored
+    d = [0.02, 0.03, 0.01, 0.03, 0.01]
+    mean, sd = sum(d) / 5, (sum((x - 0.02) ** 2 for x in d) / 4) ** 0.5
+    r = paired_test(a, b)
+    assert r["n"] == 5 and r["seeds"] == [0, 1, 2, 3, 4]
+    assert r["diff"] == pytest.approx(mean) and r["sd"] == pytest.approx(sd)
+    assert r["t"] == pytest.approx(mean / (sd / 5**0.5)) and r["df"] == 4
+    half = 2.776 * sd / 5**0.5
+    assert r["ci_low"] == pytest.approx(mean - half, abs=1e-4) and r["ci_high"] == pytest.approx(mean + half, abs=1e-4)
+    assert r["dz"] == pytest.approx(mean / sd) and r["p"] == pytest.approx(0.01106, abs=2e-4)  # t(4) = 4.472
+    # The same numbers unpaired: the between-seed spread swamps the difference.
+    sa = {"mean": sum(a.values()) / 5, "std": float(__import__("numpy").std(list(a.values()), ddof=1)), "n": 5}
+    vb = [b[k] for k in range(5)]
+    sb = {"mean": sum(vb) / 5, "std": float(__import__("numpy").std(vb, ddof=1)), "n": 5}
+    assert welch_test(sa, sb)["p"] > 0.5
+    one = paired_test({0: 1.0}, {0: 0.5})
+    assert one["n"] == 1 and math.isnan(one["p"]) and math.isnan(one["ci_low"])
+
+
+def test_seeds_for_power_matches_gpower():
+    from msff.engine.experiment import minimum_detectable_difference, seeds_for_power
+
+    # G*Power, paired t-test (matched pairs), two-sided α = 0.05, power 0.8: d_z 0.4 → 52, 0.5 → 34, 0.8 → 15.
+    for dz, exact in [(0.4, 52), (0.5, 34), (0.8, 15)]:
+        assert abs(seeds_for_power(0.02 / dz, 0.02) - exact) <= 1
+    assert seeds_for_power(0.0) == 2
+    n = seeds_for_power(0.05, 0.02)
+    assert minimum_detectable_difference(0.05, n) <= 0.02 < minimum_detectable_difference(0.05, n - 1)
+
+
+def test_paired_comparisons_refuse_runs_with_different_data():
+    from msff.engine.experiment import paired_comparisons
+
+    runs = [{"model": m, "seed": s, "iou": v, "data_order": f"d{s}" if (m, s) != ("b", 2) else "other"}
+            for m, vals in (("a", (0.5, 0.6, 0.7)), ("b", (0.4, 0.55, 0.6))) for s, v in enumerate(vals)]
+    r = paired_comparisons(runs, "a", ["a", "b"], metrics=("iou",))
+    assert r["b"]["unpaired_seeds"] == [2] and r["b"]["iou"]["n"] == 2
+    assert r["b"]["iou"]["diff"] == pytest.approx(-0.075)
+
+
+def test_soil_proxy_config(data_root):
+    from msff.engine.experiment import _soil_bands
+
+    cfg = load_experiment_config(_config(data_root))
+    assert _soil_bands(cfg, 3) == {} and _soil_bands(cfg, 14) is None
+    cfg["soil_proxy"] = {"red": 4, "green": 3, "blue": 2, "nir": 8}
+    assert _soil_bands(cfg, 14) == {"red": 3, "green": 2, "blue": 1, "nir": 7}
+    with pytest.raises(ValueError, match="input has 3 band"):
+        _soil_bands(cfg, 3)
+    bad = _config(data_root)
+    bad["soil_proxy"] = {"red": 0}
+    with pytest.raises(ValueError, match="1-based"):
+        load_experiment_config(bad)
