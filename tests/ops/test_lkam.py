@@ -13,6 +13,7 @@ import copy
 
 import pytest
 import torch
+from network_parity import assert_network_parity
 from ops_testing import (
     DEVICE,
     assert_close,
@@ -163,39 +164,15 @@ def test_fuse_for_inference_matches_eval_model():
         assert_close(fused(x), want, rtol=1e-4)
 
 
-def _model_run(model, backend, train, x, g):
-    m = copy.deepcopy(model).set_backend(backend).train(train)
-    x = x.clone().requires_grad_()
-    y = m(x)
-    y.backward(g)
-    return [y, x.grad] + [p.grad for p in m.parameters()], m
-
-
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
 def test_msffnet_triton_matches_reference(train):
+    # Compared on the branch the fused run took: ReLU / max-pool decisions that differ from the
+    # reference's only by rounding are pinned (network_parity.py; a kink flip made the old rule
+    # flaky: MSFF_TEST_SEED=34 [train]); logits, grad x, every parameter grad and buffer checked.
     model = randomize_bn(MSFFNet(width_multiplier=0.125, lkam_blocks=1, kernel_size=7)).to(DEVICE)
     x = torch.randn(2, 3, 32, 32, device=DEVICE)
     g = torch.randn(2, 1, 32, 32, device=DEVICE)
-    fused, fm = _model_run(model, "triton", train, x, g)
-    ref, rm = _model_run(model, "reference", train, x, g)
-    # The network's gradients are discontinuous (max-pool ties between ReLU zeros, ReLU kinks): an
-    # fp32 summation-order difference can flip one kink and move a few gradient entries by O(1e-3)
-    # (seen in CI on grad x). So tensors are compared in Frobenius norm: the fused error may be
-    # 1e-4 of the tensor's norm plus twice the reference's own movement under a 1e-6 relative
-    # perturbation of x (the size of fp32 accumulation error over ~100 terms, which is what
-    # separates two correct fp32 implementations) or against a float64 run (as for low precision,
-    # STYLE.md). The op- and block-level tests keep the strict fp32 rule; this one checks wiring.
-    wobble, _ = _model_run(model, "reference", train, x * (1 + 1e-6 * torch.randn_like(x)), g)
-    exact, _ = _model_run(copy.deepcopy(model).double(), "reference", train, x.double(), g.double())
-    names = ["logits", "grad x"] + [f"grad {n}" for n, _ in rm.named_parameters()]
-    for name, a, b, w, e in zip(names, fused, ref, wobble, exact, strict=True):
-        assert a.shape == b.shape and a.dtype == b.dtype, name
-        b64 = b.double()
-        own = max((w.double() - b64).norm().item(), (e - b64).norm().item())
-        err = (a.double() - b64).norm().item()
-        assert err <= 1e-4 * b64.norm().item() + 2 * own + 1e-6, f"{name}: l2 err {err:.3e}, own {own:.3e}"
-    for (n, b), (_, br) in zip(fm.named_buffers(), rm.named_buffers(), strict=True):
-        assert_close(b.double(), br.double(), f"buffer {n}", rtol=1e-4)
+    assert_network_parity(model, "triton", train, x, g)
 
 
 def test_lkam_block_torch_compile():
