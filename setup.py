@@ -10,7 +10,10 @@ installed. Switches (environment variables):
 * ``MSFF_BUILD_CUDA``: ``auto`` (default: build CUDA kernels when torch is a CUDA build and nvcc
   is found), ``1`` (force; fail if impossible), ``0`` (skip CUDA kernels).
 * ``MSFF_BUILD_EXT``: ``1`` (default) builds ``msff._C``; ``0`` installs pure Python only.
-* ``TORCH_CUDA_ARCH_LIST`` (default "8.0;9.0"), ``MAX_JOBS``.
+* ``TORCH_CUDA_ARCH_LIST`` (default "8.0+PTX;9.0a": Ampere SASS + PTX that newer GPUs JIT, and
+  Hopper's arch-specific SASS so the wgmma/TMA kernels exist; a list with ``9.0a`` defines
+  ``MSFF_HAVE_SM90A`` and the launchers pick the sm_90a kernels on a 9.0 device at run time),
+  ``MAX_JOBS``.
 * ``CUDA_HOME`` / ``CUDA_PATH``: the toolkit root. When unset, the root is the first of: the
   folder above ``nvcc`` on PATH, ``/usr/local/cuda``, ``/usr/local/cuda-*``, that holds both
   ``bin/nvcc`` and ``include/cuda_runtime.h`` (so a wrapper ``/usr/local/bin/nvcc`` does not
@@ -44,7 +47,7 @@ PACKAGES = [
 ]
 PACKAGE_DIR = {"msff.kernels": "kernels"}
 ROOT = os.path.dirname(os.path.abspath(__file__))
-DEFAULT_ARCH_LIST = "8.0;9.0"
+DEFAULT_ARCH_LIST = "8.0+PTX;9.0a"
 
 
 _BUILD_COMMANDS = {"build", "build_ext", "bdist_wheel", "editable_wheel", "develop", "install"}
@@ -185,6 +188,10 @@ def _ext_modules():
         )
         major, minor = (int(v) for v in nvcc_ver.split(".")[:2])
         define_macros += [("MSFF_WITH_CUDA", "1"), ("MSFF_CUDA_VERSION", str(1000 * major + 10 * minor))]
+        arches = [a.strip() for a in re.split(r"[;\s]+", os.environ["TORCH_CUDA_ARCH_LIST"]) if a.strip()]
+        if any(a.split("+")[0] == "9.0a" for a in arches):
+            # the host launchers may choose the sm_90a (wgmma) kernels on a compute-capability 9.0 GPU
+            define_macros.append(("MSFF_HAVE_SM90A", "1"))
         nvcc = ["-O3", "-lineinfo", "--expt-relaxed-constexpr"]
         ext_kwargs["extra_compile_args"] = {"cxx": cxx, "nvcc": nvcc}
         ext_kwargs["include_dirs"] = [os.path.join(ROOT, "csrc")] + _nvidia_wheel_includes()

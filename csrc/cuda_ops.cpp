@@ -14,6 +14,7 @@
 #include <tuple>
 #include <vector>
 
+#include "cuda/line_conv_plan.h"
 #include "msff_cuda.h"
 
 namespace msff {
@@ -360,6 +361,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lk_conv_backward_cuda
     p.dtype = dt;
     p.fp32_mode = fp32_mode();
     p.num_sms = num_sms(x.device().index());
+    p.kernel = line_conv_wgrad_choose(p, conv_request());
+    Tensor part;
+    if (p.kernel != ConvKernel::kGeneric) {
+      const TcWgradPlan pl = tc_wgrad_plan(p.N, p.Cin, p.Cout, p.H, p.W, p.K, p.axis, p.num_sms);
+      part = at::empty({pl.partial_elems}, x.options().dtype(at::kFloat));
+      p.partials = part.data_ptr<float>();
+    }
     check_launch(line_conv_wgrad(p, stream), "lk_conv backward (weight gradient)");
     grad_w = dw.reshape(weight.sizes()).to(weight.scalar_type());
   }

@@ -97,7 +97,15 @@ struct LineConvWgradParams {
   DType dtype;
   Fp32Mode fp32_mode;
   int num_sms;  // sizes the split over pixels
+  // Tensor-core kernel only (kernel != kGeneric): dw is overwritten (no zeroing needed) from the
+  // fp32 partials scratch of tc_wgrad_plan(...).partial_elems elements (csrc/cuda/line_conv_plan.h).
+  ConvKernel kernel;  // from line_conv_wgrad_choose()
+  float* partials;
 };
+
+// The weight-gradient kernel line_conv_wgrad would run for p, given the caller's request
+// (kSm80 = mma.sync, split-K over pixels, deterministic; it is also what kBest runs on Hopper).
+ConvKernel line_conv_wgrad_choose(const LineConvWgradParams& p, ConvRequest request);
 
 // ---- pointwise + channel-reduction kernels (csrc/cuda/pointwise.cu) -------------------------
 // All walk a (N, C, H, W) domain in tiles of 32 channels × 64 pixels of one image, coalescing

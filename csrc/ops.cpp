@@ -9,6 +9,32 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include <vector>
+
+#include "cuda/line_conv_plan.h"
+
+namespace {
+
+// The launch plan of the tensor-core line-convolution kernels for one shape (the same functions
+// their launchers call), for the offline kernel report; plain arithmetic, no GPU needed.
+// Returns [fwd_bm, fwd_bn, fwd_threads, fwd_smem_bytes, fwd_grid_x, fwd_grid_y,
+//          wgrad_bm(co), wgrad_bn(ci), wgrad_pixels, wgrad_threads, wgrad_smem_bytes,
+//          wgrad_grid_x, wgrad_grid_y, wgrad_splits, wgrad_kmax]; fwd_bn = 0: no tile fits.
+std::vector<int64_t> lk_conv_cuda_plan(int64_t N, int64_t Cin, int64_t Cout, int64_t H, int64_t W, int64_t K,
+                                       int64_t axis, int64_t smem_optin, int64_t num_sms) {
+  using namespace msff;
+  const TcFwdPlan f = tc_fwd_plan(static_cast<int>(N), static_cast<int>(Cin), static_cast<int>(Cout),
+                                  static_cast<int>(H), static_cast<int>(W), static_cast<int>(K),
+                                  static_cast<int>(axis), static_cast<int>(smem_optin), static_cast<int>(num_sms));
+  const TcWgradPlan w = tc_wgrad_plan(static_cast<int>(N), static_cast<int>(Cin), static_cast<int>(Cout),
+                                      static_cast<int>(H), static_cast<int>(W), static_cast<int>(K),
+                                      static_cast<int>(axis), static_cast<int>(num_sms));
+  return {TC_BM, f.bn, TC_THREADS, f.smem, f.grid_x, f.grid_y, WG_CO, WG_CI, WG_S, WG_THREADS,
+          w.smem, w.co_tiles, w.ci_tiles, w.splits, WG_KMAX};
+}
+
+}  // namespace
+
 TORCH_LIBRARY(msff, m) {
   m.def(
       "lk_conv_cuda(Tensor x, Tensor weight, Tensor? bias, Tensor? in_scale, Tensor? in_shift, "
@@ -29,6 +55,10 @@ TORCH_LIBRARY(msff, m) {
       "(Tensor grad_fa, Tensor grad_fb, Tensor grad_scale_a, Tensor grad_shift_a, "
       "Tensor grad_scale_b, Tensor grad_shift_b, Tensor grad_w1, Tensor grad_b1, Tensor grad_w2, "
       "Tensor grad_b2, Tensor grad_residual, Tensor grad_res_scale, Tensor grad_res_shift)");
+  m.def(
+      "_lk_conv_cuda_plan(int N, int Cin, int Cout, int H, int W, int K, int axis, int smem_optin, "
+      "int num_sms) -> int[]",
+      &lk_conv_cuda_plan);
 }
 
 // `import msff._C` loads this library (and so runs the registrations above). The module carries

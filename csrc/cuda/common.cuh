@@ -113,6 +113,8 @@ struct Mma<float> {
 
 // The tensor-core forward / input-gradient kernels (line_conv_tc.cu), for p.kernel != kGeneric.
 cudaError_t line_conv_tc_forward(const LineConvParams& p, cudaStream_t stream);
+// The tensor-core weight gradient (line_conv_tc.cu), for p.kernel != kGeneric.
+cudaError_t line_conv_wgrad_tc(const LineConvWgradParams& p, cudaStream_t stream);
 
 // Launch error of the last kernel, or of a failed configuration call before it.
 inline cudaError_t last_error() { return cudaGetLastError(); }

@@ -395,6 +395,7 @@ cudaError_t line_conv_forward(const LineConvParams& p, cudaStream_t stream) {
 }
 
 cudaError_t line_conv_wgrad(const LineConvWgradParams& p, cudaStream_t stream) {
+  if (p.kernel != ConvKernel::kGeneric) return line_conv_wgrad_tc(p, stream);
   switch (p.dtype) {
     case DType::kFloat32:
       return launch_wgrad<float>(p, stream);

@@ -23,38 +23,10 @@
 //   partials (fp32 per tile, fixed-order reductions) summed in CTA order by a second kernel,
 //   so the statistics are deterministic.
 #include "common.cuh"
+#include "line_conv_plan.h"
 
 namespace msff {
 namespace {
-
-constexpr int TC_BM = 128;
-constexpr int TC_THREADS = 256;
-
-// Shared-memory geometry of one launch. Byte sizes are multiples of 128.
-struct TcGeo {
-  int cin_pad;      // Cin rounded up to 16 (one k16 step)
-  int lda;          // halo row length in elements: cin_pad + 8 (16 bytes of skew)
-  int rows;         // BM + K - 1
-  int sbo;          // bytes between consecutive 8-channel groups of one tap's weights
-  int tap_bytes;    // one tap's weights
-  int w_bytes, stage_bytes, prm_bytes, total;
-};
-
-__host__ __device__ inline int round_up(int v, int m) { return (v + m - 1) / m * m; }
-
-__host__ __device__ inline TcGeo tc_geometry(int Cin, int K, int bn) {
-  TcGeo g;
-  g.cin_pad = round_up(Cin, 16);
-  g.lda = g.cin_pad + 8;
-  g.rows = TC_BM + K - 1;
-  g.sbo = g.cin_pad * 16;
-  g.tap_bytes = g.cin_pad * bn * 2;
-  g.w_bytes = round_up(K * g.tap_bytes, 128);
-  g.stage_bytes = round_up(g.rows * g.lda * 2, 128);
-  g.prm_bytes = round_up(2 * g.cin_pad * 4, 128);
-  g.total = g.w_bytes + 2 * g.stage_bytes + g.prm_bytes;
-  return g;
-}
 
 __device__ __forceinline__ uint32_t smem_u32(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
@@ -78,6 +50,17 @@ __device__ __forceinline__ void ldmatrix_x4(uint32_t* r, uint32_t addr) {
 }
 __device__ __forceinline__ void ldmatrix_x2(uint32_t* r, uint32_t addr) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];\n" : "=r"(r[0]), "=r"(r[1]) : "r"(addr));
+}
+
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t* r, uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+__device__ __forceinline__ void ldmatrix_x2_trans(uint32_t* r, uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0,%1}, [%2];\n"
+               : "=r"(r[0]), "=r"(r[1])
+               : "r"(addr));
 }
 
 template <typename T>
@@ -525,6 +508,156 @@ __global__ void __launch_bounds__(TC_THREADS, 1) line_conv_sm90a_kernel(LineConv
 #endif
 }
 
+// ---- weight gradient: GEMM of M = Cout, N = K * Cin, reduction over pixels ----------------------
+// CTA (blockIdx.x: 64 output channels, blockIdx.y: 32 input channels, blockIdx.z: split) walks a
+// contiguous range of 128-pixel segments. Per segment it stages g (128 pixels x 64 channels) and
+// the halo of the recomputed activation (128 + K - 1 pixels x 32 channels, prologue applied once
+// per element) with cp.async into one of two buffers while the other computes. Every tap is a
+// shifted view of the same halo: A = g^T via ldmatrix.trans, B = halo rows p + t via
+// ldmatrix.trans, mma.sync into per-tap accumulators (2 x 15 x 4 fp32 per thread). Warps: 2 (32
+// output channels) x 4 (8 input channels). The CTA writes its fp32 tile to its own slice of the
+// partials; reduce_wgrad_kernel sums the slices in split order.
+template <typename T>
+__global__ void __launch_bounds__(WG_THREADS, 1) line_conv_wgrad_tc_kernel(LineConvWgradParams p) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  extern __shared__ __align__(128) unsigned char tc_smem[];
+  const TcWgradGeo geo = tc_wgrad_geometry(p.K);
+  float* prm = reinterpret_cast<float*>(tc_smem + 2 * geo.stage_bytes);
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int warp_m = warp & 1, warp_n = warp >> 1;
+  const int g8 = lane >> 2, t4 = lane & 3;
+  const int co0 = blockIdx.x * WG_CO, ci0 = blockIdx.y * WG_CI;
+  const int split = blockIdx.z, splits = gridDim.z;
+  const int L = p.axis == 1 ? p.W : p.H;
+  const int lines = p.axis == 1 ? p.H : p.W;
+  const int segs = (L + WG_S - 1) / WG_S;
+  const int64_t total = static_cast<int64_t>(p.N) * lines * segs;
+  const int64_t s_begin = total * split / splits, s_end = total * (split + 1) / splits;
+  const int pad = p.K / 2;
+  const T* x = static_cast<const T*>(p.x.ptr);
+  const T* gp = static_cast<const T*>(p.g.ptr);
+  const int64_t x_step = p.axis == 1 ? p.x.sw : p.x.sh;
+  const int64_t g_step = p.axis == 1 ? p.g.sw : p.g.sh;
+  const bool prologue = p.in_scale != nullptr;
+  if (prologue && tid < WG_CI) {
+    const int ci = ci0 + tid;
+    prm[tid] = ci < p.Cin ? p.in_scale[ci] : 0.0f;
+    prm[WG_CI + tid] = ci < p.Cin ? p.in_shift[ci] : 0.0f;
+  }
+
+  auto g_buf = [&](int b) { return reinterpret_cast<T*>(tc_smem + b * geo.stage_bytes); };
+  auto a_buf = [&](int b) { return reinterpret_cast<T*>(tc_smem + b * geo.stage_bytes + geo.g_bytes); };
+  auto decode = [&](int64_t s, int& n, int& line, int& pos0) {
+    pos0 = static_cast<int>(s % segs) * WG_S;
+    line = static_cast<int>((s / segs) % lines);
+    n = static_cast<int>(s / (static_cast<int64_t>(segs) * lines));
+  };
+  auto load_stage = [&](int64_t s, int b) {
+    int n, line, pos0;
+    decode(s, n, line, pos0);
+    const int64_t x_line = p.axis == 1 ? n * p.x.sn + line * p.x.sh : n * p.x.sn + line * p.x.sw;
+    const int64_t g_line = p.axis == 1 ? n * p.g.sn + line * p.g.sh : n * p.g.sn + line * p.g.sw;
+    const uint32_t gb = smem_u32(g_buf(b)), ab = smem_u32(a_buf(b));
+    for (int idx = tid; idx < WG_S * (WG_CO / 8); idx += WG_THREADS) {
+      const int m = idx / (WG_CO / 8), c8 = idx % (WG_CO / 8);
+      const int pos = pos0 + m, co = co0 + c8 * 8;
+      const bool ok = pos < L && co < p.Cout;
+      cp_async16(gb + (m * geo.ldg + c8 * 8) * 2, ok ? gp + g_line + pos * g_step + co : gp, ok);
+    }
+    for (int idx = tid; idx < geo.rows * (WG_CI / 8); idx += WG_THREADS) {
+      const int r = idx / (WG_CI / 8), c8 = idx % (WG_CI / 8);
+      const int pos = pos0 - pad + r, ci = ci0 + c8 * 8;
+      const bool ok = pos >= 0 && pos < L && ci < p.Cin;
+      cp_async16(ab + (r * geo.lda + c8 * 8) * 2, ok ? x + x_line + pos * x_step + ci : x, ok);
+    }
+  };
+
+  float acc[2][WG_KMAX][4];
+#pragma unroll
+  for (int i = 0; i < 2; ++i)
+#pragma unroll
+    for (int t = 0; t < WG_KMAX; ++t)
+#pragma unroll
+      for (int q = 0; q < 4; ++q) acc[i][t][q] = 0.0f;
+
+  if (s_begin < s_end) load_stage(s_begin, 0);
+  cp_async_commit();
+  int it = 0;
+  for (int64_t s = s_begin; s < s_end; ++s, ++it) {
+    const int b = it & 1;
+    if (s + 1 < s_end) load_stage(s + 1, b ^ 1);
+    cp_async_commit();
+    cp_async_wait<1>();
+    __syncthreads();
+    T* ab = a_buf(b);
+    if (prologue) {
+      int n, line, pos0;
+      decode(s, n, line, pos0);
+      for (int idx = tid; idx < geo.rows * (WG_CI / 8); idx += WG_THREADS) {
+        const int r = idx / (WG_CI / 8), c8 = idx % (WG_CI / 8);
+        const int pos = pos0 - pad + r;
+        if (pos < 0 || pos >= L || ci0 + c8 * 8 >= p.Cin) continue;
+        uint4* q = reinterpret_cast<uint4*>(ab + r * geo.lda + c8 * 8);
+        uint4 v = *q;
+        typename Pair<T>::type* h2 = reinterpret_cast<typename Pair<T>::type*>(&v);
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          const int c = c8 * 8 + 2 * j;
+          const float2 f = Pair<T>::to_float2(h2[j]);
+          h2[j] = Pair<T>::from_float2(fmaxf(f.x * prm[c] + prm[WG_CI + c], 0.0f),
+                                       fmaxf(f.y * prm[c + 1] + prm[WG_CI + c + 1], 0.0f));
+        }
+        *q = v;
+      }
+      __syncthreads();
+    }
+    const uint32_t g_base = smem_u32(g_buf(b)) +
+                            (((lane & 7) + ((lane >> 4) & 1) * 8) * geo.ldg + warp_m * 32 + ((lane >> 3) & 1) * 8) * 2;
+    const uint32_t a_base = smem_u32(ab) + (((lane & 7) + ((lane >> 3) & 1) * 8) * geo.lda + warp_n * 8) * 2;
+#pragma unroll 1
+    for (int kk = 0; kk < WG_S; kk += 16) {
+      uint32_t a[2][4];
+#pragma unroll
+      for (int i = 0; i < 2; ++i) ldmatrix_x4_trans(a[i], g_base + (kk * geo.ldg + i * 16) * 2);
+#pragma unroll
+      for (int t = 0; t < WG_KMAX; ++t) {
+        if (t < p.K) {
+          uint32_t bf[2];
+          ldmatrix_x2_trans(bf, a_base + (kk + t) * geo.lda * 2);
+          mma16816<T>(acc[0][t], a[0], bf);
+          mma16816<T>(acc[1][t], a[1], bf);
+        }
+      }
+    }
+    __syncthreads();  // buffer b is free for the prefetch of segment s + 2
+  }
+  cp_async_wait<0>();
+  float* part = p.partials + static_cast<int64_t>(split) * p.Cout * p.Cin * p.K;
+#pragma unroll
+  for (int i = 0; i < 2; ++i)
+#pragma unroll
+    for (int t = 0; t < WG_KMAX; ++t)
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        const int co = co0 + warp_m * 32 + i * 16 + g8 + 8 * (q >> 1);
+        const int ci = ci0 + warp_n * 8 + 2 * t4 + (q & 1);
+        if (t < p.K && co < p.Cout && ci < p.Cin)
+          part[(static_cast<int64_t>(co) * p.Cin + ci) * p.K + t] = acc[i][t][q];
+      }
+#elif defined(__CUDA_ARCH__)
+  __trap();
+#endif
+}
+
+// dw[e] = sum over splits (in split order) of the partial tiles: deterministic.
+__global__ void reduce_wgrad_kernel(const float* partials, int splits, int64_t elems, float* dw) {
+  const int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (e >= elems) return;
+  float acc = 0.0f;
+  for (int s = 0; s < splits; ++s) acc += partials[s * elems + e];
+  dw[e] = acc;
+}
+
 // stat[c] = sum over CTAs (in CTA order) of the fp64 partials: deterministic.
 __global__ void reduce_partials_kernel(const double* partials, int ctas, int C, double* stat0, double* stat1) {
   const int c = blockIdx.x * blockDim.x + threadIdx.x;
@@ -562,26 +695,13 @@ DeviceFacts device_facts() {
   return f;
 }
 
-// The widest channel tile whose weights + two halo stages fit the opt-in shared memory; 0: none.
-int tc_pick_bn(int Cin, int Cout, int K, int smem_optin) {
-  const int first = Cout <= 16 ? 16 : (Cout <= 32 ? 32 : 64);
-  for (int bn = first; bn >= 16; bn /= 2)
-    if (tc_geometry(Cin, K, bn).total <= smem_optin) return bn;
-  return 0;
-}
-
 template <typename T, int BN>
 cudaError_t launch_tc_bn(const LineConvParams& p, cudaStream_t stream) {
+  TcFwdPlan pl{};
+  tc_fwd_grid(p.N, p.Cout, p.H, p.W, p.axis, BN, p.num_sms, &pl);
   const TcGeo g = tc_geometry(p.Cin, p.K, BN);
-  const int L = p.axis == 1 ? p.W : p.H;
-  const int lines = p.axis == 1 ? p.H : p.W;
-  const int64_t tiles = static_cast<int64_t>(p.N) * lines * ((L + TC_BM - 1) / TC_BM);
-  const int co_tiles = (p.Cout + BN - 1) / BN;
-  const int sms = p.num_sms > 0 ? p.num_sms : 1;
-  int64_t ctas = sms / co_tiles;
-  if (ctas < 1) ctas = 1;
-  if (ctas > tiles) ctas = tiles;
-  const dim3 grid(static_cast<unsigned>(ctas), co_tiles);
+  const int64_t ctas = pl.grid_x;
+  const dim3 grid(static_cast<unsigned>(pl.grid_x), pl.grid_y);
   cudaError_t err;
   if (p.kernel == ConvKernel::kSm90a) {
     err = cudaFuncSetAttribute(line_conv_sm90a_kernel<T, BN>, cudaFuncAttributeMaxDynamicSharedMemorySize, g.total);
@@ -613,16 +733,60 @@ cudaError_t launch_tc(const LineConvParams& p, cudaStream_t stream) {
   return cudaErrorInvalidValue;
 }
 
+template <typename T>
+cudaError_t launch_wgrad_tc(const LineConvWgradParams& p, cudaStream_t stream) {
+  const TcWgradPlan pl = tc_wgrad_plan(p.N, p.Cin, p.Cout, p.H, p.W, p.K, p.axis, p.num_sms);
+  if (pl.segments == 0) return cudaMemsetAsync(p.dw, 0, sizeof(float) * p.Cout * p.Cin * p.K, stream);
+  cudaError_t err =
+      cudaFuncSetAttribute(line_conv_wgrad_tc_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, pl.smem);
+  if (err != cudaSuccess) return err;
+  const dim3 grid(pl.co_tiles, pl.ci_tiles, pl.splits);
+  line_conv_wgrad_tc_kernel<T><<<grid, WG_THREADS, pl.smem, stream>>>(p);
+  err = last_error();
+  if (err != cudaSuccess) return err;
+  const int64_t elems = static_cast<int64_t>(p.Cout) * p.Cin * p.K;
+  reduce_wgrad_kernel<<<static_cast<unsigned>((elems + 255) / 256), 256, 0, stream>>>(p.partials, pl.splits, elems,
+                                                                                      p.dw);
+  return last_error();
+}
+
+// 16-byte cp.async of 8 channels of one pixel: channels contiguous, pixels 16-byte aligned.
+template <typename V>
+bool cp_async_ok(const V& v) {
+  return v.sc == 1 && (v.sn | v.sh | v.sw) % 8 == 0 && reinterpret_cast<uintptr_t>(v.ptr) % 16 == 0;
+}
+
 }  // namespace
+
+ConvKernel line_conv_wgrad_choose(const LineConvWgradParams& p, ConvRequest request) {
+  if (request == ConvRequest::kGeneric) return ConvKernel::kGeneric;
+  if (p.dtype != DType::kFloat16 && p.dtype != DType::kBFloat16) return ConvKernel::kGeneric;
+  if (p.Cin <= 0 || p.Cout <= 0 || p.Cin % 8 != 0 || p.Cout % 8 != 0) return ConvKernel::kGeneric;
+  if (p.K < 1 || p.K % 2 == 0 || p.K > WG_KMAX) return ConvKernel::kGeneric;
+  if (!cp_async_ok(p.x) || !cp_async_ok(p.g)) return ConvKernel::kGeneric;
+  const DeviceFacts f = device_facts();
+  if (f.cc < 80 || tc_wgrad_geometry(p.K).total > f.smem_optin) return ConvKernel::kGeneric;
+  return ConvKernel::kSm80;
+}
+
+cudaError_t line_conv_wgrad_tc(const LineConvWgradParams& p, cudaStream_t stream) {
+  if (p.partials == nullptr) return cudaErrorInvalidValue;
+  switch (p.dtype) {
+    case DType::kFloat16:
+      return launch_wgrad_tc<__half>(p, stream);
+    case DType::kBFloat16:
+      return launch_wgrad_tc<__nv_bfloat16>(p, stream);
+    default:
+      return cudaErrorInvalidValue;
+  }
+}
 
 ConvKernel line_conv_choose(const LineConvParams& p, ConvRequest request) {
   if (request == ConvRequest::kGeneric) return ConvKernel::kGeneric;
   if (p.dtype != DType::kFloat16 && p.dtype != DType::kBFloat16) return ConvKernel::kGeneric;
   if (p.Cin <= 0 || p.Cout <= 0 || p.Cin % 8 != 0 || p.Cout % 8 != 0) return ConvKernel::kGeneric;
   if (p.K < 1 || p.K % 2 == 0 || p.K > 31) return ConvKernel::kGeneric;
-  // 16-byte cp.async of 8 channels of one pixel: channels contiguous, pixel starts 16-byte aligned.
-  if (p.x.sc != 1 || (p.x.sn | p.x.sh | p.x.sw) % 8 != 0 || reinterpret_cast<uintptr_t>(p.x.ptr) % 16 != 0)
-    return ConvKernel::kGeneric;
+  if (!cp_async_ok(p.x)) return ConvKernel::kGeneric;
   if (!pair_ok(p.y) || !pair_ok(p.add) || !pair_ok(p.gate_x)) return ConvKernel::kGeneric;
   const DeviceFacts f = device_facts();
   if (f.cc < 80 || tc_pick_bn(p.Cin, p.Cout, p.K, f.smem_optin) == 0) return ConvKernel::kGeneric;

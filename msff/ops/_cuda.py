@@ -30,7 +30,21 @@ from msff.ops.registry import empty_like_layout, register_impl
 
 log = logging.getLogger("msff.ops.cuda")
 
-__all__ = ["CUDA_OPS", "extension_error", "kernels_built", "unavailable_reason"]
+__all__ = ["CONV_KERNEL_ENV", "CUDA_OPS", "conv_plan", "extension_error", "kernels_built",
+           "unavailable_reason"]
+
+#: Environment variable choosing the lk_conv forward / input-gradient / weight-gradient kernels:
+#: ``generic`` (default: csrc/cuda/line_conv.cu, every dtype and layout), ``tc`` (the tensor-core
+#: pipelines of csrc/cuda/line_conv_tc.cu where the shape allows: wgmma on sm_90a builds on Hopper,
+#: mma.sync elsewhere) or ``sm80`` (the mma.sync pipeline even on Hopper). The tensor-core kernels
+#: have not run on a GPU yet: they stay opt-in until ``make gpu-check`` validates them.
+CONV_KERNEL_ENV = "MSFF_CUDA_CONV"
+
+_PLAN_KEYS = (
+    "fwd_bm", "fwd_bn", "fwd_threads", "fwd_smem_bytes", "fwd_grid_x", "fwd_grid_y",
+    "wgrad_bm", "wgrad_bn", "wgrad_pixels", "wgrad_threads", "wgrad_smem_bytes",
+    "wgrad_grid_x", "wgrad_grid_y", "wgrad_splits", "wgrad_kmax",
+)
 
 #: public op name -> the compiled op implementing it
 CUDA_OPS = {
@@ -99,6 +113,38 @@ def unavailable_reason(x: Optional[torch.Tensor]) -> Optional[str]:
 
 
 register_backend_probe("cuda", unavailable_reason)
+
+
+def conv_plan(n: int, cin: int, cout: int, h: int, w: int, k: int, axis: int = 1,
+              smem_optin: int = 232448, num_sms: int = 132) -> dict:
+    """The launch plan of the tensor-core lk_conv kernels for one shape, computed by the same C++
+    functions their launchers call (csrc/cuda/line_conv_plan.h); needs ``msff._C``, not a GPU.
+
+    Forward / input gradient: persistent CTAs of ``fwd_threads`` threads over tiles of ``fwd_bm``
+    pixels x ``fwd_bn`` output channels, all taps' weights resident in ``fwd_smem_bytes`` of shared
+    memory (one CTA per SM). Weight gradient: CTAs of ``wgrad_bm`` output x ``wgrad_bn`` input
+    channels x all taps, split over pixels into ``wgrad_splits`` deterministic partials.
+
+    Args:
+        n, cin, cout, h, w, k: the convolution's shape (x is (N, Cin, H, W), weight k taps).
+        axis: 1 for a 1×k kernel (along W), 0 for k×1 (along H).
+        smem_optin: the device's opt-in shared memory per block in bytes (H100/H200: 232448,
+            A100: 166912).
+        num_sms: the device's SM count (H100 SXM/H200: 132, A100: 108).
+
+    Returns:
+        dict of the ints named in ``_PLAN_KEYS`` (``fwd_bn == 0``: no tile fits, the generic kernel
+        runs).
+
+    Example:
+        >>> plan = conv_plan(32, 64, 64, 512, 512, 15)  # doctest: +SKIP
+        >>> plan["fwd_bn"], plan["fwd_grid_x"]  # doctest: +SKIP
+        (64, 132)
+    """
+    if _C is None:
+        raise RuntimeError(extension_error())
+    vals = torch.ops.msff._lk_conv_cuda_plan(n, cin, cout, h, w, k, axis, smem_optin, num_sms)
+    return dict(zip(_PLAN_KEYS, (int(v) for v in vals), strict=True))
 
 
 # ---- fake (meta) implementations and autograd of the compiled ops ---------------------------

@@ -1,0 +1,131 @@
+// Launch plans of the tensor-core line-convolution kernels (csrc/cuda/line_conv_tc.cu): tile
+// sizes, shared memory, grid. Plain C++ (host and device), so that the kernels, their launchers
+// and the torch glue (which exposes the plan as msff::_lk_conv_cuda_plan for the kernel report)
+// share one source of truth.
+#pragma once
+
+#include <stdint.h>
+
+#if defined(__CUDACC__)
+#define MSFF_HD __host__ __device__
+#else
+#define MSFF_HD
+#endif
+
+namespace msff {
+
+constexpr int TC_BM = 128;       // forward: pixels per tile (one image line segment)
+constexpr int TC_THREADS = 256;  // 8 warps (two warpgroups on sm_90a)
+constexpr int WG_S = 128;        // weight gradient: pixels per staged segment (GEMM K step)
+constexpr int WG_CO = 64;        // weight gradient: output channels per CTA (GEMM M)
+constexpr int WG_CI = 32;        // weight gradient: input channels per CTA (GEMM N = K * WG_CI)
+constexpr int WG_KMAX = 15;      // weight gradient: taps held in registers
+constexpr int WG_THREADS = 256;
+
+MSFF_HD inline int round_up(int v, int m) { return (v + m - 1) / m * m; }
+
+// Shared-memory geometry of the forward kernel. Byte sizes are multiples of 128.
+struct TcGeo {
+  int cin_pad;    // Cin rounded up to 16 (one k16 step)
+  int lda;        // halo row length in elements: cin_pad + 8 (16 bytes of skew against bank conflicts)
+  int rows;       // BM + K - 1
+  int sbo;        // bytes between consecutive 8-channel groups of one tap's weights
+  int tap_bytes;  // one tap's weights
+  int w_bytes, stage_bytes, prm_bytes, total;
+};
+
+MSFF_HD inline TcGeo tc_geometry(int Cin, int K, int bn) {
+  TcGeo g;
+  g.cin_pad = round_up(Cin, 16);
+  g.lda = g.cin_pad + 8;
+  g.rows = TC_BM + K - 1;
+  g.sbo = g.cin_pad * 16;
+  g.tap_bytes = g.cin_pad * bn * 2;
+  g.w_bytes = round_up(K * g.tap_bytes, 128);
+  g.stage_bytes = round_up(g.rows * g.lda * 2, 128);
+  g.prm_bytes = round_up(2 * g.cin_pad * 4, 128);
+  g.total = g.w_bytes + 2 * g.stage_bytes + g.prm_bytes;
+  return g;
+}
+
+// The widest output-channel tile whose resident weights + two halo stages fit the opt-in shared
+// memory of one block; 0: none fits.
+inline int tc_pick_bn(int Cin, int Cout, int K, int smem_optin) {
+  const int first = Cout <= 16 ? 16 : (Cout <= 32 ? 32 : 64);
+  for (int bn = first; bn >= 16; bn /= 2)
+    if (tc_geometry(Cin, K, bn).total <= smem_optin) return bn;
+  return 0;
+}
+
+struct TcFwdPlan {
+  int bn, smem, grid_x, grid_y;
+  int64_t tiles;
+};
+
+// Persistent grid: one CTA per SM in all (shared memory allows one), pixel tiles strided over them.
+inline void tc_fwd_grid(int N, int Cout, int H, int W, int axis, int bn, int sms, TcFwdPlan* pl) {
+  const int L = axis == 1 ? W : H, lines = axis == 1 ? H : W;
+  pl->bn = bn;
+  pl->tiles = static_cast<int64_t>(N) * lines * ((L + TC_BM - 1) / TC_BM);
+  pl->grid_y = (Cout + bn - 1) / bn;
+  int64_t ctas = (sms > 0 ? sms : 1) / pl->grid_y;
+  if (ctas < 1) ctas = 1;
+  if (ctas > pl->tiles) ctas = pl->tiles;
+  pl->grid_x = static_cast<int>(ctas);
+}
+
+inline TcFwdPlan tc_fwd_plan(int N, int Cin, int Cout, int H, int W, int K, int axis, int smem_optin, int sms) {
+  TcFwdPlan pl{};
+  const int bn = tc_pick_bn(Cin, Cout, K, smem_optin);
+  if (bn == 0) return pl;
+  tc_fwd_grid(N, Cout, H, W, axis, bn, sms, &pl);
+  pl.smem = tc_geometry(Cin, K, bn).total;
+  return pl;
+}
+
+// Weight gradient: CTA (co tile, ci tile, split) reduces the pixel segments of its split into a
+// WG_CO x (K * WG_CI) fp32 tile written to its own slice of the partials buffer
+// (splits, Cout, Cin, K); a second kernel sums the slices in split order (deterministic).
+struct TcWgradGeo {
+  int ldg;  // g tile row length (elements): WG_CO + 8
+  int lda;  // halo row length (elements): WG_CI + 8
+  int rows;  // WG_S + K - 1
+  int g_bytes, a_bytes, stage_bytes, prm_bytes, total;
+};
+
+MSFF_HD inline TcWgradGeo tc_wgrad_geometry(int K) {
+  TcWgradGeo g;
+  g.ldg = WG_CO + 8;
+  g.lda = WG_CI + 8;
+  g.rows = WG_S + K - 1;
+  g.g_bytes = round_up(WG_S * g.ldg * 2, 128);
+  g.a_bytes = round_up(g.rows * g.lda * 2, 128);
+  g.stage_bytes = g.g_bytes + g.a_bytes;
+  g.prm_bytes = round_up(2 * WG_CI * 4, 128);
+  g.total = 2 * g.stage_bytes + g.prm_bytes;
+  return g;
+}
+
+struct TcWgradPlan {
+  int smem, co_tiles, ci_tiles, splits;
+  int64_t segments;
+  int64_t partial_elems;  // splits * Cout * Cin * K fp32
+};
+
+inline TcWgradPlan tc_wgrad_plan(int N, int Cin, int Cout, int H, int W, int K, int axis, int sms) {
+  TcWgradPlan pl{};
+  pl.smem = tc_wgrad_geometry(K).total;
+  const int L = axis == 1 ? W : H, lines = axis == 1 ? H : W;
+  pl.segments = static_cast<int64_t>(N) * lines * ((L + WG_S - 1) / WG_S);
+  pl.co_tiles = (Cout + WG_CO - 1) / WG_CO;
+  pl.ci_tiles = (Cin + WG_CI - 1) / WG_CI;
+  int64_t splits = (sms > 0 ? sms : 1) / (pl.co_tiles * pl.ci_tiles);
+  if (splits < 1) splits = 1;
+  if (splits > pl.segments) splits = pl.segments;
+  if (splits > 65535) splits = 65535;
+  pl.splits = static_cast<int>(splits);
+  pl.partial_elems = static_cast<int64_t>(pl.splits) * Cout * Cin * K;
+  return pl;
+}
+
+}  // namespace msff
