@@ -230,6 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
                   "whole-scene prediction")
     _add_optional(sub, "experiment", "msff.engine.experiment", "add_experiment_parser", "run_experiment",
                   "run a comparison experiment from a config")
+    _add_optional(sub, "erf", "msff.analysis.erf", "add_erf_parser", "run_erf",
+                  "effective receptive field of each encoder stage")
     return parser
 
 
