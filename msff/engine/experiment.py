@@ -283,6 +283,19 @@ def _inference_ms(model: torch.nn.Module, in_channels: int, size: int, device: t
     return 1000.0 * float(np.median(times))
 
 
+def _erf(net: torch.nn.Module, in_channels: int, size: int, device: torch.device, seed: int) -> Optional[list]:
+    """Effective receptive field of the trained network's encoder stages (4 noise inputs)."""
+    from msff.analysis.erf import effective_receptive_field, encoder_stages
+
+    try:
+        encoder_stages(net)
+    except ValueError:  # a library network without a known stage list: no ERF column
+        return None
+    r = effective_receptive_field(net, size=size, n_inputs=4, in_channels=in_channels, seed=seed, device=device,
+                                  keep_maps=False)
+    return [{k: st[k] for k in ("name", "stride", "r50", "r90")} for st in r["stages"]]
+
+
 def _soil_bands(cfg: dict, in_channels: int) -> Optional[dict]:
     """Keyword arguments of soil_like_mask (0-based bands) from the config, or None (proxy off)."""
     if "soil_proxy" not in cfg:
@@ -374,6 +387,7 @@ def _run_one(cfg: dict, model: dict, seed: int, out_dir: Path, data: dict, progr
         "test_megapixels": pixels / 1e6,
         "infer_s_per_mpx": eval_s / max(pixels / 1e6, 1e-9),
         "infer_ms_crop": _inference_ms(net, train_ds.in_channels, tc.crop or 256, device),
+        "erf": _erf(net, train_ds.in_channels, tc.crop or 256, device, seed),
         "select": cfg["select"],
         "data_order": data_order_digest(tc, [p.name for p in train_ds.pairs]),
         **overall,
@@ -533,6 +547,11 @@ def summarize(results: Sequence[dict], labels: Sequence[str], datasets: Sequence
             for k in ("iou", "f1", "boundary_iou"):
                 s[f"{k}/{d}"] = _mean_std([r["per_dataset"][d].get(k) for r in rs if d in r["per_dataset"]])
         s["seeds"] = sorted(r["seed"] for r in rs)
+        erfs = [r["erf"] for r in rs if r.get("erf")]
+        if erfs and all(len(e) == len(erfs[0]) for e in erfs):
+            s["erf"] = [{"name": st["name"], "stride": st["stride"],
+                         "r50": _mean_std([e[i]["r50"] for e in erfs]), "r90": _mean_std([e[i]["r90"] for e in erfs])}
+                        for i, st in enumerate(erfs[0])]
         s["model_name"] = rs[0]["model_name"]
         out[label] = s
     return out
@@ -764,11 +783,13 @@ def write_reports(out: dict, out_dir: str | os.PathLike) -> dict[str, Path]:
         "\"IoU mean/ds\" averages the per-dataset IoUs (each dataset counts once). "
         "B-IoU: Boundary IoU (Cheng et al. 2021; band 0.02 × image diagonal); B-F: boundary F-score "
         "(2 px tolerance); Soil FP: share of soil-like ground-truth background (low greenness, bright; "
-        "`msff.analysis.confusable`) predicted landslide; BG FP: share of all background predicted landslide.",
+        "`msff.analysis.confusable`) predicted landslide; BG FP: share of all background predicted landslide. "
+        "ERF r50: radius (input pixels) holding half the effective receptive field (Luo et al. 2016) of each "
+        "encoder stage of the trained network, shallow to deep (`msff erf`; stage names in results.json).",
         "",
     ]
     head = ["Model", "Runs", "Params", "Steps", "Precision", "Recall", "IoU", "F1", "B-IoU", "B-F", "Soil FP",
-            "BG FP", "IoU mean/ds"] + [f"IoU {d}" for d in datasets] + ["Train s", "Infer s/Mpx"]
+            "BG FP", "IoU mean/ds"] + [f"IoU {d}" for d in datasets] + ["Train s", "Infer s/Mpx", "ERF r50 px per stage"]
     lines.append("| " + " | ".join(head) + " |")
     lines.append("|" + "|".join(["---"] * len(head)) + "|")
     for label, s in summary.items():
@@ -776,6 +797,7 @@ def write_reports(out: dict, out_dir: str | os.PathLike) -> dict[str, Path]:
         row += [_pm(s[m]) for m in METRICS + BOUNDARY_METRICS + CONFUSABLE_METRICS] + [_pm(s["iou_dataset_mean"])]
         row += [_pm(s[f"iou/{d}"]) for d in datasets]
         row += [f"{s['train_s']['mean']:.0f}", f"{s['infer_s_per_mpx']['mean']:.2f}"]
+        row += ["/".join(f"{st['r50']['mean']:.0f}" for st in s["erf"]) if s.get("erf") else "–"]
         lines.append("| " + " | ".join(row) + " |")
     ref = cfg.get("reference")
     if ref in summary and len(summary) > 1:

@@ -90,6 +90,10 @@ def test_runner_end_to_end_and_resume(tmp_path, data_root):
     assert "| `unet` |" in md and "IoU alpha" in md and "±" in md and "Welch" in md
     assert "B-IoU" in md and "Soil FP" in md and "Paired differences" in md and "| `unet` | Boundary IoU | 2 |" in md
     assert "boundary_iou_mean" in rows[0] and "soil_fp_rate_mean" in rows[0]
+    # ERF of every trained run, per encoder stage, averaged per model.
+    assert [st["name"] for st in res["runs"][0]["erf"]] == ["E1", "E2", "E3", "E4", "E5"]
+    assert len(res["summary"]["unet"]["erf"]) == 5 and "ERF r50" in md
+    assert res["summary"]["unet"]["erf"][0]["r50"]["n"] == 2
     # Resume: nothing is retrained.
     stamps = {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("seed_*.json")}
     again = run_experiment_config(cfg, out)
