@@ -239,3 +239,69 @@ def test_cuda_kernels_run_on_a_side_stream():
     torch.cuda.current_stream().wait_stream(s)
     for a, b in zip(got, want, strict=True):
         assert_close(a, b)
+
+
+# ---- the tensor-core kernels (csrc/cuda/line_conv_tc.cu), opt-in through MSFF_CUDA_CONV ----------
+# bf16/fp16, channels_last, Cin and Cout multiples of 8: lines longer than one 128-pixel tile,
+# Cin not a multiple of 16 (a zero-filled channel chunk), Cout below one channel tile, H and W
+# below k, the E2 channel count (a 32-channel tile on Hopper), k = 31 (forward only: the weight
+# gradient falls back to the generic kernel above 15 taps), 1×1.
+TC_CASES = [
+    (2, 64, 64, 9, 150, 15, "w", "all", "channels_last"),
+    (2, 24, 40, 131, 5, 15, "h", "pro_stats", "channels_last"),
+    (1, 16, 8, 4, 5, 15, "w", "bias_relu_add", "channels_last"),
+    (2, 128, 128, 5, 140, 15, "w", "all", "channels_last"),
+    (1, 32, 16, 70, 3, 31, "h", "all", "channels_last"),
+    (2, 8, 16, 7, 7, 1, "w", "pro_stats", "channels_last"),
+]
+TC_KERNELS = {"tc": ("line_conv_sm90a_kernel", "line_conv_sm80_kernel"), "sm80": ("line_conv_sm80_kernel",)}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("variant", ["tc", "sm80"])
+@pytest.mark.parametrize("case", TC_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_lk_conv_tensor_core_kernels_match_reference(case, variant, dtype, monkeypatch):
+    monkeypatch.setenv("MSFF_CUDA_CONV", variant)
+    x, w, kw = lk_make(*case[:-1], case[-1], dtype)
+    _lowp(x, w, kw, "cuda")
+
+
+@pytest.mark.parametrize("variant", ["tc", "sm80"])
+def test_lk_conv_tensor_core_kernels_match_generic_and_triton(variant, monkeypatch):
+    x, w, kw = lk_make(*TC_CASES[0][:-1], TC_CASES[0][-1], torch.bfloat16)
+    monkeypatch.setenv("MSFF_CUDA_CONV", "generic")
+    (yg, sg, qg), gg = lk_run(x, w, kw, "cuda")
+    (yt, st, qt), gt = lk_run(x, w, kw, "triton")
+    monkeypatch.setenv("MSFF_CUDA_CONV", variant)
+    (y, s, q), g = lk_run(x, w, kw, "cuda")
+    x64, w64 = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    kw64 = {k: (v.detach().double().requires_grad_() if torch.is_tensor(v) else v) for k, v in kw.items()}
+    (y64, s64, _), g64 = lk_run(x64, w64, kw64, "reference")
+    # each fused kernel within 2× of the other's own error against float64
+    for other_y, other_s, other_g in ((yg, sg, gg), (yt, st, gt)):
+        assert_close_lowp(y, y64, other_y, "y")
+        assert_close_lowp(s, s64, other_s, "ch_sum")
+        for i, (a, r, o) in enumerate(zip(g, g64, other_g, strict=True)):
+            assert_close_lowp(a, r, o, f"grad {i}")
+
+
+@pytest.mark.parametrize("variant", ["tc", "sm80"])
+def test_lk_conv_tensor_core_kernels_run_and_are_deterministic(variant, monkeypatch):
+    monkeypatch.setenv("MSFF_CUDA_CONV", variant)
+    x, w, kw = lk_make(*TC_CASES[3][:-1], TC_CASES[3][-1], torch.bfloat16)
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        first = lk_run(x, w, kw, "cuda")
+        torch.cuda.synchronize()
+    names = " ".join(e.name for e in prof.events())
+    assert any(k in names for k in TC_KERNELS[variant]), names[:2000]
+    assert "line_conv_wgrad_tc_kernel" in names
+    if variant == "tc" and torch.cuda.get_device_capability() == (9, 0):
+        assert "line_conv_sm90a_kernel" in names
+    second = lk_run(x, w, kw, "cuda")
+    # statistics and weight gradient are reduced in a fixed order: bitwise reproducible
+    (_, s1, q1), g1 = first
+    (_, s2, q2), g2 = second
+    assert torch.equal(s1, s2) and torch.equal(q1, q2)
+    assert torch.equal(g1[1], g2[1])
