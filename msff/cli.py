@@ -17,7 +17,6 @@ import os
 import re
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -198,6 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--list", dest="eval_list", default=None, metavar="FILE", help="evaluate only the images named here")
     e.add_argument("--overlays", default=None, metavar="DIR", help="also write overlay PNGs here")
     e.add_argument("--overlay-count", type=int, default=8)
+    e.add_argument("--overwrite", action="store_true", help="replace an existing metrics JSON (and overlay PNGs)")
     e.add_argument("--input-scale", default=None, metavar="SPEC",
                    help="override the checkpoint's input scale: none, divide:C, percentile[:LO,HI[:MAX]] "
                         "(percentiles then computed on this data)")
@@ -339,7 +339,43 @@ def _merge_train_options(args: argparse.Namespace) -> tuple[dict, dict]:
     train_kw = {k: v for k, v in merged.items() if k in names}
     train_kw["model_kwargs"] = model_kwargs
     data_opts = {k: v for k, v in merged.items() if k in DATA_DEFAULTS}
+    if isinstance(data_opts.get("val"), str):
+        data_opts["val"] = [data_opts["val"]]
+    if isinstance(data_opts.get("test"), str):
+        data_opts["test"] = [data_opts["test"]]
+    _check_data_options(data_opts, args.config)
     return train_kw, data_opts
+
+
+def _check_data_options(opts: dict, source: Optional[str]) -> None:
+    """One line naming the key for a data option of the wrong type (config files are JSON)."""
+    def is_int(v):
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    def is_num(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+    def is_str_list(v):
+        return isinstance(v, list) and all(isinstance(x, str) for x in v)
+
+    def is_int_list(v):
+        return isinstance(v, list) and all(is_int(x) for x in v)
+
+    rules = {
+        "data": (is_str_list, "a list of folder names"), "val": (is_str_list, "a list of folder names"),
+        "test": (is_str_list, "a list of folder names"), "val_ratio": (is_num, "a number"),
+        "test_ratio": (is_num, "a number"), "split_seed": (is_int, "an integer"), "runs": (is_int, "an integer"),
+        "train_list": (lambda v: isinstance(v, str), "a file name"), "val_list": (lambda v: isinstance(v, str), "a file name"),
+        "test_list": (lambda v: isinstance(v, str), "a file name"), "image_dir": (lambda v: isinstance(v, str), "a folder name"),
+        "mask_dir": (lambda v: isinstance(v, str), "a folder name"), "pair": (lambda v: v in ("auto", "stem", "number"), "auto, stem or number"),
+        "mask_color": (lambda v: is_int_list(v) and len(v) == 3, "[R, G, B]"), "mask_threshold": (is_num, "a number"),
+        "ignore_value": (is_int_list, "a list of integers"), "bands": (is_int_list, "a list of band numbers"),
+        "cache": (lambda v: isinstance(v, bool), "true or false"), "out": (lambda v: isinstance(v, str), "a folder name"),
+    }
+    for key, (ok, kind) in rules.items():
+        v = opts.get(key)
+        if v is not None and not ok(v):
+            raise UsageError(f"option {key!r} must be {kind}, got {v!r} (in {source or 'the command line'})")
 
 
 def _fmt(v: float) -> str:
@@ -425,6 +461,20 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from msff.engine.train import _resolve_device
 
     ckpt = Path(args.checkpoint)
+    if args.out:
+        out = Path(args.out)
+    else:
+        run = ckpt.parent if ckpt.name == "best" else ckpt
+        out = run / f"evaluation_{'+'.join(Path(d).resolve().name for d in args.data)}.json"
+    # Refuse to replace results before any work, as predict does.
+    if out.exists() and not args.overwrite:
+        raise UsageError(f"{out} already exists; pass --overwrite to replace it (or --out another file)")
+    if out.is_dir():
+        raise UsageError(f"{out} is a folder, not a file name for the metrics JSON")
+    if args.overlays and Path(args.overlays).is_dir() and any(Path(args.overlays).iterdir()) and not args.overwrite:
+        raise UsageError(f"overlay folder {args.overlays} exists and is not empty; pass --overwrite to replace its PNGs")
+    if args.batch_size < 1 or args.overlay_count < 0:
+        raise UsageError(f"need --batch-size >= 1 and --overlay-count >= 0 (got {args.batch_size}, {args.overlay_count})")
     model, meta = load_checkpoint(ckpt)
     run_dir = ckpt.parent if ckpt.name == "best" else ckpt
     if (run_dir / "status.json").is_file():
@@ -461,11 +511,6 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         m = evaluate(model.to(device), ds, args.batch_size, device, threshold, loss=None, progress=True)
     result = {"checkpoint": str(ckpt), "data": [str(d) for d in args.data], "threshold": threshold,
               "seconds": time.time() - t0, **m, "input_scale": ds.input_scale.to_dict(), "domain": domain}
-    if args.out:
-        out = Path(args.out)
-    else:
-        run = ckpt.parent if ckpt.name == "best" else ckpt
-        out = run / f"evaluation_{'+'.join(Path(d).resolve().name for d in args.data)}.json"
     atomic_write_json(out, result)
     if args.overlays:
         write_overlays(model, ds, args.overlays, args.overlay_count, device, threshold)
@@ -478,6 +523,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from msff.data import SegmentationDataset, find_pairs, split_pairs, write_scene_dataset
     from msff.engine import TrainConfig, fit
+    from msff.fileio import make_temp_dir
 
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
@@ -488,7 +534,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         data_root = Path(args.data)
     else:
         out.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=".msff-demo-scenes-", dir=out.parent))
+        staging = make_temp_dir(out.parent / "msff-demo-scenes")  # the umask's folder mode
         print(f"msff demo: building {args.scenes} synthetic {args.size}×{args.size} landslide scenes …")
         data_root = write_scene_dataset(staging, args.scenes, args.size, seed=args.seed)
     try:
@@ -530,6 +576,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """
     from msff.data import DataError
     from msff.engine import RunError
+    from msff.fileio import DiskFullError
 
     try:
         from msff.models import CheckpointError
@@ -539,7 +586,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (DataError, RunError, CheckpointError, UsageError, FileNotFoundError) as e:
+    except (DataError, RunError, CheckpointError, UsageError, FileNotFoundError, DiskFullError) as e:
         print(f"msff: error: {e}", file=sys.stderr)
         return 2
     except ValueError as e:

@@ -6,29 +6,21 @@ import io
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
+from msff.fileio import atomic_write_bytes as _atomic_write_bytes
+
 __all__ = ["atomic_write_bytes", "atomic_write_json", "write_csv", "plot_curves", "save_overlay", "display_rgb"]
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder + ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    """Write ``data`` to ``path`` through a temporary file in the same folder + ``os.replace``
+    (:func:`msff.fileio.atomic_write_bytes`: the umask's file mode; a full disk is one
+    :class:`~msff.fileio.DiskFullError` naming ``path``, with nothing left behind)."""
+    _atomic_write_bytes(path, data)
 
 
 def _clean(o):

@@ -22,11 +22,16 @@ import io
 import json
 import logging
 import math
+import numbers
 import os
 import random
 import shutil
+import socket
+import tempfile
 import time
+import typing
 from dataclasses import asdict, dataclass, field
+from glob import escape as glob_escape
 from pathlib import Path
 from typing import Any, Optional
 
@@ -46,6 +51,7 @@ from msff.engine.report import (
     save_overlay,
     write_csv,
 )
+from msff.fileio import FolderLockedError, RunLock, clean_stale_temporaries, disk_full_guard
 
 __all__ = ["TrainConfig", "RunError", "build_model", "load_checkpoint", "fit", "fit_runs", "evaluate", "predict_logits"]
 
@@ -124,6 +130,7 @@ class TrainConfig:
     overlays: int = 4
 
     def __post_init__(self):
+        self._check_types()
         if self.loss not in LOSSES:
             raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
         if self.amp not in ("none", "bf16", "fp16"):
@@ -134,6 +141,52 @@ class TrainConfig:
             raise ValueError(f"batch_size ({self.batch_size}) must be a multiple of accumulate ({self.accumulate})")
         if self.crop is not None and self.crop < 1:
             raise ValueError(f"crop must be >= 1 or None, got {self.crop}")
+        if not self.lr > 0 or self.weight_decay < 0:
+            raise ValueError(f"lr must be > 0 and weight_decay >= 0, got lr={self.lr}, weight_decay={self.weight_decay}")
+        if not 0 < self.plateau_factor < 1:
+            raise ValueError(f"plateau_factor must be in (0, 1), got {self.plateau_factor}")
+        for name in ("plateau_patience", "early_stopping", "workers", "overlays", "seed"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.eval_batch_size < 1:
+            raise ValueError(f"eval_batch_size must be >= 1, got {self.eval_batch_size}")
+        if self.samples_per_epoch is not None and self.samples_per_epoch < 1:
+            raise ValueError(f"samples_per_epoch must be >= 1 or None, got {self.samples_per_epoch}")
+        if self.time_budget_s is not None and not self.time_budget_s > 0:
+            raise ValueError(f"time_budget_s must be > 0 or None, got {self.time_budget_s}")
+        if not 0 <= self.threshold <= 1:
+            raise ValueError(f"threshold must be in [0, 1], got {self.threshold}")
+        if self.backend not in ("auto", "reference", "triton", "cuda"):
+            raise ValueError(f"backend must be 'auto', 'reference', 'triton' or 'cuda', got {self.backend!r}")
+        if self.device != "auto":
+            try:
+                torch.device(self.device)
+            except RuntimeError:
+                raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}") from None
+
+    def _check_types(self) -> None:
+        # One line naming the key for a wrong type (a config file's {"epochs": 1.7} or {"lr": "fast"}).
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            value, hint = getattr(self, f.name), hints[f.name]
+            optional = typing.get_origin(hint) is typing.Union and type(None) in typing.get_args(hint)
+            if optional:
+                if value is None:
+                    continue
+                hint = next(a for a in typing.get_args(hint) if a is not type(None))
+            base = typing.get_origin(hint) or hint
+            if base is bool:
+                ok, kind = isinstance(value, bool), "true or false"
+            elif base is int:
+                ok, kind = isinstance(value, numbers.Integral) and not isinstance(value, bool), "an integer"
+            elif base is float:
+                ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+                kind = "a finite number"
+            else:
+                ok, kind = isinstance(value, base), {str: "a string", dict: "an object ({...})"}.get(base, base.__name__)
+            if not ok:
+                raise ValueError(f"training option {f.name!r} must be {kind}{' or null' if optional else ''}, "
+                                 f"got {value!r} ({type(value).__name__})")
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
@@ -208,8 +261,14 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     from msff.models import MSFFNet
 
     path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {path} not found")
     if path.is_dir() and not (path / "config.json").exists() and (path / "best" / "config.json").exists():
         path = path / "best"
+    if not path.is_dir() or not (path / "config.json").exists():
+        raise FileNotFoundError(
+            f"checkpoint {path} not found: give a checkpoint folder (config.json + model.pt) or a run folder with best/"
+        )
     zoo = _zoo()
     if zoo is not None:
         return zoo.load_model(path, map_location=map_location)
@@ -360,19 +419,103 @@ def predict_logits(model: nn.Module, image: torch.Tensor, device: str | torch.de
 
 
 # ---- training -----------------------------------------------------------------------------------
-def _prepare_out(out_dir: Path, resume: bool, overwrite: bool) -> None:
-    if resume:
-        if not (out_dir / "checkpoints" / STATE_NAME).is_file():
-            raise RunError(f"cannot resume: {out_dir / 'checkpoints' / STATE_NAME} not found")
-        return
-    if out_dir.exists() and any(out_dir.iterdir()):
-        if not overwrite:
+class _RunFolder:
+    """The run folder's life: checked before anything is built, locked while written, an existing
+    run replaced only once the new one has produced a checkpoint (moved aside until then and put
+    back if the new run fails first)."""
+
+    #: Files and folders of a run; their temporaries (from a killed process) are removed on entry.
+    ARTEFACTS = ("status.json", "train_config.json", "log.csv", "metrics.json", "curves.png", "best",
+                 "summary.json", STATE_NAME)
+
+    def __init__(self, out_dir: Path, resume: bool, overwrite: bool, state_required: bool = True):
+        # state_required=False: a folder of several runs, resumed run by run.
+        self.dir, self.resume, self.overwrite, self.state_required = out_dir, resume, overwrite, state_required
+        self.lock = RunLock(out_dir)
+        self.aside: Optional[Path] = None
+        self.created = False
+
+    def check(self) -> None:
+        """Every refusal that needs no work: changes nothing on disk."""
+        try:
+            self.lock.check()
+        except FolderLockedError as e:
+            raise RunError(str(e)) from None
+        if self.dir.exists() and not self.dir.is_dir():
+            raise RunError(f"run folder {self.dir} exists and is not a folder")
+        if self.resume:
+            if self.state_required and not (self.dir / "checkpoints" / STATE_NAME).is_file() and not self._asides():
+                raise RunError(f"cannot resume: {self.dir / 'checkpoints' / STATE_NAME} not found")
+        elif self.dir.exists() and any(self.dir.iterdir()) and not self.overwrite:
             raise RunError(
-                f"output folder {out_dir} exists and is not empty; pass overwrite (--overwrite) to replace it "
+                f"output folder {self.dir} exists and is not empty; pass overwrite (--overwrite) to replace it "
                 "or resume (--resume) to continue it"
             )
-        shutil.rmtree(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+
+    def _asides(self) -> list[Path]:
+        if not self.dir.parent.is_dir():
+            return []
+        return sorted(self.dir.parent.glob(f".{glob_escape(self.dir.name)}.msff-*.previous"))
+
+    def open(self) -> None:
+        """Lock the folder, settle what a killed predecessor left, then make the folder ready."""
+        try:
+            self.lock.acquire()
+        except FolderLockedError as e:
+            raise RunError(str(e)) from None
+        try:
+            self._settle()
+            if self.resume:
+                if self.state_required and not (self.dir / "checkpoints" / STATE_NAME).is_file():
+                    raise RunError(f"cannot resume: {self.dir / 'checkpoints' / STATE_NAME} not found")
+            elif self.dir.exists() and any(self.dir.iterdir()):
+                if not self.overwrite:
+                    raise RunError(f"output folder {self.dir} exists and is not empty; pass overwrite (--overwrite)")
+                aside = Path(tempfile.mkdtemp(prefix=f".{self.dir.name}.msff-", suffix=".previous", dir=self.dir.parent))
+                os.rmdir(aside)
+                self.dir.rename(aside)
+                self.aside = aside
+            if not self.dir.exists():
+                self.created = True
+            self.dir.mkdir(parents=True, exist_ok=True)
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def _settle(self) -> None:
+        # We hold the lock: whoever left these is gone.
+        for aside in self._asides():
+            if (self.dir / "checkpoints" / STATE_NAME).is_file() or (self.dir / "best").is_dir():
+                shutil.rmtree(aside, ignore_errors=True)  # its replacement had produced a checkpoint
+            else:
+                if self.dir.exists():
+                    shutil.rmtree(self.dir)
+                aside.rename(self.dir)
+                log.warning("restored %s: a replacement run was killed before it produced a checkpoint", self.dir)
+        for folder, names in ((self.dir, self.ARTEFACTS), (self.dir / "checkpoints", (STATE_NAME,))):
+            for name in names:
+                clean_stale_temporaries(folder / name, legacy_age_s=0.0)
+            if folder.is_dir():  # msff < 0.2 moved the old best/ here while replacing it
+                shutil.rmtree(folder / ".best.old", ignore_errors=True)
+
+    def produced(self) -> None:
+        """The new run holds a checkpoint: the run it replaces can go."""
+        if self.aside is not None:
+            shutil.rmtree(self.aside, ignore_errors=True)
+            self.aside = None
+
+    def failed(self) -> bool:
+        """The new run failed; put a replaced run back if the new one produced nothing. Returns
+        whether the folder was restored (then it holds the old run, untouched)."""
+        if self.aside is None:
+            return False
+        shutil.rmtree(self.dir, ignore_errors=True)
+        self.aside.rename(self.dir)
+        self.aside = None
+        return True
+
+    def close(self) -> None:
+        self.lock.release()
 
 
 def _state_bytes(state: dict) -> bytes:
@@ -433,40 +576,52 @@ def fit(
     rank, world = init_distributed()
     dist, _, _ = _dist()
     main = rank == 0
+    folder = _RunFolder(out_dir, resume, overwrite)
     if main:
-        _prepare_out(out_dir, resume, overwrite)
-    if dist is not None:
-        dist.barrier()
+        folder.check()
     device = _resolve_device(config.device)
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     t_start = time.time()
     cfg_dict = asdict(config)
+    # Everything the options can break is built before the run folder is touched.
+    built = _build(config, cfg_dict, train_ds, val_ds, test_ds, device, extra_metadata)
+    if main:
+        folder.open()
+    if dist is not None:
+        dist.barrier()
     status_path = out_dir / "status.json"
 
-    def status(state: str, **kw):
-        if main:
+    def status(state: str, quiet: bool = False, **kw):
+        if not main:
+            return
+        try:
             atomic_write_json(status_path, {"state": state, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **kw})
+        except OSError:
+            if not quiet:
+                raise  # a failure record that cannot be written must not hide the failure itself
 
-    status("running", pid=os.getpid())
     try:
-        result = _fit(config, cfg_dict, train_ds, val_ds, test_ds, out_dir, resume, progress, extra_metadata,
-                      device, rank, world, t_start)
-    except KeyboardInterrupt:
-        status("interrupted", note="not a result; continue with resume (--resume)")
-        raise
+        status("running", pid=os.getpid(), host=socket.gethostname())
+        result = _fit(config, cfg_dict, built, train_ds, val_ds, test_ds, out_dir, resume, progress,
+                      device, rank, world, t_start, on_checkpoint=folder.produced if main else None)
     except BaseException as e:
-        status("failed", error=f"{type(e).__name__}: {e}", note="not a result")
+        if not (main and folder.failed()):
+            if isinstance(e, KeyboardInterrupt):
+                status("interrupted", quiet=True, note="not a result; continue with resume (--resume)")
+            else:
+                status("failed", quiet=True, error=f"{type(e).__name__}: {e}", note="not a result")
         raise
+    finally:
+        if main:
+            folder.close()
     status("complete", seconds=result["seconds"])
     return result
 
 
-def _fit(config, cfg_dict, train_ds, val_ds, test_ds, out_dir, resume, progress, extra_metadata, device, rank, world, t_start):
-    from tqdm.auto import tqdm
-
-    dist, _, _ = _dist()
-    main = rank == 0
+def _build(config, cfg_dict, train_ds, val_ds, test_ds, device, extra_metadata):
+    """Normalisation, datasets' settings, model, optimiser, scheduler, scaler and metadata: all
+    that the options and data can make fail, with nothing written."""
     if train_ds.normalization is None:
         train_ds.normalization = compute_normalization(train_ds)
     norm = train_ds.normalization
@@ -504,7 +659,16 @@ def _fit(config, cfg_dict, train_ds, val_ds, test_ds, out_dir, resume, progress,
         **train_ds.model_card(),  # input_scale, training domain statistics (msff.data.domain)
     }
     metadata.update(extra_metadata or {})
+    return model, opt, sched, scaler, metadata, norm
 
+
+def _fit(config, cfg_dict, built, train_ds, val_ds, test_ds, out_dir, resume, progress, device, rank, world,
+         t_start, on_checkpoint=None):
+    from tqdm.auto import tqdm
+
+    dist, _, _ = _dist()
+    main = rank == 0
+    model, opt, sched, scaler, metadata, norm = built
     history: list[dict] = []
     best_iou, best_epoch, bad_epochs, start_epoch = -math.inf, 0, 0, 1
     state_path = out_dir / "checkpoints" / STATE_NAME
@@ -611,15 +775,22 @@ def _fit(config, cfg_dict, train_ds, val_ds, test_ds, out_dir, resume, progress,
         if main:
             if improved:
                 meta = dict(metadata, best_epoch=epoch, val_metrics={k: v for k, v in row.items() if k.startswith("val_")})
-                _save_model(_unwrap(model), out_dir / "best", meta)
+                net = _unwrap(model)
+                need = sum(t.numel() * t.element_size() for t in net.state_dict().values())
+                with disk_full_guard(out_dir / "best", need):
+                    _save_model(net, out_dir / "best", meta)
             state = {
                 "epoch": epoch, "config": cfg_dict, "model": _unwrap(model).state_dict(),
                 "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "scaler": scaler.state_dict(),
                 "torch_rng": torch.get_rng_state(), "history": history, "best_iou": best_iou,
                 "best_epoch": best_epoch, "bad_epochs": bad_epochs, "normalization": norm,
             }
-            atomic_write_bytes(state_path, _state_bytes(state))
+            data = _state_bytes(state)
+            with disk_full_guard(state_path, len(data)):
+                atomic_write_bytes(state_path, data)
             write_csv(out_dir / "log.csv", history)
+            if on_checkpoint is not None and (out_dir / "best").is_dir():
+                on_checkpoint()
             if tb is not None:
                 for k, v in row.items():
                     if k != "epoch" and isinstance(v, float) and math.isfinite(v):
@@ -729,19 +900,29 @@ def fit_runs(
         r = fit(config, train_ds, val_ds, out_dir, resume, overwrite, test_ds, progress, extra_metadata)
         results = [r]
     else:
-        if not resume:
-            _prepare_out(out_dir, False, overwrite)
+        folder = _RunFolder(out_dir, resume, overwrite, state_required=False)
+        folder.check()
+        folder.open()
         results = []
-        for i in range(runs):
-            cfg = dataclasses.replace(config, seed=config.seed + i)
-            run_dir = out_dir / f"run_{i}"
-            done = (run_dir / "status.json").is_file() and '"complete"' in (run_dir / "status.json").read_text()
-            if resume and done:
-                results.append(json.loads((run_dir / "metrics.json").read_text()))
-                continue
-            train_ds.normalization = None
-            results.append(fit(cfg, train_ds, val_ds, run_dir, resume and (run_dir / "checkpoints" / STATE_NAME).is_file(),
-                               False, test_ds, progress, extra_metadata))
+        try:
+            for i in range(runs):
+                cfg = dataclasses.replace(config, seed=config.seed + i)
+                run_dir = out_dir / f"run_{i}"
+                done = (run_dir / "status.json").is_file() and '"complete"' in (run_dir / "status.json").read_text()
+                if resume and done:
+                    results.append(json.loads((run_dir / "metrics.json").read_text()))
+                    continue
+                train_ds.normalization = None
+                results.append(fit(cfg, train_ds, val_ds, run_dir,
+                                   resume and (run_dir / "checkpoints" / STATE_NAME).is_file(),
+                                   False, test_ds, progress, extra_metadata))
+                folder.produced()
+        except BaseException:
+            if not results:
+                folder.failed()
+            raise
+        finally:
+            folder.close()
     summary: dict[str, Any] = {}
     for split in ("best", "test"):
         if split in results[0]:

@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import json
+import numbers
 import os
+import pickle
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -13,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from msff.backend import _check_name
+from msff.fileio import make_temp_dir, publish_dir
 from msff.models.blocks import ASPP, DecoderBlock, LKAMLayer, VGGLayer
 
 __all__ = ["MSFFNet", "apply_activation", "load_weights_file", "MSFFEncoder", "CheckpointError", "PAPER_CHANNELS", "CONFIG_NAME", "WEIGHTS_NAME"]
@@ -132,6 +134,12 @@ class MSFFNet(nn.Module):
         backend: str = "auto",
     ):
         super().__init__()
+        for key, val in (("in_channels", in_channels), ("classes", classes), ("kernel_size", kernel_size),
+                         ("reduction", reduction), ("lkam_blocks", lkam_blocks)):
+            if isinstance(val, bool) or not isinstance(val, numbers.Integral):
+                raise ValueError(f"{key} must be an integer, got {val!r}")
+        if isinstance(width_multiplier, bool) or not isinstance(width_multiplier, numbers.Real) or not width_multiplier > 0:
+            raise ValueError(f"width_multiplier must be a number > 0, got {width_multiplier!r}")
         if in_channels < 1 or classes < 1:
             raise ValueError(f"in_channels and classes must be >= 1, got {in_channels}, {classes}")
         if len(channels) != 5:
@@ -227,20 +235,12 @@ class MSFFNet(nn.Module):
         cfg = {"format": "msff.MSFFNet", "format_version": FORMAT_VERSION, "config": self.config}
         if metadata:
             cfg["metadata"] = metadata
-        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+        tmp = make_temp_dir(directory)  # the umask's folder mode, owned by this process
         try:
             (tmp / CONFIG_NAME).write_text(json.dumps(cfg, indent=2, sort_keys=True))
             state = {k: v.detach().cpu() for k, v in self.state_dict().items()}
             torch.save(state, tmp / WEIGHTS_NAME)
-            if directory.exists():
-                old = directory.with_name(f".{directory.name}.old")
-                if old.exists():
-                    shutil.rmtree(old)
-                directory.rename(old)
-                tmp.rename(directory)
-                shutil.rmtree(old)
-            else:
-                tmp.rename(directory)
+            publish_dir(tmp, directory)
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -297,7 +297,7 @@ class MSFFNet(nn.Module):
         kwargs.update(overrides)
         try:
             model = cls(**kwargs)
-        except TypeError as e:
+        except (TypeError, ValueError) as e:
             raise CheckpointError(f"checkpoint {directory} has an invalid config: {e}") from None
         load_weights_file(model, weights, map_location)
         model.metadata = cfg.get("metadata", {})
@@ -320,8 +320,16 @@ def load_weights_file(model: nn.Module, weights: Path, map_location: str | torch
     (``torch.load(weights_only=True)``); every problem is one CheckpointError naming the file."""
     try:
         state = torch.load(weights, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        # torch's refusal comes with a hint to retry with weights_only=False: never for a checkpoint.
+        if "GLOBAL" in str(e):
+            raise CheckpointError(f"{weights} is not a valid msff checkpoint (it holds pickled Python objects, "
+                                  "not only tensors); it was not loaded") from None
+        raise CheckpointError(f"checkpoint weights {weights} are corrupt or unreadable (not a valid msff "
+                              "checkpoint); it was not loaded") from None
     except Exception as e:
-        raise CheckpointError(f"checkpoint weights {weights} are corrupt or unreadable: {e}") from None
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise CheckpointError(f"checkpoint weights {weights} are corrupt or unreadable: {why}") from None
     if not isinstance(state, dict):
         raise CheckpointError(f"checkpoint weights {weights} do not hold a state dict")
     load_state_dict_checked(model, state, source=str(weights))

@@ -40,7 +40,6 @@ import importlib.util
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -48,6 +47,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
+from msff.fileio import make_temp_dir, publish_dir
 from msff.models.backbones import SegmentationModel
 from msff.models.deeplabv3plus import DeepLabV3Plus
 from msff.models.fcn import FCN8s
@@ -306,13 +306,11 @@ def save_model(model: nn.Module, directory: str | os.PathLike, metadata: Optiona
     }
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    tmp = make_temp_dir(directory)  # the umask's folder mode, owned by this process
     try:
         (tmp / CONFIG_NAME).write_text(json.dumps(_json_safe(cfg), indent=2, sort_keys=True))
         torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp / WEIGHTS_NAME)
-        if directory.exists():
-            shutil.rmtree(directory)
-        tmp.rename(directory)
+        publish_dir(tmp, directory)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
