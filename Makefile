@@ -15,7 +15,7 @@ ZOO_SPEC ?=
 endif
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-gpu test-slow bench lint env clean
+.PHONY: install demo test test-gpu test-slow bench lint env clean kernel-report gpu-check
 
 $(BIN)/.msff-installed: pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cu csrc/cuda/*.cuh)
 	$(PYTHON) -m venv $(VENV)
@@ -38,8 +38,24 @@ test-gpu: install
 test-slow: install
 	$(BIN)/python -m pytest tests -m slow $(PYTEST_ARGS)
 
+# GPU benchmarks (skip cleanly on CPU); the compact JSON summary (medians, ratios per group) goes to
+# BENCH_RESULTS, pytest-benchmark's own JSON beside it.
+BENCH_RESULTS ?= benchmarks/results/bench.json
 bench: install
-	$(BIN)/python -m pytest benchmarks --benchmark-only -m "not slow" $(PYTEST_ARGS)
+	MSFF_BENCH_RESULTS=$(BENCH_RESULTS) $(BIN)/python -m pytest benchmarks --benchmark-only -m "not slow" \
+		--benchmark-json=$(basename $(BENCH_RESULTS))-pytest-benchmark.json $(PYTEST_ARGS)
+
+# Offline (CPU-only) view of every kernel: registers, spills, SASS mix, roofline, for sm_90a and
+# sm_80 -> benchmarks/results/kernel-report.json. KR_ARGS e.g. "--dtypes bfloat16 --arch sm_90a".
+KR_ARGS ?=
+kernel-report: install
+	env -u TRITON_INTERPRET $(BIN)/python -m msff.kernel_report $(KR_ARGS)
+
+# One command on an H100/H200: parity, sanitizer, benchmarks, then the validation record that
+# lets `auto` pick a fused backend (msff/validation/*.json). GPU_CHECK_ARGS e.g. "--no-autotune".
+GPU_CHECK_ARGS ?=
+gpu-check: install
+	env -u TRITON_INTERPRET $(BIN)/python -m msff.gpu_check $(GPU_CHECK_ARGS)
 
 lint: install
 	$(BIN)/ruff check msff kernels tests benchmarks setup.py
