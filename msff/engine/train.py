@@ -230,13 +230,19 @@ def build_model(config: TrainConfig, in_channels: int, classes: int = 1) -> nn.M
         kwargs["backend"] = config.backend
     if config.width_multiplier is not None:
         kwargs["width_multiplier"] = config.width_multiplier
+    fixed = sorted({"in_channels", "classes"} & set(config.model_kwargs))
+    if fixed:
+        raise ValueError(f"model_kwargs {fixed}: not options (the data's band count and the task set them)")
     kwargs.update(config.model_kwargs)
     zoo = _zoo()
-    if zoo is not None:
-        return zoo.create_model(name, in_channels, classes, **kwargs)
-    if name != "msffnet":
-        raise ValueError(f"model {name!r} needs msff.models.zoo, which is not available; use 'msffnet'")
-    return MSFFNet(in_channels=in_channels, classes=classes, **kwargs)
+    try:
+        if zoo is not None:
+            return zoo.create_model(name, in_channels, classes, **kwargs)
+        if name != "msffnet":
+            raise ValueError(f"model {name!r} needs msff.models.zoo, which is not available; use 'msffnet'")
+        return MSFFNet(in_channels=in_channels, classes=classes, **kwargs)
+    except TypeError as e:  # an unknown or misspelt model_kwargs key
+        raise ValueError(f"model {name!r} does not accept these options: {e}") from None
 
 
 def _save_model(model: nn.Module, directory: Path, metadata: dict) -> None:
@@ -446,7 +452,8 @@ class _RunFolder:
         if self.resume:
             if self.state_required and not (self.dir / "checkpoints" / STATE_NAME).is_file() and not self._asides():
                 raise RunError(f"cannot resume: {self.dir / 'checkpoints' / STATE_NAME} not found")
-        elif self.dir.exists() and any(self.dir.iterdir()) and not self.overwrite:
+        elif self.dir.exists() and any(self.dir.iterdir()) and not self.overwrite and not self._asides():
+            # (with a run moved aside by a killed replacement, open() first puts it back, then refuses)
             raise RunError(
                 f"output folder {self.dir} exists and is not empty; pass overwrite (--overwrite) to replace it "
                 "or resume (--resume) to continue it"
