@@ -30,7 +30,7 @@ CONFIG_DIR = Path(__file__).parent / "configs"
 DATA_DEFAULTS: dict[str, Any] = dict(
     data=[], val=None, test=None, val_ratio=0.2, test_ratio=0.0, split_seed=0, train_list=None,
     val_list=None, test_list=None, image_dir=None, mask_dir=None, pair="auto", mask_color=None,
-    mask_threshold=None, ignore_value=[], bands=None, cache=True, runs=1, out=None,
+    mask_threshold=None, ignore_value=[], bands=None, cache=True, runs=1, out=None, input_scale=None,
 )
 MODEL_KWARG_OPTIONS = ("kernel_size", "lkam_blocks")
 
@@ -164,6 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--weight-decay", type=float, default=S, help="Adam weight decay (paper 1e-6)")
     g.add_argument("--loss", choices=("bce", "dice", "bce+dice"), default=S, help="loss (paper bce)")
     g.add_argument("--plateau-patience", type=int, default=S, help="ReduceLROnPlateau patience (epochs)")
+    g.add_argument("--input-scale", default=S, metavar="SPEC",
+                   help="raw values -> model input, stored in the model card: none (default), divide:C "
+                        "(e.g. divide:10000), percentile[:LO,HI[:MAX]] (per-band stretch, percentiles of the training split)")
     g.add_argument("--early-stopping", type=int, default=S, help="stop after N epochs without better val IoU (0 never)")
     g.add_argument("--crop", type=int, default=S, help="random crop size (default: whole images)")
     g.add_argument("--no-augment", dest="augment", action="store_false", default=S, help="no rotation/flip/translation")
@@ -307,7 +310,7 @@ def build_datasets(opts: dict):
     if opts.get("test"):
         test = test + _pairs(opts["test"], opts)
     enc = _encoding(opts)
-    kw = dict(encoding=enc, bands=opts.get("bands"), cache=opts.get("cache", True))
+    kw = dict(encoding=enc, bands=opts.get("bands"), cache=opts.get("cache", True), input_scale=opts.get("input_scale"))
     train_ds = SegmentationDataset(train, **kw)
     val_ds = SegmentationDataset(val, **kw) if val else None
     test_ds = SegmentationDataset(test, **kw) if test else None
