@@ -21,7 +21,7 @@ $(BIN)/.msff-installed: pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h c
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH_SPEC)" "$(TRITON_SPEC)" $(ZOO_SPEC) numpy pybind11 ninja setuptools wheel
-	$(BIN)/pip install --no-build-isolation -e ".[test,vector]"
+	$(BIN)/pip install --no-build-isolation -e ".[test,vector,onnx]"
 	touch $@
 
 install: $(BIN)/.msff-installed

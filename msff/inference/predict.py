@@ -26,6 +26,7 @@ from torch import nn
 
 from msff.data.domain import DomainError, DomainWarning, compare_domain, fraction_check
 from msff.data.scaling import InputScale, ScaleError
+from msff.inference.engine import make_engine
 from msff.inference.predictor import Predictor
 from msff.inference.sources import InferenceError, RasterStack
 from msff.inference.tiling import TileGrid
@@ -176,6 +177,7 @@ def predict_array(
     tta: bool = False,
     device=None,
     amp=False,
+    engine: Optional[str] = "auto",
 ) -> np.ndarray:
     """Tiled, blended prediction of an in-memory image (the same algorithm as :func:`predict_scene`).
 
@@ -184,7 +186,7 @@ def predict_array(
         x: raw band values ``(C, H, W)``.
         normalization: ``{"mean": [...], "std": [...]}`` (default: the model's metadata).
         valid: bool ``(H, W)``; windows with no valid pixel are skipped, invalid pixels get NaN.
-        tile, overlap, margin, batch_size, tta, device, amp: as in :func:`predict_scene`.
+        tile, overlap, margin, batch_size, tta, device, amp, engine: as in :func:`predict_scene`.
 
     Returns:
         float32 probabilities ``(H, W)`` (NaN where ``valid`` is False).
@@ -209,6 +211,7 @@ def predict_array(
         pred = dataclasses.replace(pred, input_scale=pred.input_scale.fit(x[:, valid], "array"))
     dev = resolve_device(device)
     pred.model.eval().to(dev)
+    pred = dataclasses.replace(pred, model=make_engine(pred.model, engine, dev, in_channels=c))
     grid = TileGrid(h, w, tile, overlap, margin)
     acc = np.zeros((h, w), np.float32)
     wsum = np.zeros((h, w), np.float32)
@@ -262,6 +265,7 @@ def predict_scene(
     input_scale=None,
     domain_check: str = "warn",
     domain_windows: int = 256,
+    engine: Optional[str] = "auto",
 ) -> SceneResult:
     """Predict landslide probability over a whole scene and write georeferenced COGs.
 
@@ -343,6 +347,7 @@ def predict_scene(
         if backend is not None and hasattr(pred.model, "set_backend"):
             pred.model.set_backend(backend)
         pred.model.eval().to(dev)
+        pred = dataclasses.replace(pred, model=make_engine(pred.model, engine, dev, in_channels=stack.count))
         grid = TileGrid(stack.height, stack.width, tile, overlap, margin)
         all_tags = {
             "msff_model": pred.name,
