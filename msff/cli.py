@@ -200,6 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--list", dest="eval_list", default=None, metavar="FILE", help="evaluate only the images named here")
     e.add_argument("--overlays", default=None, metavar="DIR", help="also write overlay PNGs here")
     e.add_argument("--overlay-count", type=int, default=8)
+    e.add_argument("--engine", default="auto", choices=("auto", "onnx", "torch", "nchw"),
+                   help="how the network runs: auto (onnxruntime on CPU when msff[onnx] is installed, else "
+                        "channels_last torch; NCHW on GPU), onnx, torch, nchw")
     e.add_argument("--overwrite", action="store_true", help="replace an existing metrics JSON (and overlay PNGs)")
     e.add_argument("--input-scale", default=None, metavar="SPEC",
                    help="override the checkpoint's input scale: none, divide:C, percentile[:LO,HI[:MAX]] "
@@ -510,8 +513,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     device = _resolve_device(args.device)
     threshold = args.threshold if args.threshold is not None else float(meta.get("threshold", 0.5))
     t0 = time.time()
+    from msff.inference.engine import make_engine
+
+    model = make_engine(model.to(device), args.engine, device, in_channels=ds.in_channels)
     with torch.no_grad():
-        m = evaluate(model.to(device), ds, args.batch_size, device, threshold, loss=None, progress=True)
+        m = evaluate(model, ds, args.batch_size, device, threshold, loss=None, progress=True)
     result = {"checkpoint": str(ckpt), "data": [str(d) for d in args.data], "threshold": threshold,
               "seconds": time.time() - t0, **m, "input_scale": ds.input_scale.to_dict(), "domain": domain}
     atomic_write_json(out, result)

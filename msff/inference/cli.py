@@ -88,6 +88,11 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
         "--backend", default=None, choices=("auto", "reference", "triton", "cuda"),
         help="MSFFNet kernel backend (default: the checkpoint's / MSFF_BACKEND)",
     )
+    p.add_argument(
+        "--engine", default="auto", choices=("auto", "onnx", "torch", "nchw"),
+        help="how the network runs: auto (default: onnxruntime on CPU when msff[onnx] is installed, "
+        "else channels_last torch; NCHW torch on GPU), onnx, torch (channels_last on CPU), nchw",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     g = p.add_argument_group("input domain (is this scene like the training data?)")
     g.add_argument(
@@ -197,6 +202,7 @@ def run_predict(args) -> int:
     """Run ``msff predict`` for parsed ``args``. Returns the exit status (0 ok, 2 bad input/output,
     1 other failure); errors are printed as one line, never a traceback."""
     from msff.backend import BackendUnavailableError
+    from msff.inference.engine import EngineError
     from msff.inference.predict import predict_scene, resolve_device
     from msff.inference.predictor import load_predictor
     from msff.inference.quicklook import quicklook
@@ -247,6 +253,7 @@ def run_predict(args) -> int:
                     progress=not args.quiet,
                     input_scale=args.input_scale,
                     domain_check="off" if args.no_domain_check else ("strict" if args.strict else "warn"),
+                    engine=args.engine,
                 )
             for w in caught:
                 if not issubclass(w.category, (PendingDeprecationWarning, DeprecationWarning)):
@@ -272,7 +279,7 @@ def run_predict(args) -> int:
             _write_report(pl, r, args)
             print(f"  wrote {pl['report']}")
         return 0
-    except (InferenceError, ValueError, FileNotFoundError, BackendUnavailableError) as e:
+    except (InferenceError, ValueError, FileNotFoundError, BackendUnavailableError, EngineError) as e:
         _say(f"error: {e}")
         return 2
     except KeyboardInterrupt:

@@ -67,7 +67,7 @@ PARITY_ATOL = 1e-3
 PARITY_RTOL = 1e-3
 
 
-class EngineError(RuntimeError):
+class EngineError(ValueError, RuntimeError):
     """An engine asked for explicitly cannot run (missing package, failed export or parity)."""
 
 

@@ -124,3 +124,33 @@ def test_export_failure_falls_back_under_auto(cache, monkeypatch):
     with pytest.raises(E.EngineError, match="export .* failed"):
         E.make_engine(m, "onnx", "cpu")
     assert not list(cache.glob("*.onnx")) and not list(cache.glob("*.part"))
+
+
+@needs_onnx
+def test_predict_cli_engine_option(cache, tmp_path, scene, tiny_ckpt):
+    import rasterio
+
+    from msff.inference.cli import main
+
+    path, _ = scene
+    outs = {}
+    for eng in ("nchw", "onnx"):
+        rc = main([str(tiny_ckpt), str(path), "--out", str(tmp_path / eng / "s"), "--engine", eng, "--quiet",
+                   "--tile", "64", "--overlap", "16"])
+        assert rc == 0
+        with rasterio.open(tmp_path / eng / "s_prob.tif") as ds:
+            outs[eng] = ds.read(1)
+    a, b = outs["nchw"], outs["onnx"]
+    assert np.array_equal(np.isnan(a), np.isnan(b))
+    np.testing.assert_allclose(b[~np.isnan(b)], a[~np.isnan(a)], rtol=1e-4, atol=1e-5)
+    assert list(cache.glob("*.onnx"))
+
+
+def test_predict_cli_onnx_unavailable_is_one_line(tmp_path, scene, tiny_ckpt, monkeypatch, capsys):
+    from msff.inference.cli import main
+
+    monkeypatch.setattr(E, "onnx_available", lambda: "onnxruntime is not installed (pip install 'msff[onnx]')")
+    rc = main([str(tiny_ckpt), str(scene[0]), "--out", str(tmp_path / "x"), "--engine", "onnx", "--quiet"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "msff[onnx]" in err[0]
+    assert not list(tmp_path.glob("x_*"))
