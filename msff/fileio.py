@@ -198,13 +198,14 @@ def disk_full_guard(path: str | os.PathLike, needed: Optional[int] = None) -> It
 
     An ``OSError`` with ENOSPC/EDQUOT is always converted. Libraries that hide the errno (torch's
     ``file write failed``, GDAL's ``Write failed``) raise other errors; those are converted only
-    when the file system really has less than ``needed`` bytes (at least 1 MB) free afterwards.
+    when the file system really has less than ``needed`` bytes (at least 1 MB) free afterwards;
+    any other error passes unchanged.
     """
     try:
         yield
     except DiskFullError:
         raise
-    except (OSError, RuntimeError) as e:
+    except Exception as e:
         free = free_bytes(path)
         if _is_full(e) or (free is not None and free < max(needed or 0, 1 << 20)):
             raise DiskFullError(path, needed, free) from e

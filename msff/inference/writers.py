@@ -7,15 +7,27 @@ a target name.
 """
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
-import tempfile
+import sys
 import warnings
 from pathlib import Path
 from typing import Iterable, Optional
 
 import numpy as np
 
+from msff.fileio import (
+    DiskFullError,
+    clean_stale_temporaries,
+    disk_full_guard,
+    free_bytes,
+    make_temp_file,
+    publish_file,
+)
 from msff.inference.sources import InferenceError
+
+log = logging.getLogger("msff.inference")
 
 __all__ = [
     "PROB_DTYPES",
@@ -64,31 +76,25 @@ def check_outputs(paths: Iterable[Optional[str | os.PathLike]], overwrite: bool 
         except OSError as e:
             raise InferenceError(f"cannot create output folder {parent}: {e.strerror or e}") from None
         try:
-            fd, probe = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".probe", dir=parent)
-            os.close(fd)
-            os.unlink(probe)
+            os.unlink(make_temp_file(p, ".probe"))
         except OSError as e:
             raise InferenceError(f"output folder {parent} is not writable: {e.strerror or e}") from None
+    # Everything checked: remove what killed earlier runs left beside these outputs (only
+    # temporaries named after them whose owner process is gone).
+    for p in seen.values():
+        for stale in clean_stale_temporaries(p):
+            log.info("removed stale temporary %s", stale)
 
 
 def temp_path(target: str | os.PathLike, suffix: str) -> Path:
-    """A fresh hidden file name beside ``target`` (same filesystem, so renaming is atomic)."""
-    target = Path(target)
-    fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=suffix, dir=target.parent or ".")
-    os.close(fd)
-    return Path(name)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+    """A fresh hidden file beside ``target`` (same filesystem, so renaming is atomic), named
+    ``.<target name>.msff-<host>-<pid>-…<suffix>`` so a later run can remove it if this process dies."""
+    return make_temp_file(target, suffix)
 
 
 def atomic_replace(tmp: Path, target: Path) -> None:
-    """Rename ``tmp`` onto ``target`` with ordinary file permissions (mkstemp makes 0600)."""
-    os.chmod(tmp, 0o666 & ~_umask())
-    os.replace(tmp, target)
+    """Rename ``tmp`` onto ``target`` with the umask's ordinary file mode (mkstemp makes 0600)."""
+    publish_file(tmp, target)
 
 
 def _unlink(p: Optional[Path]) -> None:
@@ -99,6 +105,38 @@ def _unlink(p: Optional[Path]) -> None:
             q.unlink()
         except FileNotFoundError:
             pass
+
+
+@contextlib.contextmanager
+def _quiet_gdal():
+    """Hold back what C libraries print on stderr inside the block (libtiff prints one line per
+    failed write before GDAL raises); it is passed on unless the block ends in an exception,
+    which the caller reports in one line. A pipe, not a file: the disk may be full."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+        r, w = os.pipe()
+    except (OSError, ValueError, AttributeError):
+        yield
+        return
+    os.set_blocking(w, False)  # more than the pipe holds is dropped, never a deadlock
+    os.dup2(w, 2)
+    os.close(w)
+    ok = False
+    try:
+        yield
+        ok = True
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.set_blocking(r, False)
+        chunks = []
+        with contextlib.suppress(BlockingIOError, OSError):
+            while chunk := os.read(r, 65536):
+                chunks.append(chunk)
+        os.close(r)
+        if ok and chunks:
+            os.write(2, b"".join(chunks))
 
 
 class SceneWriter:
@@ -173,6 +211,25 @@ class SceneWriter:
             self.abort()
             raise
 
+    def _bytes_needed(self) -> int:
+        # Uncompressed size of every output, twice (the streamed temporary and the COG beside it).
+        per_px = sum(4 if kind == "prob" and self.prob_dtype == "float32" else 1
+                     for kind, t in self.targets.items() if t is not None)
+        return 2 * int(self.grid["width"]) * int(self.grid["height"]) * per_px
+
+    @contextlib.contextmanager
+    def _space(self):
+        """A full disk becomes one InferenceError naming the output and the space needed; everything
+        written so far is deleted."""
+        target = next((t for t in self.targets.values() if t is not None), Path("."))
+        with _quiet_gdal():
+            try:
+                with disk_full_guard(target, self._bytes_needed()):
+                    yield
+            except DiskFullError as e:
+                self.abort()  # then say what is free once our temporaries are gone
+                raise InferenceError(str(DiskFullError(e.path, e.needed, free_bytes(e.path)))) from None
+
     def write_rows(self, row0: int, prob: np.ndarray, valid: np.ndarray, threshold: float) -> None:
         """Write rows ``row0 : row0 + h`` of the scene.
 
@@ -184,8 +241,10 @@ class SceneWriter:
         """
         from rasterio.windows import Window
 
-        h, w = prob.shape
-        win = Window(0, row0, w, h)
+        with self._space():
+            self._write_rows(Window(0, row0, prob.shape[1], prob.shape[0]), prob, valid, threshold)
+
+    def _write_rows(self, win, prob: np.ndarray, valid: np.ndarray, threshold: float) -> None:
         if "prob" in self._ds:
             if self.prob_dtype == "float32":
                 out = np.where(valid, prob, np.float32(np.nan)).astype(np.float32, copy=False)
@@ -203,6 +262,10 @@ class SceneWriter:
         Returns:
             ``{"prob": path, "mask": path}`` for the outputs written.
         """
+        with self._space():
+            return self._finish()
+
+    def _finish(self) -> dict[str, Path]:
         import rasterio
         import rasterio.shutil
 
