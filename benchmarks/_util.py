@@ -19,7 +19,33 @@ import torch
 
 GPU = torch.cuda.is_available()
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-PROVIDERS = ["reference", "reference+compile", "triton", "cuda"]
+#: reference = eager PyTorch (cuDNN, cudnn.benchmark on); +compile = torch.compile default;
+#: +max-autotune = torch.compile(mode="max-autotune"); +freezing = max-autotune with inductor
+#: freezing (conv-BN folded; inference only)
+PROVIDERS = ["reference", "reference+compile", "reference+max-autotune", "reference+freezing",
+             "triton", "cuda"]
+PEAK_BF16 = 989e12  # H100/H200 SXM dense bf16 tensor-core FLOP/s
+
+
+def compiled(fn, provider: str):
+    """``fn`` as the provider runs it: eager, or torch.compile in the provider's mode."""
+    if provider == "reference+compile":
+        return torch.compile(fn)
+    if provider == "reference+max-autotune":
+        return torch.compile(fn, mode="max-autotune")
+    if provider == "reference+freezing":
+        import torch._inductor.config as icfg
+
+        icfg.freezing = True  # read when the graph compiles (first call, inside the warm-up)
+        return torch.compile(fn, mode="max-autotune")
+    return fn
+
+
+def uncompile(provider: str) -> None:
+    if provider == "reference+freezing":
+        import torch._inductor.config as icfg
+
+        icfg.freezing = False
 
 
 def sync():

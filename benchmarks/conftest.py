@@ -63,5 +63,37 @@ def pytest_sessionfinish(session, exitstatus):
         )
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
-        json.dump({"environment": environment(), "benchmarks": rows}, f, indent=2, default=str)
+        json.dump({"environment": environment(), "groups": summarize(rows), "benchmarks": rows},
+                  f, indent=2, default=str)
     os.replace(tmp, path)
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    """One entry per (benchmark group, shape, mode, dtype): each provider's median, TFLOP/s, % of
+    the bf16 peak and its ratio to eager (``reference``) and to each torch.compile provider (>1 =
+    faster than that baseline), with its memory."""
+    peak = 989e12
+    groups: dict = {}
+    for r in rows:
+        key = (r.get("group"), r.get("extra.shape"), r.get("extra.mode"), r.get("extra.dtype"))
+        groups.setdefault(key, []).append(r)
+    out = []
+    for (group, shape, mode, dtype), rs in sorted(groups.items(), key=lambda kv: str(kv[0])):
+        base = {r.get("extra.provider"): r["median_s"] for r in rs}
+        provs = []
+        for r in rs:
+            p = {"provider": r.get("extra.provider"), "median_s": r["median_s"],
+                 "peak_mib": r.get("extra.peak_mib"),
+                 "activation_mib": r.get("extra.activation_mib")}
+            flops = r.get("extra.flops")
+            if flops:
+                p["tflops"] = flops / r["median_s"] / 1e12
+                p["pct_bf16_peak"] = 100 * flops / r["median_s"] / peak
+            for b in ("reference", "reference+compile", "reference+max-autotune",
+                      "reference+freezing"):
+                if base.get(b):
+                    p[f"ratio_vs_{b}"] = base[b] / r["median_s"]
+            provs.append(p)
+        out.append({"group": group, "shape": shape, "mode": mode, "dtype": dtype,
+                    "providers": provs})
+    return out

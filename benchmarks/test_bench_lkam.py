@@ -16,7 +16,17 @@ import copy
 
 import pytest
 import torch
-from _util import GPU, PROVIDERS, ResultLog, backend_of, measure_memory, skip_unless_runs, sync
+from _util import (
+    GPU,
+    PROVIDERS,
+    ResultLog,
+    backend_of,
+    compiled,
+    measure_memory,
+    skip_unless_runs,
+    sync,
+    uncompile,
+)
 
 from msff.models import LKAMBlock
 
@@ -35,6 +45,13 @@ def _write_results():
     LOG.write("lkam_block")
 
 
+def block_flops(N, cin, cout, H, W, k, train):
+    """Conv FLOPs of one block (4 separable 1-D convs + projection); train = fwd + 2 backward."""
+    M = N * H * W
+    f = 2 * M * k * (cin * cout + cout * cout) * 2 + (2 * M * cin * cout if cin != cout else 0)
+    return f * (3 if train else 1)
+
+
 def _setup(shape_name, provider):
     N, cin, cout, H, W, k = SHAPES[shape_name]
     torch.manual_seed(0)
@@ -51,7 +68,7 @@ def _setup(shape_name, provider):
         dtype, layout = "fp32", "NCHW"
     skip_unless_runs(provider, x)
     block.backend = backend_of(provider)
-    fn = torch.compile(block) if provider == "reference+compile" else block
+    fn = compiled(block, provider)
     info = dict(provider=provider, shape=shape_name, dims=[N, cin, cout, H, W, k], dtype=dtype,
                 layout=layout, tf32=torch.backends.cudnn.allow_tf32, device=str(x.device))
     return block, fn, x, info
@@ -66,7 +83,13 @@ def _ctx():
 @pytest.mark.parametrize("provider", PROVIDERS)
 @pytest.mark.parametrize("shape_name", list(SHAPES))
 def test_lkam_block(benchmark, shape_name, provider, mode):
+    if provider == "reference+freezing" and mode != "forward":
+        pytest.skip("freezing folds parameters into constants: inference only")
+    if provider.startswith("reference+") and not GPU:
+        pytest.skip(f"{provider}: compiled baselines are measured on GPU only (minutes of "
+                    "compilation for CPU numbers nobody quotes)")
     block, fn, x, info = _setup(shape_name, provider)
+    info["flops"] = block_flops(*SHAPES[shape_name], train=mode != "forward")
     block.train(mode != "forward")
     state = copy.deepcopy(block.state_dict())  # BN running stats: restore after measuring
     g = None
@@ -107,6 +130,16 @@ def test_lkam_block(benchmark, shape_name, provider, mode):
             backward(*backward_setup()[0])
         else:
             target()
+    uncompile(provider)
+    if GPU and provider != "reference" and mode == "forward":
+        # parity once before timing: the same block and input through the eager reference
+        # (training-mode parity, gradients and BN buffers included, is make gpu-check's job)
+        with torch.no_grad(), _ctx():
+            ref = block.forward_reference(x)
+            got = fn(x)
+        err = (got.float() - ref.float()).abs().max().item()
+        info["parity_max_abs"] = err
+        assert err <= 0.05 * ref.float().abs().max().item() + 1e-2, f"{provider}: max err {err}"
     rounds = 10 if GPU else 3
     benchmark.pedantic(target, rounds=rounds, iterations=1, warmup_rounds=0, **kwargs)
     mem = {}

@@ -448,6 +448,8 @@ def _versions_now() -> dict:
 def _entry_blocker(path: Path, rec: dict, entry: dict, gpu: tuple[str, str]) -> Optional[str]:
     """Why ``entry`` of ``rec`` does not make ``entry['backend']`` a default here, or None."""
     backend = entry["backend"]
+    if rec.get("dry_run"):
+        return f"{path.name}: a --dry-run record (CPU stand-in), not a GPU measurement"
     if rec["gpu"]["capability"] != gpu[1]:
         return f"{path.name}: recorded on sm_{rec['gpu']['capability'].replace('.', '')} " \
                f"({rec['gpu']['name']}), this GPU is sm_{gpu[1].replace('.', '')} ({gpu[0]})"
