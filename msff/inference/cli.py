@@ -82,6 +82,20 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prob-dtype", choices=("float32", "uint8"), default="float32", help="probability raster encoding")
     p.add_argument("--quicklook", action="store_true", help="also write PREFIX_quicklook.png (mask over the scene)")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    p.add_argument(
+        "--scene-list", default=None, metavar="FILE",
+        help="text file naming one raster (scene) per line, added to INPUT (INPUT may also be a quoted glob, 'tiles/*.tif')",
+    )
+    p.add_argument(
+        "--resume", action="store_true",
+        help="skip scenes whose outputs are complete and valid (PREFIX_run.json written last, same checkpoint, "
+        "outputs of the scene's size); predict incomplete ones again",
+    )
+    p.add_argument(
+        "--summary", default=None, metavar="CSV",
+        help="summary table of a multi-scene run (default OUT/summary.csv); failed scenes are recorded there and "
+        "the run goes on (exit status 1 at the end)",
+    )
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:1, ...")
     p.add_argument("--amp", action="store_true", help="mixed precision (bf16 where supported, else fp16)")
     p.add_argument(
@@ -141,7 +155,9 @@ def _plan(args) -> list[dict]:
     scenes = []
     if args.bands:
         scenes.append([str(b) for b in args.bands])
-    scenes.extend([[str(i)] for i in args.inputs])
+    from msff.inference.batch import expand_inputs
+
+    scenes.extend([[str(i)] for i in expand_inputs(args.inputs, getattr(args, "scene_list", None))])
     if not scenes:
         raise ValueError("no input: give INPUT raster(s) and/or --bands FILE ...")
     stems = [_scene_stem(s) for s in scenes]
@@ -168,6 +184,14 @@ def _plan(args) -> list[dict]:
             )
         )
     return plans
+
+
+def _summary_path(out: Optional[str]) -> str:
+    if out is None:
+        return "summary.csv"
+    if out.endswith(("/", os.sep)) or Path(out).is_dir():
+        return str(Path(out) / "summary.csv")
+    return f"{out}_summary.csv"
 
 
 def _parse_indexes(text: Optional[str]) -> Optional[list[int]]:
@@ -202,6 +226,7 @@ def run_predict(args) -> int:
     """Run ``msff predict`` for parsed ``args``. Returns the exit status (0 ok, 2 bad input/output,
     1 other failure); errors are printed as one line, never a traceback."""
     from msff.backend import BackendUnavailableError
+    from msff.inference import distributed
     from msff.inference.engine import EngineError
     from msff.inference.predict import predict_scene, resolve_device
     from msff.inference.predictor import load_predictor
@@ -212,7 +237,7 @@ def run_predict(args) -> int:
 
     try:
         plans = _plan(args)
-        for pl in plans:
+        for pl in plans if not args.resume else ():
             check_outputs([pl["prob"], pl["mask"], pl["vector"], pl["quicklook"], pl["report"]], overwrite=args.overwrite)
         if args.tile < 1 or not 0 <= args.overlap < args.tile:
             raise ValueError(f"need --tile >= 1 and 0 <= --overlap < --tile (got {args.tile}, {args.overlap})")
@@ -222,13 +247,15 @@ def run_predict(args) -> int:
             except ImportError:
                 raise InferenceError("--vector .gpkg needs the optional package pyogrio (pip install pyogrio); use geojson instead") from None
         band_indexes = _parse_indexes(args.band_indexes)
-        device = resolve_device(args.device)
+        ctx = distributed.init(args.device)
+        device = ctx.device or resolve_device(args.device)
         pred = load_predictor(args.checkpoint, device=device, backend=args.backend)
         if args.threshold is not None:
             if not 0.0 <= args.threshold <= 1.0:
                 raise ValueError(f"--threshold must be in [0, 1], got {args.threshold}")
             pred.threshold = args.threshold
-        for pl in plans:
+
+        def one(pl: dict, replace: bool):
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 warnings.filterwarnings("ignore", category=PendingDeprecationWarning)
@@ -249,15 +276,16 @@ def run_predict(args) -> int:
                     amp=args.amp,
                     backend=args.backend,
                     prob_dtype=args.prob_dtype,
-                    overwrite=args.overwrite,
+                    overwrite=replace,
                     progress=not args.quiet,
                     input_scale=args.input_scale,
                     domain_check="off" if args.no_domain_check else ("strict" if args.strict else "warn"),
                     engine=args.engine,
                 )
-            for w in caught:
-                if not issubclass(w.category, (PendingDeprecationWarning, DeprecationWarning)):
-                    _say(f"warning: {w.message}")
+            texts = [str(w.message) for w in caught
+                     if not issubclass(w.category, (PendingDeprecationWarning, DeprecationWarning))]
+            for t in texts:
+                _say(f"warning: {t}")
             frac = r.landslide_pixels / max(r.valid_pixels, 1)
             print(
                 f"{' + '.join(pl['files'])}: {r.width}x{r.height} px ({r.crs or 'no CRS'}), "
@@ -267,18 +295,29 @@ def run_predict(args) -> int:
             )
             print(f"  wrote {r.prob}\n  wrote {r.mask}")
             if pl["vector"]:
-                polys = polygonize_mask(r.mask, r.prob, pl["vector"], min_area=args.min_area, overwrite=args.overwrite)
+                polys = polygonize_mask(r.mask, r.prob, pl["vector"], min_area=args.min_area, overwrite=replace)
                 unit = "m²" if r.georeferenced else "px"
                 print(f"  wrote {pl['vector']} ({len(polys)} polygons, min area {args.min_area:g} {unit})")
             if pl["quicklook"]:
                 quicklook(
-                    pl["files"], r.mask, pl["quicklook"], overwrite=args.overwrite, nodata=args.nodata,
+                    pl["files"], r.mask, pl["quicklook"], overwrite=replace, nodata=args.nodata,
                     band_indexes=band_indexes,
                 )
                 print(f"  wrote {pl['quicklook']}")
             _write_report(pl, r, args)
             print(f"  wrote {pl['report']}")
-        return 0
+            return r, texts
+
+        if len(plans) == 1 and not (args.resume or args.summary or ctx.world > 1):
+            one(plans[0], args.overwrite)
+            return 0
+        from msff.inference.batch import run_scenes
+
+        return run_scenes(
+            plans, one, checkpoint=str(args.checkpoint), resume=args.resume, overwrite=args.overwrite,
+            summary=args.summary or _summary_path(args.out), say=_say, rank=ctx.rank, world=ctx.world,
+            gather=ctx.gather,
+        )
     except (InferenceError, ValueError, FileNotFoundError, BackendUnavailableError, EngineError) as e:
         _say(f"error: {e}")
         return 2

@@ -1,0 +1,99 @@
+"""Many scenes in one ``msff predict``: globs and scene lists, resume, per-scene failures and the
+summary table; and the same run under torchrun with 2 gloo CPU processes (issue 14)."""
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+
+import pytest
+import rasterio
+from conftest import smooth_bands, write_tif
+
+from msff.inference.batch import expand_inputs, read_scene_list, scene_state
+from msff.inference.cli import _plan, build_parser, main
+
+FAST = ["--engine", "nchw", "--quiet", "--tile", "64", "--overlap", "16", "--no-domain-check"]
+
+
+def _scenes(folder, n=3, size=(70, 90)):
+    folder.mkdir(parents=True, exist_ok=True)
+    import torch
+
+    rng = torch.Generator().manual_seed(0)
+    paths = []
+    for i in range(n):
+        paths.append(write_tif(folder / f"s{i}.tif", smooth_bands(3, *size, rng=rng)))
+    return paths
+
+
+def _summary(path):
+    with open(path) as f:
+        return {os.path.basename(r["scene"]): r for r in csv.DictReader(f)}
+
+
+def test_expand_inputs_glob_list_and_errors(tmp_path):
+    paths = _scenes(tmp_path / "in", 3)
+    lst = tmp_path / "list.txt"
+    lst.write_text("# scenes\n\nin/s2.tif\n")
+    got = expand_inputs([str(tmp_path / "in" / "s[01].tif"), str(paths[0])], str(lst))
+    assert [os.path.basename(p) for p in got] == ["s0.tif", "s1.tif", "s2.tif"]  # no duplicates
+    with pytest.raises(ValueError, match="matches no file"):
+        expand_inputs([str(tmp_path / "none*.tif")])
+    empty = tmp_path / "empty.txt"
+    empty.write_text("# nothing\n")
+    with pytest.raises(ValueError, match="names no raster"):
+        read_scene_list(empty)
+
+
+def test_many_scenes_failure_recorded_then_resume(tiny_ckpt, tmp_path, capsys):
+    _scenes(tmp_path / "in", 3)
+    bad = tmp_path / "in" / "s9.tif"
+    bad.write_bytes(b"not a tiff")
+    out = tmp_path / "out"
+    rc = main([str(tiny_ckpt), str(tmp_path / "in" / "*.tif"), "--out", f"{out}/", *FAST])
+    assert rc == 1  # one scene failed, the others ran
+    rows = _summary(out / "summary.csv")
+    assert {k: r["status"] for k, r in rows.items()} == {"s0.tif": "done", "s1.tif": "done", "s2.tif": "done",
+                                                         "s9.tif": "failed"}
+    assert "s9.tif" in rows["s9.tif"]["error"]
+    for i in range(3):
+        assert int(rows[f"s{i}.tif"]["valid_pixels"]) == 70 * 90
+        assert float(rows[f"s{i}.tif"]["landslide_area_m2"]) == pytest.approx(100 * int(rows[f"s{i}.tif"]["landslide_pixels"]))
+        assert (out / f"s{i}_prob.tif").is_file() and (out / f"s{i}_run.json").is_file()
+    assert not (out / "s9_prob.tif").exists()
+    table = capsys.readouterr().out
+    assert "failed" in table and "s1.tif" in table
+
+    # resume: complete scenes are skipped, an interrupted one (no sidecar) is predicted again
+    bad.unlink()
+    (out / "s1_run.json").unlink()
+    before = (out / "s0_prob.tif").stat().st_mtime_ns
+    rc = main([str(tiny_ckpt), str(tmp_path / "in" / "*.tif"), "--out", f"{out}/", "--resume", *FAST])
+    assert rc == 0
+    rows = _summary(out / "summary.csv")
+    assert rows["s0.tif"]["status"] == "skipped" and rows["s2.tif"]["status"] == "skipped"
+    assert rows["s1.tif"]["status"] == "done" and (out / "s1_run.json").is_file()
+    assert (out / "s0_prob.tif").stat().st_mtime_ns == before  # untouched
+
+    # without --resume existing outputs are still refused before any work
+    assert main([str(tiny_ckpt), str(tmp_path / "in" / "*.tif"), "--out", f"{out}/", *FAST]) == 2
+
+
+def test_resume_checks_outputs_are_valid(tiny_ckpt, tmp_path):
+    paths = _scenes(tmp_path / "in", 1)
+    out = tmp_path / "out"
+    assert main([str(tiny_ckpt), str(paths[0]), "--out", f"{out}/", *FAST]) == 0
+    args = build_parser().parse_args([str(tiny_ckpt), str(paths[0]), "--out", f"{out}/"])
+    pl = _plan(args)[0]
+    assert scene_state(pl, str(tiny_ckpt)) == ("complete", "")
+    assert scene_state(pl, "other/ckpt")[0] == "stale"
+    (out / "s0_mask.tif").write_bytes(b"truncated")
+    assert scene_state(pl, str(tiny_ckpt))[0] == "partial"
+    assert main([str(tiny_ckpt), str(paths[0]), "--out", f"{out}/", "--resume", *FAST]) == 0
+    with rasterio.open(out / "s0_mask.tif") as ds:
+        assert (ds.width, ds.height) == (90, 70)
+    # outputs of another checkpoint are not replaced under --resume
+    other = tmp_path / "ckpt2"
+    shutil.copytree(tiny_ckpt, other)
+    assert main([str(other), str(paths[0]), "--out", f"{out}/", "--resume", *FAST]) == 1
