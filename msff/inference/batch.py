@@ -68,8 +68,7 @@ def read_scene_list(path: str | os.PathLike) -> list[str]:
 
 
 def expand_inputs(inputs: Sequence[str], scene_list: Optional[str] = None) -> list[str]:
-    """INPUT arguments (files or glob patterns) and the ``--scene-list`` file, in order, without
-    duplicates.
+    """INPUT arguments (files or glob patterns) and the ``--scene-list`` file, in order.
 
     Raises:
         ValueError: a pattern that matches nothing (named).
@@ -86,13 +85,7 @@ def expand_inputs(inputs: Sequence[str], scene_list: Optional[str] = None) -> li
             out.append(item)
     if scene_list:
         out.extend(read_scene_list(scene_list))
-    seen, uniq = set(), []
-    for s in out:
-        key = os.path.abspath(s)
-        if key not in seen:
-            seen.add(key)
-            uniq.append(s)
-    return uniq
+    return out  # a scene named twice is refused by the caller (two scenes, one output name)
 
 
 def _raster_size(path) -> tuple[int, int]:

@@ -36,8 +36,9 @@ def test_expand_inputs_glob_list_and_errors(tmp_path):
     paths = _scenes(tmp_path / "in", 3)
     lst = tmp_path / "list.txt"
     lst.write_text("# scenes\n\nin/s2.tif\n")
-    got = expand_inputs([str(tmp_path / "in" / "s[01].tif"), str(paths[0])], str(lst))
-    assert [os.path.basename(p) for p in got] == ["s0.tif", "s1.tif", "s2.tif"]  # no duplicates
+    got = expand_inputs([str(tmp_path / "in" / "s[12].tif"), str(paths[0])], str(lst))
+    assert [os.path.basename(p) for p in got] == ["s1.tif", "s2.tif", "s0.tif", "s2.tif"]
+    assert main([str(paths[0]), str(tmp_path / "in" / "s[12].tif"), "--scene-list", str(lst)]) == 2  # s2 twice
     with pytest.raises(ValueError, match="matches no file"):
         expand_inputs([str(tmp_path / "none*.tif")])
     empty = tmp_path / "empty.txt"
