@@ -5,7 +5,10 @@ from __future__ import annotations
 import csv
 import os
 import shutil
+import subprocess
+import sys
 
+import numpy as np
 import pytest
 import rasterio
 from conftest import smooth_bands, write_tif
@@ -98,3 +101,27 @@ def test_resume_checks_outputs_are_valid(tiny_ckpt, tmp_path):
     other = tmp_path / "ckpt2"
     shutil.copytree(tiny_ckpt, other)
     assert main([str(other), str(paths[0]), "--out", f"{out}/", "--resume", *FAST]) == 1
+
+
+def _torchrun(args, env_extra=None, timeout=300):
+    env = dict(os.environ, OMP_NUM_THREADS="1", **(env_extra or {}))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "msff.cli", "predict", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def test_torchrun_two_gloo_ranks_scene_list_equals_single_process(tiny_ckpt, tmp_path):
+    _scenes(tmp_path / "in", 3)
+    single, multi = tmp_path / "single", tmp_path / "multi"
+    assert main([str(tiny_ckpt), str(tmp_path / "in" / "*.tif"), "--out", f"{single}/", "--device", "cpu", *FAST]) == 0
+    p = _torchrun([str(tiny_ckpt), str(tmp_path / "in" / "*.tif"), "--out", f"{multi}/", "--device", "cpu", *FAST])
+    assert p.returncode == 0, p.stderr[-3000:]
+    rows = _summary(multi / "summary.csv")
+    assert sorted(r["status"] for r in rows.values()) == ["done"] * 3
+    assert {r["rank"] for r in rows.values()} == {"0", "1"}  # both ranks worked
+    for i in range(3):
+        with rasterio.open(single / f"s{i}_mask.tif") as a, rasterio.open(multi / f"s{i}_mask.tif") as b:
+            assert np.array_equal(a.read(1), b.read(1))
+        with rasterio.open(single / f"s{i}_prob.tif") as a, rasterio.open(multi / f"s{i}_prob.tif") as b:
+            np.testing.assert_allclose(b.read(1), a.read(1), rtol=1e-5, atol=1e-6)
+    assert not [f for f in os.listdir(multi) if f.startswith(".")]  # no temporary file left
