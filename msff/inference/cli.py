@@ -16,6 +16,7 @@ import os
 import re
 import sys
 import warnings
+from functools import partial
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -53,6 +54,11 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--bands", nargs="+", metavar="FILE",
         help="one scene stacked from single-band files on the same grid, in the model's band order",
+    )
+    p.add_argument(
+        "--resampling", default=None, metavar="M[,M...]",
+        help="files on another grid than the first are reprojected onto it on the fly: bilinear (default; "
+        "continuous values) or nearest (classes), one for all or one per file",
     )
     p.add_argument(
         "--band-indexes", default=None, metavar="I,J,K",
@@ -203,6 +209,17 @@ def _parse_indexes(text: Optional[str]) -> Optional[list[int]]:
         raise ValueError(f"--band-indexes {text!r}: expected comma-separated band numbers, e.g. 4,3,2") from None
 
 
+def _resampling(text: Optional[str], n: int):
+    if text is None:
+        return None
+    names = [t.strip() or None for t in text.split(",")]
+    if len(names) == 1:
+        return names * n
+    if len(names) != n:
+        raise ValueError(f"--resampling {text!r}: give one method, or one per input file ({n})")
+    return names
+
+
 def _say(msg: str) -> None:
     print(f"msff predict: {msg}", file=sys.stderr)
 
@@ -254,13 +271,15 @@ def run_predict(args) -> int:
             if not 0.0 <= args.threshold <= 1.0:
                 raise ValueError(f"--threshold must be in [0, 1], got {args.threshold}")
             pred.threshold = args.threshold
+        sharded = len(plans) == 1 and ctx.world > 1  # one scene: its window rows are split across ranks
+        predict_fn = partial(distributed.predict_scene_sharded, ctx=ctx) if sharded else predict_scene
 
         def one(pl: dict, replace: bool):
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 warnings.filterwarnings("ignore", category=PendingDeprecationWarning)
                 warnings.filterwarnings("ignore", category=DeprecationWarning)
-                r = predict_scene(
+                r = predict_fn(
                     pred,
                     pl["files"],
                     pl["prob"],
@@ -279,11 +298,14 @@ def run_predict(args) -> int:
                     overwrite=replace,
                     progress=not args.quiet,
                     input_scale=args.input_scale,
+                    resampling=_resampling(args.resampling, len(pl["files"])),
                     domain_check="off" if args.no_domain_check else ("strict" if args.strict else "warn"),
                     engine=args.engine,
                 )
             texts = [str(w.message) for w in caught
                      if not issubclass(w.category, (PendingDeprecationWarning, DeprecationWarning))]
+            if sharded and ctx.rank != 0:  # rank 0 reports and writes the vector / quick-look / sidecar
+                return r, texts
             for t in texts:
                 _say(f"warning: {t}")
             frac = r.landslide_pixels / max(r.valid_pixels, 1)
@@ -308,7 +330,7 @@ def run_predict(args) -> int:
             print(f"  wrote {pl['report']}")
             return r, texts
 
-        if len(plans) == 1 and not (args.resume or args.summary or ctx.world > 1):
+        if len(plans) == 1 and not (args.resume or args.summary) or sharded:
             one(plans[0], args.overwrite)
             return 0
         from msff.inference.batch import run_scenes

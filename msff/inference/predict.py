@@ -266,6 +266,7 @@ def predict_scene(
     domain_check: str = "warn",
     domain_windows: int = 256,
     engine: Optional[str] = "auto",
+    resampling=None,
 ) -> SceneResult:
     """Predict landslide probability over a whole scene and write georeferenced COGs.
 
@@ -307,6 +308,9 @@ def predict_scene(
             training data stored in the checkpoint, and when the predicted landslide fraction is
             far above training; ``"strict"``: raise :class:`~msff.data.domain.DomainError` instead
             (before any output is created); ``"off"``.
+        resampling: per input file, how a file on another grid is resampled onto the first file's
+            grid (``bilinear`` for continuous values, ``nearest`` for classes; see
+            :class:`~msff.inference.sources.RasterStack`).
 
     Returns:
         A :class:`SceneResult`; ``extra`` holds ``domain`` (the check's numbers), ``input_scale``
@@ -333,7 +337,7 @@ def predict_scene(
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     own_stack = not isinstance(sources, RasterStack)
-    stack = RasterStack(sources, nodata=nodata, bands=band_indexes) if own_stack else sources
+    stack = RasterStack(sources, nodata=nodata, bands=band_indexes, resampling=resampling) if own_stack else sources
     try:
         pred.check_bands(stack.count, f"input ({', '.join(p.name for p in stack.paths)})")
         if not stack.georeferenced:
@@ -344,6 +348,8 @@ def predict_scene(
                 stacklevel=2,
             )
         pred, extra = _check_domain(pred, stack, input_scale, domain_check, domain_windows)
+        if stack.aligned:
+            extra["stack"] = {"aligned": stack.aligned}
         if backend is not None and hasattr(pred.model, "set_backend"):
             pred.model.set_backend(backend)
         pred.model.eval().to(dev)

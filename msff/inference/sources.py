@@ -52,6 +52,13 @@ class RasterStack:
             (GDAL's mask band); NaN is always invalid.
         bands: 1-based indices into the stacked bands to use, in order (e.g. ``[4, 3, 2]`` for
             RGB from a 13-band Sentinel-2 file); default all. Only these bands are read.
+        align: files on another grid (resolution, extent or CRS) than the first are reprojected
+            onto the first file's grid on the fly with a ``rasterio.vrt.WarpedVRT`` (windowed, never
+            a whole raster in memory); pixels outside such a file's extent are nodata. With
+            ``False`` a different grid is an error.
+        resampling: per file (one name, or one per path): ``bilinear`` for continuous values
+            (default), ``nearest`` for classes (default for files with a colour table), or any
+            ``rasterio.enums.Resampling`` name (``cubic``, ``average``, …).
 
     Attributes:
         count: total band count; height, width; crs; transform; georeferenced (bool);
@@ -72,6 +79,8 @@ class RasterStack:
         paths: Sequence[str | os.PathLike] | str | os.PathLike,
         nodata: Optional[float] = None,
         bands: Optional[Sequence[int]] = None,
+        align: bool = True,
+        resampling: "str | Sequence[Optional[str]] | None" = None,
     ):
         if isinstance(paths, (str, os.PathLike)):
             paths = [paths]
@@ -79,10 +88,21 @@ class RasterStack:
         if not self.paths:
             raise InferenceError("no input raster given")
         self.datasets = []
+        self._sources = []  # the opened files behind WarpedVRTs (closed with them)
+        self.aligned: list[dict] = []  # files reprojected onto the first file's grid
+        if resampling is None or isinstance(resampling, str):
+            resampling = [resampling] * len(self.paths)
+        if len(resampling) != len(self.paths):
+            raise InferenceError(f"{len(resampling)} resampling method(s) for {len(self.paths)} file(s)")
         try:
             for p in self.paths:
                 self.datasets.append(_open(p))
-            self._check_grid()
+            self._counts = [ds.count for ds in self.datasets]
+            self._alpha: list[Optional[int]] = [None] * len(self.datasets)
+            if align:
+                self._align(list(resampling))
+            else:
+                self._check_grid()
         except BaseException:
             self.close()
             raise
@@ -90,7 +110,7 @@ class RasterStack:
         self.height, self.width = first.height, first.width
         self.crs, self.transform = first.crs, first.transform
         # every stacked band as (dataset number, 1-based band index in that dataset)
-        stacked = [(k, i + 1) for k, ds in enumerate(self.datasets) for i in range(ds.count)]
+        stacked = [(k, i + 1) for k, n in enumerate(self._counts) for i in range(n)]
         if bands is not None:
             bad = [b for b in bands if not 1 <= int(b) <= len(stacked)]
             if bad or not len(bands):
@@ -127,6 +147,58 @@ class RasterStack:
             self.nodata_source = " + ".join(kinds) if kinds else "none (all pixels valid except NaN)"
 
     # ---- checks ---------------------------------------------------------------------------------
+    def _align(self, resampling: list) -> None:
+        from rasterio.enums import Resampling
+        from rasterio.vrt import WarpedVRT
+        from rasterio.warp import transform_bounds
+
+        ref = self.datasets[0]
+        for k in range(1, len(self.datasets)):
+            ds, p = self.datasets[k], self.paths[k]
+            if not self._grid_problems(ds, ref):
+                continue
+            if ds.crs is None or ref.crs is None:
+                raise InferenceError(
+                    f"{p} is not on the grid of {self.paths[0]} and one of them has no CRS, so it cannot be "
+                    "reprojected; give both a CRS or resample the files to one grid first"
+                )
+            name = resampling[k]
+            if name is None:
+                try:
+                    categorical = bool(ds.colormap(1))
+                except ValueError:  # no colour table
+                    categorical = False
+                name = "nearest" if categorical else "bilinear"
+            try:
+                method = Resampling[name]
+            except KeyError:
+                raise InferenceError(f"{p}: unknown resampling {name!r} (use bilinear, nearest, cubic, average, …)") from None
+            left, b, r, t = transform_bounds(ds.crs, ref.crs, *ds.bounds)
+            rl, rb, rr, rt = ref.bounds
+            if left >= rr or r <= rl or b >= rt or t <= rb:
+                raise InferenceError(f"{p} does not overlap {self.paths[0]} (bounds {ds.bounds} in {ds.crs})")
+            has_mask = ds.nodata is not None or _has_real_mask(ds)
+            vrt = WarpedVRT(ds, crs=ref.crs, transform=ref.transform, width=ref.width, height=ref.height,
+                            resampling=method, add_alpha=not has_mask)
+            self._sources.append(ds)
+            self.datasets[k] = vrt
+            if not has_mask:  # validity = inside the source's footprint, from the VRT's alpha band
+                self._alpha[k] = ds.count + 1
+            self.aligned.append({"file": str(p), "resampling": name, "from_crs": str(ds.crs),
+                                 "from_resolution": [abs(ds.transform.a), abs(ds.transform.e)],
+                                 "to_resolution": [abs(ref.transform.a), abs(ref.transform.e)]})
+
+    @staticmethod
+    def _grid_problems(ds, ref) -> list:
+        problems = []
+        if (ds.width, ds.height) != (ref.width, ref.height):
+            problems.append(f"size {ds.width}x{ds.height} vs {ref.width}x{ref.height}")
+        if ds.crs != ref.crs:
+            problems.append(f"CRS {ds.crs} vs {ref.crs}")
+        if not ds.transform.almost_equals(ref.transform, precision=1e-9 * max(1.0, abs(ref.transform.a))):
+            problems.append(f"transform {tuple(ds.transform)[:6]} vs {tuple(ref.transform)[:6]}")
+        return problems
+
     def _check_grid(self) -> None:
         ref = self.datasets[0]
         for p, ds in zip(self.paths[1:], self.datasets[1:], strict=True):
@@ -165,6 +237,8 @@ class RasterStack:
                     v = np.all(x != np.float32(self.nodata), axis=0)
                 else:
                     v = np.all(ds.read_masks(idx, window=window) > 0, axis=0)
+                if self._alpha[k] is not None:  # outside a reprojected file's footprint
+                    v &= ds.read(self._alpha[k], window=window) > 0
             except Exception as e:  # rasterio raises several types for corrupt blocks
                 raise InferenceError(f"{p}: reading window {window} failed ({e})") from None
             v &= np.all(np.isfinite(x), axis=0)
@@ -225,9 +299,10 @@ class RasterStack:
         return dict(width=self.width, height=self.height, crs=self.crs, transform=self.transform)
 
     def close(self) -> None:
-        for ds in self.datasets:
+        for ds in self.datasets + getattr(self, "_sources", []):
             ds.close()
         self.datasets = []
+        self._sources = []
 
     def __enter__(self) -> "RasterStack":
         return self

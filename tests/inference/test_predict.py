@@ -257,15 +257,18 @@ def test_band_mismatch_is_one_clear_error(tmp_path):
     assert not (tmp_path / "p.tif").exists() and no_leftovers(tmp_path) == []
 
 
-def test_files_on_different_grids_are_rejected(tmp_path):
+def test_files_on_different_grids_are_rejected_without_align(tmp_path):
+    # (with the default align=True they are reprojected onto the first grid: tests/inference/test_stack.py)
     from rasterio.transform import from_origin
+
+    from msff.inference.sources import RasterStack
 
     a = write_tif(tmp_path / "a.tif", smooth_bands(1, 20, 20))
     b = write_tif(tmp_path / "b.tif", smooth_bands(1, 20, 20), transform=from_origin(500010.0, 4700000.0, 10.0, 10.0))
     c = write_tif(tmp_path / "c.tif", smooth_bands(1, 20, 21))
     for other in (b, c):
         with pytest.raises(InferenceError, match="not on the same grid"):
-            predict_scene(PixelModel(3), [a, a, other], tmp_path / "p.tif", normalization=NORM3, progress=False)
+            RasterStack([a, a, other], align=False)
 
 
 def test_unreadable_and_missing_inputs(tmp_path):
