@@ -125,3 +125,35 @@ def test_torchrun_two_gloo_ranks_scene_list_equals_single_process(tiny_ckpt, tmp
         with rasterio.open(single / f"s{i}_prob.tif") as a, rasterio.open(multi / f"s{i}_prob.tif") as b:
             np.testing.assert_allclose(b.read(1), a.read(1), rtol=1e-5, atol=1e-6)
     assert not [f for f in os.listdir(multi) if f.startswith(".")]  # no temporary file left
+
+
+def test_row_shares_cover_the_scene_and_every_touching_window():
+    from msff.inference.distributed import row_shares
+    from msff.inference.tiling import TileGrid
+
+    for h, tile, ov, world in ((1600, 512, 64, 2), (300, 64, 16, 3), (70, 64, 16, 2), (1000, 128, 100, 4)):
+        g = TileGrid(h, 50, tile, ov)
+        shares = row_shares(g.rows, g.tile_h, h, world)
+        assert shares[0][0] == 0 and max(s[1] for s in shares) == h
+        ends = [s for s in shares if s[1] > s[0]]
+        assert all(a[1] == b[0] for a, b in zip(ends, ends[1:], strict=False))  # contiguous, no gap, no overlap
+        for first, end, wrows in ends:
+            assert set(wrows) == {y for y in g.rows if y < end and y + g.tile_h > first}
+
+
+def test_torchrun_two_gloo_ranks_one_scene_split_by_rows_equals_single_process(tiny_ckpt, tmp_path):
+    import torch
+
+    scene = write_tif(tmp_path / "big.tif", smooth_bands(3, 300, 170, rng=torch.Generator().manual_seed(3)))
+    args = [str(tiny_ckpt), str(scene), "--device", "cpu", *FAST]
+    assert main([*args, "--out", str(tmp_path / "single")]) == 0
+    p = _torchrun([*args, "--out", str(tmp_path / "multi")])
+    assert p.returncode == 0, p.stderr[-3000:]
+    with rasterio.open(tmp_path / "single_mask.tif") as a, rasterio.open(tmp_path / "multi_mask.tif") as b:
+        assert np.array_equal(a.read(1), b.read(1))
+        assert b.profile["crs"] == a.profile["crs"] and b.transform == a.transform
+    with rasterio.open(tmp_path / "single_prob.tif") as a, rasterio.open(tmp_path / "multi_prob.tif") as b:
+        np.testing.assert_allclose(b.read(1), a.read(1), rtol=1e-5, atol=1e-6)
+        assert b.tags().get("msff_ranks") == "2"
+    assert (tmp_path / "multi_run.json").is_file()
+    assert not [f for f in os.listdir(tmp_path) if f.startswith(".")]  # parts and temporaries removed
