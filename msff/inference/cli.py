@@ -56,6 +56,11 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
         help="one scene stacked from single-band files on the same grid, in the model's band order",
     )
     p.add_argument(
+        "--resampling", default=None, metavar="M[,M...]",
+        help="files on another grid than the first are reprojected onto it on the fly: bilinear (default; "
+        "continuous values) or nearest (classes), one for all or one per file",
+    )
+    p.add_argument(
         "--band-indexes", default=None, metavar="I,J,K",
         help="1-based bands of the input (or of the --bands stack) to use, in order, e.g. 4,3,2",
     )
@@ -204,6 +209,17 @@ def _parse_indexes(text: Optional[str]) -> Optional[list[int]]:
         raise ValueError(f"--band-indexes {text!r}: expected comma-separated band numbers, e.g. 4,3,2") from None
 
 
+def _resampling(text: Optional[str], n: int):
+    if text is None:
+        return None
+    names = [t.strip() or None for t in text.split(",")]
+    if len(names) == 1:
+        return names * n
+    if len(names) != n:
+        raise ValueError(f"--resampling {text!r}: give one method, or one per input file ({n})")
+    return names
+
+
 def _say(msg: str) -> None:
     print(f"msff predict: {msg}", file=sys.stderr)
 
@@ -282,6 +298,7 @@ def run_predict(args) -> int:
                     overwrite=replace,
                     progress=not args.quiet,
                     input_scale=args.input_scale,
+                    resampling=_resampling(args.resampling, len(pl["files"])),
                     domain_check="off" if args.no_domain_check else ("strict" if args.strict else "warn"),
                     engine=args.engine,
                 )
