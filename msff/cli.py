@@ -31,6 +31,7 @@ DATA_DEFAULTS: dict[str, Any] = dict(
     data=[], val=None, test=None, val_ratio=0.2, test_ratio=0.0, split_seed=0, train_list=None,
     val_list=None, test_list=None, image_dir=None, mask_dir=None, pair="auto", mask_color=None,
     mask_threshold=None, ignore_value=[], bands=None, cache=True, runs=1, out=None, input_scale=None,
+    dem=None, terrain=None, dates=None,
 )
 MODEL_KWARG_OPTIONS = ("kernel_size", "lkam_blocks")
 
@@ -45,6 +46,10 @@ def _int_list(s: str) -> list[int]:
         return [int(v) for v in s.replace(" ", "").split(",") if v]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}") from None
+
+
+def _names(s: str) -> list[str]:
+    return [v.strip() for v in s.split(",") if v.strip()]
 
 
 def _color(s: str):
@@ -83,6 +88,13 @@ def _add_data_options(p: argparse.ArgumentParser, defaults_suppressed: bool = Tr
                    help="single-band mask value excluded from loss and metrics (repeatable; nodata is always excluded)")
     g.add_argument("--bands", type=_int_list, default=d, metavar="B,…",
                    help="1-based image bands to use, e.g. 4,3,2 (default: all)")
+    g.add_argument("--dem", default=d, metavar="FILE",
+                   help="DEM raster (any grid/CRS) for --terrain bands, placed on each georeferenced image's grid")
+    g.add_argument("--terrain", type=_names, default=d, metavar="NAMES",
+                   help="terrain bands from --dem appended after the image bands: slope, hillshade (e.g. slope,hillshade)")
+    g.add_argument("--dates", type=_names, default=d, metavar="NAMES",
+                   help="the images hold several dates channel-stacked, in this order (e.g. pre,post); kept in the "
+                        "model card, where prediction enforces the order")
 
 
 def _load_config_file(name: str) -> dict:
@@ -313,7 +325,8 @@ def build_datasets(opts: dict):
     if opts.get("test"):
         test = test + _pairs(opts["test"], opts)
     enc = _encoding(opts)
-    kw = dict(encoding=enc, bands=opts.get("bands"), cache=opts.get("cache", True), input_scale=opts.get("input_scale"))
+    kw = dict(encoding=enc, bands=opts.get("bands"), cache=opts.get("cache", True), input_scale=opts.get("input_scale"),
+              dem=opts.get("dem"), terrain=opts.get("terrain") or (), dates=opts.get("dates"))
     train_ds = SegmentationDataset(train, **kw)
     val_ds = SegmentationDataset(val, **kw) if val else None
     test_ds = SegmentationDataset(test, **kw) if test else None
@@ -501,8 +514,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     else:
         enc = _encoding(opts)
     bands = args.bands if args.bands is not None else meta.get("bands")
+    card_stack = meta.get("stack") or {}
     ds = SegmentationDataset(pairs, encoding=enc, bands=bands, normalization=norm,
-                             input_scale=args.input_scale or meta.get("input_scale"))
+                             input_scale=args.input_scale or meta.get("input_scale"), dem=args.dem,
+                             terrain=args.terrain if args.terrain is not None else (card_stack.get("terrain") or ()),
+                             dates=card_stack.get("dates"))
     domain = _evaluate_domain(ds, meta, ckpt, args)
     expected = len(norm["mean"])
     if ds.in_channels != expected:

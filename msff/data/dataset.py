@@ -54,6 +54,12 @@ class SegmentationDataset(Dataset):
         input_scale: :class:`~msff.data.scaling.InputScale` (or its text form, e.g.
             ``"divide:10000"``) applied to raw values before normalisation; a percentile stretch
             is fitted on this dataset by :func:`compute_normalization` when not fitted yet.
+        dem, terrain: derived terrain bands (``slope``, ``hillshade``) computed from the DEM raster
+            on each (georeferenced) image's grid and appended after the image bands
+            (:mod:`msff.data.terrain`); stored in the model card so prediction builds the same stack.
+        dates: names of the acquisition dates whose bands are channel-stacked in each image, in
+            order (e.g. ``["pre", "post"]``: the first half of the bands is pre-event); stored in the
+            model card, where prediction enforces the order.
         seed: augmentation seed.
         cache: read and decode every file now and keep them in memory (raw dtype).
 
@@ -75,6 +81,9 @@ class SegmentationDataset(Dataset):
         seed: int = 0,
         cache: bool = True,
         input_scale: "InputScale | str | None" = None,
+        dem: "str | os.PathLike | None" = None,
+        terrain: Sequence[str] = (),
+        dates: Optional[Sequence[str]] = None,
     ):
         if len(pairs) == 0:
             raise DataError("empty dataset: no image/mask pairs")
@@ -85,10 +94,25 @@ class SegmentationDataset(Dataset):
         self.augment = augment
         self.normalization = normalization
         self.input_scale = InputScale.parse(input_scale)
+        from msff.data.terrain import check_terrain
+
+        self.terrain = check_terrain(terrain or ())
+        if self.terrain and dem is None:
+            raise DataError(f"terrain bands {', '.join(self.terrain)} need a DEM raster (--dem DEM.tif)")
+        self.dem = None if dem is None else Path(dem)
+        if self.dem is not None and not self.dem.is_file():
+            raise DataError(f"{self.dem}: DEM file not found")
+        self.dates = list(dates) if dates else None
+        self._file_dtype: Optional[str] = None
         self.seed = int(seed)
         self.epoch = 0
         self._cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-        self.in_channels = self._check_headers()
+        self.in_channels = self._check_headers() + len(self.terrain)
+        if self.dates and (self.in_channels - len(self.terrain)) % len(self.dates):
+            raise DataError(
+                f"{len(self.dates)} dates ({', '.join(self.dates)}) do not divide the "
+                f"{self.in_channels - len(self.terrain)} image bands evenly"
+            )
         if cache:
             for i in range(len(self.pairs)):
                 self._cache[i] = self._read(i)
@@ -118,6 +142,17 @@ class SegmentationDataset(Dataset):
             return self._cache[i]
         p = self.pairs[i]
         img, valid = read_image(p.image, self.bands)
+        self._file_dtype = self._file_dtype or str(img.dtype)
+        if self.terrain:
+            from msff.data.terrain import terrain_for_raster
+
+            try:
+                t = terrain_for_raster(p.image, self.dem, self.terrain)
+            except ValueError as e:
+                raise DataError(f"{p.image}: terrain bands: {e}") from None
+            tv = np.all(np.isfinite(t), axis=0)
+            valid = tv if valid is None else (valid & tv)
+            img = np.concatenate([img.astype(np.float32), np.nan_to_num(t)], axis=0)
         tgt = read_mask(p.mask, self.encoding)
         if tgt.shape != img.shape[1:]:
             raise DataError(f"{p.mask}: mask size {tgt.shape[::-1]} differs from image {p.image.name} size {img.shape[:0:-1]}")
@@ -152,11 +187,23 @@ class SegmentationDataset(Dataset):
                 k = int((tgt[v] == 1).sum())
                 fractions.append(k / nv)
                 pos, tot = pos + k, tot + nv
-        names = [f"band {b}" for b in self.bands] if self.bands else None
+        nfile = self.in_channels - len(self.terrain)
+        names = [f"band {b}" for b in self.bands] if self.bands else [f"band {b + 1}" for b in range(nfile)]
+        names += self.terrain
         return {
             "input_scale": self.input_scale.to_dict(),
             "domain": training_domain(raw, dtypes, self.input_scale, names, fractions, (pos, tot)),
+            "stack": {"terrain": list(self.terrain), "dates": self.dates,
+                      "bands_per_date": nfile // len(self.dates) if self.dates else None},
         }
+
+    @property
+    def band_dtypes(self) -> list:
+        """Stored dtype of each input band (file bands, then float32 terrain bands)."""
+        if self._file_dtype is None:
+            self._read(0)
+        nfile = self.in_channels - len(self.terrain)
+        return [self._file_dtype] * nfile + ["float32"] * len(self.terrain)
 
     def normalize(self, image: torch.Tensor) -> torch.Tensor:
         if self.normalization is None:
@@ -239,7 +286,7 @@ def sample_pixels(dataset: SegmentationDataset, max_pixels: int = 1_000_000, see
     parts, dtypes = [], None
     for i in range(len(dataset)):
         img, tgt = dataset.raw(i)
-        dtypes = dtypes or [str(img.dtype)] * img.shape[0]
+        dtypes = dtypes or dataset.band_dtypes
         x = img.reshape(img.shape[0], -1)
         keep = np.flatnonzero(tgt.reshape(-1) != IGNORE_INDEX)
         if keep.size > per_image:

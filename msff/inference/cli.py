@@ -60,6 +60,12 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
         help="files on another grid than the first are reprojected onto it on the fly: bilinear (default; "
         "continuous values) or nearest (classes), one for all or one per file",
     )
+    p.add_argument("--dem", default=None, metavar="FILE", help="DEM raster for terrain bands (any grid/CRS)")
+    p.add_argument(
+        "--terrain", default=None, metavar="NAMES",
+        help="terrain bands computed from --dem and appended after the image bands, e.g. slope,hillshade "
+        "(default: those in the model card)",
+    )
     p.add_argument(
         "--band-indexes", default=None, metavar="I,J,K",
         help="1-based bands of the input (or of the --bands stack) to use, in order, e.g. 4,3,2",
@@ -299,6 +305,8 @@ def run_predict(args) -> int:
                     progress=not args.quiet,
                     input_scale=args.input_scale,
                     resampling=_resampling(args.resampling, len(pl["files"])),
+                    dem=args.dem,
+                    terrain=None if args.terrain is None else [t for t in args.terrain.split(",") if t.strip()],
                     domain_check="off" if args.no_domain_check else ("strict" if args.strict else "warn"),
                     engine=args.engine,
                 )

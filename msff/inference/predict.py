@@ -267,6 +267,8 @@ def predict_scene(
     domain_windows: int = 256,
     engine: Optional[str] = "auto",
     resampling=None,
+    dem: Optional[str | os.PathLike] = None,
+    terrain: Optional[Sequence[str]] = None,
 ) -> SceneResult:
     """Predict landslide probability over a whole scene and write georeferenced COGs.
 
@@ -311,6 +313,9 @@ def predict_scene(
         resampling: per input file, how a file on another grid is resampled onto the first file's
             grid (``bilinear`` for continuous values, ``nearest`` for classes; see
             :class:`~msff.inference.sources.RasterStack`).
+        dem, terrain: terrain bands (``slope``, ``hillshade``) computed from the DEM on the scene grid
+            and appended after the input bands; default: the bands the model card says the model
+            was trained with (a different list is an error).
 
     Returns:
         A :class:`SceneResult`; ``extra`` holds ``domain`` (the check's numbers), ``input_scale``
@@ -337,7 +342,9 @@ def predict_scene(
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     own_stack = not isinstance(sources, RasterStack)
-    stack = RasterStack(sources, nodata=nodata, bands=band_indexes, resampling=resampling) if own_stack else sources
+    terrain = _terrain(pred, terrain) if own_stack else []
+    stack = RasterStack(sources, nodata=nodata, bands=band_indexes, resampling=resampling, dem=dem,
+                        terrain=terrain) if own_stack else sources
     try:
         pred.check_bands(stack.count, f"input ({', '.join(p.name for p in stack.paths)})")
         if not stack.georeferenced:
@@ -391,6 +398,26 @@ def predict_scene(
         crs=None if stack.crs is None else stack.crs.to_string(),
         extra=extra,
     )
+
+
+def _terrain(pred: Predictor, terrain) -> list:
+    """The terrain bands to build: the model card's, unless given (then they must agree)."""
+    from msff.data.terrain import check_terrain
+
+    card = pred.metadata.get("stack")
+    trained = list((card or {}).get("terrain") or [])
+    if terrain is None:
+        return trained
+    try:
+        terrain = check_terrain(terrain)
+    except ValueError as e:
+        raise InferenceError(str(e)) from None
+    if card is not None and terrain != trained:
+        raise InferenceError(
+            f"model {pred.name!r} was trained with terrain bands [{', '.join(trained) or 'none'}] after the "
+            f"image bands, not [{', '.join(terrain) or 'none'}]; give --terrain {','.join(trained) or '(nothing)'}"
+        )
+    return terrain
 
 
 def _check_domain(pred: Predictor, stack: RasterStack, input_scale, mode: str, windows: int):

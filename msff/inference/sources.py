@@ -59,6 +59,9 @@ class RasterStack:
         resampling: per file (one name, or one per path): ``bilinear`` for continuous values
             (default), ``nearest`` for classes (default for files with a colour table), or any
             ``rasterio.enums.Resampling`` name (``cubic``, ``average``, …).
+        dem, terrain: derived terrain bands (``slope``, ``hillshade``; :mod:`msff.data.terrain`)
+            computed from the DEM raster on this grid, window by window with a one-pixel halo,
+            appended after the file bands in the given order.
 
     Attributes:
         count: total band count; height, width; crs; transform; georeferenced (bool);
@@ -81,6 +84,8 @@ class RasterStack:
         bands: Optional[Sequence[int]] = None,
         align: bool = True,
         resampling: "str | Sequence[Optional[str]] | None" = None,
+        dem: "str | os.PathLike | None" = None,
+        terrain: Sequence[str] = (),
     ):
         if isinstance(paths, (str, os.PathLike)):
             paths = [paths]
@@ -135,6 +140,27 @@ class RasterStack:
         self.descriptions = [
             self.datasets[k].descriptions[i - 1] or f"{self.paths[k].name}:{i}" for k, i in stacked
         ]
+        self.terrain = list(terrain or ())
+        self._dem = None
+        if self.terrain:
+            from msff.data.terrain import DemOnGrid
+
+            if dem is None:
+                self.close()
+                raise InferenceError(f"terrain bands {', '.join(self.terrain)} need a DEM (--dem DEM.tif)")
+            try:
+                if not Path(dem).is_file():
+                    raise InferenceError(f"{dem}: DEM file not found")
+                self._dem = DemOnGrid(dem, self.crs, self.transform, self.width, self.height, self.terrain)
+            except InferenceError:
+                self.close()
+                raise
+            except ValueError as e:
+                self.close()
+                raise InferenceError(str(e)) from None
+            self.count += len(self.terrain)
+            self.dtypes += ["float32"] * len(self.terrain)
+            self.descriptions += [f"{t}({Path(dem).name})" for t in self.terrain]
         if self.nodata is not None:
             self.nodata_source = f"--nodata {self.nodata:g}"
         else:
@@ -244,6 +270,10 @@ class RasterStack:
             v &= np.all(np.isfinite(x), axis=0)
             parts.append(x)
             valid = v if valid is None else (valid & v)
+        if self._dem is not None:
+            t = self._dem.read(int(window.col_off), int(window.row_off), int(window.width), int(window.height))
+            valid &= np.all(np.isfinite(t), axis=0)
+            parts.append(t)
         x = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
         return x, valid
 
@@ -299,6 +329,9 @@ class RasterStack:
         return dict(width=self.width, height=self.height, crs=self.crs, transform=self.transform)
 
     def close(self) -> None:
+        if getattr(self, "_dem", None) is not None:
+            self._dem.close()
+            self._dem = None
         for ds in self.datasets + getattr(self, "_sources", []):
             ds.close()
         self.datasets = []
