@@ -60,6 +60,15 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
         help="files on another grid than the first are reprojected onto it on the fly: bilinear (default; "
         "continuous values) or nearest (classes), one for all or one per file",
     )
+    p.add_argument(
+        "--date", nargs="+", action="append", default=None, metavar=("NAME", "FILE"),
+        help="one date of a multi-date scene: its name and band files (repeat per date, e.g. --date pre "
+        "pre/B4.tif pre/B3.tif pre/B2.tif --date post post/B4.tif ...); stacked in the model card's date order",
+    )
+    p.add_argument(
+        "--reorder-dates", action="store_true",
+        help="put --date groups given in another order than the model card's into the card's order (else refused)",
+    )
     p.add_argument("--dem", default=None, metavar="FILE", help="DEM raster for terrain bands (any grid/CRS)")
     p.add_argument(
         "--terrain", default=None, metavar="NAMES",
@@ -167,6 +176,9 @@ def _plan(args) -> list[dict]:
     scenes = []
     if args.bands:
         scenes.append([str(b) for b in args.bands])
+    dates = _dates(getattr(args, "date", None))
+    if dates:
+        scenes.append([f for _, files in dates for f in files])
     from msff.inference.batch import expand_inputs
 
     scenes.extend([[str(i)] for i in expand_inputs(args.inputs, getattr(args, "scene_list", None))])
@@ -187,6 +199,7 @@ def _plan(args) -> list[dict]:
         prefix = output_paths(args.out, stem, len(scenes) > 1)
         plans.append(
             dict(
+                dates=dates if dates and files == [f for _, fs in dates for f in fs] else None,
                 files=files,
                 prob=f"{prefix}_prob.tif",
                 mask=f"{prefix}_mask.tif",
@@ -204,6 +217,18 @@ def _summary_path(out: Optional[str]) -> str:
     if out.endswith(("/", os.sep)) or Path(out).is_dir():
         return str(Path(out) / "summary.csv")
     return f"{out}_summary.csv"
+
+
+def _dates(groups) -> list:
+    """``--date NAME FILE...`` groups as ``[(name, [files])]``."""
+    out = []
+    for g in groups or []:
+        if len(g) < 2:
+            raise ValueError(f"--date {' '.join(g)}: give a name and at least one band file")
+        if g[0] in [n for n, _ in out]:
+            raise ValueError(f"--date {g[0]!r} given twice")
+        out.append((g[0], [str(f) for f in g[1:]]))
+    return out
 
 
 def _parse_indexes(text: Optional[str]) -> Optional[list[int]]:
@@ -240,6 +265,7 @@ def _write_report(pl: dict, r, args) -> None:
         "width": r.width, "height": r.height, "crs": r.crs, "valid_pixels": r.valid_pixels,
         "landslide_pixels": r.landslide_pixels, "threshold": r.threshold, "tiles": r.tiles,
         "tiles_skipped": r.tiles_skipped, "seconds": r.seconds,
+        "dates": pl.get("date_names"),
         **{k: r.extra[k] for k in ("landslide_fraction", "input_scale", "domain", "fraction_warning", "stack") if k in r.extra},
     }
     atomic_write_json(Path(pl["report"]), doc)
@@ -251,6 +277,7 @@ def run_predict(args) -> int:
     from msff.backend import BackendUnavailableError
     from msff.inference import distributed
     from msff.inference.engine import EngineError
+    from msff.inference.limits import check_min_area, check_tile
     from msff.inference.predict import predict_scene, resolve_device
     from msff.inference.predictor import load_predictor
     from msff.inference.quicklook import quicklook
@@ -260,6 +287,7 @@ def run_predict(args) -> int:
 
     try:
         plans = _plan(args)
+        check_min_area(args.min_area)
         for pl in plans if not args.resume else ():
             check_outputs([pl["prob"], pl["mask"], pl["vector"], pl["quicklook"], pl["report"]], overwrite=args.overwrite)
         if args.tile < 1 or not 0 <= args.overlap < args.tile:
@@ -273,10 +301,18 @@ def run_predict(args) -> int:
         ctx = distributed.init(args.device)
         device = ctx.device or resolve_device(args.device)
         pred = load_predictor(args.checkpoint, device=device, backend=args.backend)
+        tile_warning = check_tile(pred.model, args.tile)  # refuses a tile below the downsampling factor
+        if tile_warning:
+            _say(f"warning: {tile_warning}")
         if args.threshold is not None:
             if not 0.0 <= args.threshold <= 1.0:
                 raise ValueError(f"--threshold must be in [0, 1], got {args.threshold}")
             pred.threshold = args.threshold
+        for pl in plans:
+            if pl.get("dates"):
+                from msff.inference.predict import order_dates
+
+                pl["files"], pl["date_names"] = order_dates(pred, pl["dates"], args.reorder_dates)
         sharded = len(plans) == 1 and ctx.world > 1  # one scene: its window rows are split across ranks
         predict_fn = partial(distributed.predict_scene_sharded, ctx=ctx) if sharded else predict_scene
 

@@ -32,7 +32,7 @@ from msff.inference.sources import InferenceError, RasterStack
 from msff.inference.tiling import TileGrid
 from msff.inference.writers import STRIP_ROWS, SceneWriter, check_outputs
 
-__all__ = ["SceneResult", "predict_scene", "predict_array", "resolve_device", "NotGeoreferencedInputWarning"]
+__all__ = ["SceneResult", "predict_scene", "order_dates", "predict_array", "resolve_device", "NotGeoreferencedInputWarning"]
 
 log = logging.getLogger("msff.inference")
 
@@ -398,6 +398,44 @@ def predict_scene(
         crs=None if stack.crs is None else stack.crs.to_string(),
         extra=extra,
     )
+
+
+def order_dates(pred: Predictor, dates: Sequence[tuple[str, Sequence[str]]], reorder: bool = False) -> tuple[list, list]:
+    """Stack the band files of several dates in the order the model was trained on.
+
+    Args:
+        pred: the predictor (its card's ``stack.dates`` is the trained order, e.g. ``["pre", "post"]``).
+        dates: ``[(name, [files])]`` as given.
+        reorder: put dates given in another order into the card's order (else that is an error).
+
+    Returns:
+        ``(files, names)``: the files to stack, in order, and the date names in that order.
+
+    Raises:
+        InferenceError: names that differ from the card's, or another order without ``reorder``.
+
+    Example:
+        >>> order_dates(p, [("pre", ["a.tif"]), ("post", ["b.tif"])])   # doctest: +SKIP
+        (['a.tif', 'b.tif'], ['pre', 'post'])
+    """
+    given = [n for n, _ in dates]
+    trained = list((pred.metadata.get("stack") or {}).get("dates") or [])
+    if trained:
+        if sorted(given) != sorted(trained):
+            raise InferenceError(
+                f"model {pred.name!r} was trained on the dates {', '.join(trained)} (in that order); "
+                f"got {', '.join(given)}: give one --date group for each of {', '.join(trained)}"
+            )
+        if given != trained:
+            if not reorder:
+                raise InferenceError(
+                    f"model {pred.name!r} was trained on dates in the order {', '.join(trained)}, but they were "
+                    f"given as {', '.join(given)}; swapped dates invert the change the model looks for. Give them "
+                    "in the trained order, or pass --reorder-dates to let msff reorder them"
+                )
+            by = dict(dates)
+            dates = [(n, by[n]) for n in trained]
+    return [f for _, fs in dates for f in fs], [n for n, _ in dates]
 
 
 def _terrain(pred: Predictor, terrain) -> list:
