@@ -248,3 +248,35 @@ def test_lock_file_is_removed_and_reports_its_owner(tmp_path):
     assert not lock.path.exists() and fileio.RunLock(tmp_path / "run").holder() is None
     assert json.loads(json.dumps(info))  # plain JSON for other tools
     assert snapshot(tmp_path) == {}
+
+
+# ---- cases 8 and 11: predict options checked against the model ------------------------------------
+def test_predict_refuses_a_tile_below_the_downsampling_factor(ckpt_and_scene, tmp_path, capsys):
+    ck, scene = ckpt_and_scene
+    out = tmp_path / "o"
+    for tile in (1, 8):
+        assert main(["predict", str(ck), str(scene), "--out", f"{out}/", "--device", "cpu", "--quiet",
+                     "--tile", str(tile), "--overlap", "0"]) == 2
+        line = one_error_line(capsys.readouterr().err)
+        assert f"--tile {tile}" in line and "downsampling factor (16 px)" in line, line
+    assert not list(out.glob("*")) if out.exists() else True
+
+
+def test_predict_warns_with_the_reason_below_eight_cells_of_context(ckpt_and_scene, tmp_path, capsys):
+    ck, scene = ckpt_and_scene
+    assert main(["predict", str(ck), str(scene), "--out", f"{tmp_path}/o/", "--device", "cpu", "--quiet",
+                 "--tile", "32", "--overlap", "8"]) == 0
+    err = capsys.readouterr().err
+    assert "warning: --tile 32" in err and "2x2 cells" in err and "results change with the tile size" in err, err
+    assert main(["predict", str(ck), str(scene), "--out", f"{tmp_path}/p/", "--device", "cpu", "--quiet"]) == 0
+    assert "--tile" not in capsys.readouterr().err
+
+
+def test_predict_refuses_a_negative_min_area_before_writing(ckpt_and_scene, tmp_path, capsys):
+    ck, scene = ckpt_and_scene
+    out = tmp_path / "o"
+    assert main(["predict", str(ck), str(scene), "--out", f"{out}/", "--device", "cpu", "--quiet",
+                 "--vector", "geojson", "--min-area", "-10"]) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert "--min-area must be >= 0" in line and "-10" in line, line
+    assert not out.exists() or not list(out.iterdir())

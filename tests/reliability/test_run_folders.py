@@ -238,7 +238,7 @@ def test_training_killed_mid_epoch_resumes_bit_identical(scenes, tmp_path):
     uninterrupted run's bit for bit. (tests/engine/test_train.py resumes from a clean stop; this
     is the kill.)"""
     opts = [*FAST[:FAST.index("--epochs")], "--device", "cpu", "--no-progress", "--overlays", "0",
-            "--samples-per-epoch", "64", "--epochs", "3"]
+            "--samples-per-epoch", "320", "--epochs", "3"]
     ref = tmp_path / "ref"
     assert main(["train", str(scenes), "--out", str(ref), *opts]) == 0
     out = tmp_path / "killed"
@@ -249,11 +249,11 @@ def test_training_killed_mid_epoch_resumes_bit_identical(scenes, tmp_path):
     deadline = time.time() + 600
     while not state.exists() and time.time() < deadline and p.poll() is None:
         time.sleep(0.05)
-    time.sleep(1.0)  # inside epoch 2
+    time.sleep(0.5)  # inside epoch 2
     assert p.poll() is None, "the run ended before it could be killed"
     p.send_signal(signal.SIGKILL)
     p.wait()
-    assert torch.load(state, weights_only=True)["epoch"] == 1
+    assert torch.load(state, weights_only=True)["epoch"] < 3, "the kill came after the last epoch"
     assert main(["train", str(scenes), "--out", str(out), "--resume", *opts]) == 0
     a = torch.load(ref / "checkpoints" / "last.pt", weights_only=True)["model"]
     b = torch.load(state, weights_only=True)["model"]
