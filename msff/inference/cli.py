@@ -278,7 +278,6 @@ def run_predict(args) -> int:
     from msff.inference import distributed
     from msff.inference.engine import EngineError
     from msff.inference.limits import check_min_area, check_tile
-    from msff.inference.limits import check_min_area, check_tile
     from msff.inference.predict import predict_scene, resolve_device
     from msff.inference.predictor import load_predictor
     from msff.inference.quicklook import quicklook
@@ -288,7 +287,6 @@ def run_predict(args) -> int:
 
     try:
         plans = _plan(args)
-        check_min_area(args.min_area)
         check_min_area(args.min_area)
         for pl in plans if not args.resume else ():
             check_outputs([pl["prob"], pl["mask"], pl["vector"], pl["quicklook"], pl["report"]], overwrite=args.overwrite)
@@ -303,9 +301,6 @@ def run_predict(args) -> int:
         ctx = distributed.init(args.device)
         device = ctx.device or resolve_device(args.device)
         pred = load_predictor(args.checkpoint, device=device, backend=args.backend)
-        tile_warning = check_tile(pred.model, args.tile)  # refuses a tile below the downsampling factor
-        if tile_warning:
-            _say(f"warning: {tile_warning}")
         tile_warning = check_tile(pred.model, args.tile)  # refuses a tile below the downsampling factor
         if tile_warning:
             _say(f"warning: {tile_warning}")
