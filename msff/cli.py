@@ -31,7 +31,7 @@ DATA_DEFAULTS: dict[str, Any] = dict(
     data=[], val=None, test=None, val_ratio=0.2, test_ratio=0.0, split_seed=0, train_list=None,
     val_list=None, test_list=None, image_dir=None, mask_dir=None, pair="auto", mask_color=None,
     mask_threshold=None, ignore_value=[], bands=None, cache=True, runs=1, out=None, input_scale=None,
-    dem=None, terrain=None, dates=None,
+    dem=None, terrain=None, dates=None, extra_raster=None,
 )
 MODEL_KWARG_OPTIONS = ("kernel_size", "lkam_blocks")
 
@@ -88,6 +88,9 @@ def _add_data_options(p: argparse.ArgumentParser, defaults_suppressed: bool = Tr
                    help="single-band mask value excluded from loss and metrics (repeatable; nodata is always excluded)")
     g.add_argument("--bands", type=_int_list, default=d, metavar="B,…",
                    help="1-based image bands to use, e.g. 4,3,2 (default: all)")
+    g.add_argument("--extra-raster", action="append", default=d, metavar="FILE",
+                   help="raster on any grid/CRS (e.g. a 30 m slope) reprojected onto each georeferenced image's grid "
+                        "and appended after its bands (repeatable; bilinear, nearest for colour-table files)")
     g.add_argument("--dem", default=d, metavar="FILE",
                    help="DEM raster (any grid/CRS) for --terrain bands, placed on each georeferenced image's grid")
     g.add_argument("--terrain", type=_names, default=d, metavar="NAMES",
@@ -329,7 +332,8 @@ def build_datasets(opts: dict):
         test = test + _pairs(opts["test"], opts)
     enc = _encoding(opts)
     kw = dict(encoding=enc, bands=opts.get("bands"), cache=opts.get("cache", True), input_scale=opts.get("input_scale"),
-              dem=opts.get("dem"), terrain=opts.get("terrain") or (), dates=opts.get("dates"))
+              dem=opts.get("dem"), terrain=opts.get("terrain") or (), dates=opts.get("dates"),
+              extra_rasters=opts.get("extra_raster") or ())
     train_ds = SegmentationDataset(train, **kw)
     val_ds = SegmentationDataset(val, **kw) if val else None
     test_ds = SegmentationDataset(test, **kw) if test else None
@@ -521,7 +525,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     ds = SegmentationDataset(pairs, encoding=enc, bands=bands, normalization=norm,
                              input_scale=args.input_scale or meta.get("input_scale"), dem=args.dem,
                              terrain=args.terrain if args.terrain is not None else (card_stack.get("terrain") or ()),
-                             dates=card_stack.get("dates"))
+                             dates=card_stack.get("dates"), extra_rasters=args.extra_raster or ())
     domain = _evaluate_domain(ds, meta, ckpt, args)
     expected = len(norm["mean"])
     if ds.in_channels != expected:

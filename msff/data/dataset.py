@@ -54,6 +54,9 @@ class SegmentationDataset(Dataset):
         input_scale: :class:`~msff.data.scaling.InputScale` (or its text form, e.g.
             ``"divide:10000"``) applied to raw values before normalisation; a percentile stretch
             is fitted on this dataset by :func:`compute_normalization` when not fitted yet.
+        extra_rasters: rasters on any grid/CRS (e.g. a 30 m slope or DEM raster) whose bands are
+            reprojected onto each georeferenced image's grid (bilinear; nearest for files with a
+            colour table) and appended after the image bands, before terrain bands.
         dem, terrain: derived terrain bands (``slope``, ``hillshade``) computed from the DEM raster
             on each (georeferenced) image's grid and appended after the image bands
             (:mod:`msff.data.terrain`); stored in the model card so prediction builds the same stack.
@@ -84,6 +87,7 @@ class SegmentationDataset(Dataset):
         dem: "str | os.PathLike | None" = None,
         terrain: Sequence[str] = (),
         dates: Optional[Sequence[str]] = None,
+        extra_rasters: Sequence[str | os.PathLike] = (),
     ):
         if len(pairs) == 0:
             raise DataError("empty dataset: no image/mask pairs")
@@ -103,15 +107,20 @@ class SegmentationDataset(Dataset):
         if self.dem is not None and not self.dem.is_file():
             raise DataError(f"{self.dem}: DEM file not found")
         self.dates = list(dates) if dates else None
+        self.extra_rasters = [Path(p) for p in extra_rasters or ()]
+        for p in self.extra_rasters:
+            if not p.is_file():
+                raise DataError(f"{p}: extra raster not found")
+        self._extra_count = sum(raster_shape(p)[0] for p in self.extra_rasters)
         self._file_dtype: Optional[str] = None
         self.seed = int(seed)
         self.epoch = 0
         self._cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-        self.in_channels = self._check_headers() + len(self.terrain)
-        if self.dates and (self.in_channels - len(self.terrain)) % len(self.dates):
+        nimg = self._check_headers()
+        self.in_channels = nimg + self._extra_count + len(self.terrain)
+        if self.dates and nimg % len(self.dates):
             raise DataError(
-                f"{len(self.dates)} dates ({', '.join(self.dates)}) do not divide the "
-                f"{self.in_channels - len(self.terrain)} image bands evenly"
+                f"{len(self.dates)} dates ({', '.join(self.dates)}) do not divide the {nimg} image bands evenly"
             )
         if cache:
             for i in range(len(self.pairs)):
@@ -143,6 +152,20 @@ class SegmentationDataset(Dataset):
         p = self.pairs[i]
         img, valid = read_image(p.image, self.bands)
         self._file_dtype = self._file_dtype or str(img.dtype)
+        if self.extra_rasters:
+            from msff.data.terrain import raster_on_grid
+
+            crs, transform = _grid_of(p.image)
+            extra = []
+            for er in self.extra_rasters:
+                try:
+                    extra.append(raster_on_grid(er, crs, transform, img.shape[2], img.shape[1]))
+                except ValueError as e:
+                    raise DataError(f"{p.image}: stacking {er.name}: {e}") from None
+            extra = np.concatenate(extra)
+            ev = np.all(np.isfinite(extra), axis=0)
+            valid = ev if valid is None else (valid & ev)
+            img = np.concatenate([img.astype(np.float32), np.nan_to_num(extra)], axis=0)
         if self.terrain:
             from msff.data.terrain import terrain_for_raster
 
@@ -187,13 +210,15 @@ class SegmentationDataset(Dataset):
                 k = int((tgt[v] == 1).sum())
                 fractions.append(k / nv)
                 pos, tot = pos + k, tot + nv
-        nfile = self.in_channels - len(self.terrain)
+        nfile = self.in_channels - len(self.terrain) - self._extra_count
         names = [f"band {b}" for b in self.bands] if self.bands else [f"band {b + 1}" for b in range(nfile)]
+        names += [f"{p.name}:{i + 1}" for p in self.extra_rasters for i in range(raster_shape(p)[0])]
         names += self.terrain
         return {
             "input_scale": self.input_scale.to_dict(),
             "domain": training_domain(raw, dtypes, self.input_scale, names, fractions, (pos, tot)),
             "stack": {"terrain": list(self.terrain), "dates": self.dates,
+                      "extra_rasters": [p.name for p in self.extra_rasters],
                       "bands_per_date": nfile // len(self.dates) if self.dates else None},
         }
 
@@ -202,8 +227,12 @@ class SegmentationDataset(Dataset):
         """Stored dtype of each input band (file bands, then float32 terrain bands)."""
         if self._file_dtype is None:
             self._read(0)
-        nfile = self.in_channels - len(self.terrain)
-        return [self._file_dtype] * nfile + ["float32"] * len(self.terrain)
+        nfile = self.in_channels - len(self.terrain) - self._extra_count
+        extra = []
+        for p in self.extra_rasters:
+            with _open_grid(p) as ds:
+                extra += list(ds.dtypes)
+        return [self._file_dtype] * nfile + extra + ["float32"] * len(self.terrain)
 
     def normalize(self, image: torch.Tensor) -> torch.Tensor:
         if self.normalization is None:
@@ -226,6 +255,24 @@ class SegmentationDataset(Dataset):
             rng = np.random.default_rng([self.seed, self.epoch, int(draw)])
             image, target = random_crop_affine(image, target, self.crop, rng, self.augment or Augment.none())
         return {"image": image.contiguous(), "target": target.contiguous(), "name": self.pairs[i].name}
+
+
+def _open_grid(path: Path):
+    import warnings
+
+    import rasterio
+    from rasterio.errors import NotGeoreferencedWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NotGeoreferencedWarning)
+        return rasterio.open(path)
+
+
+def _grid_of(path: Path):
+    with _open_grid(path) as ds:
+        if ds.crs is None:
+            raise DataError(f"{path}: has no CRS, so other rasters cannot be placed on its grid")
+        return ds.crs, ds.transform
 
 
 class EpochSampler(torch.utils.data.Sampler):

@@ -27,7 +27,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-__all__ = ["TERRAIN_BANDS", "slope", "hillshade", "terrain_bands", "DemOnGrid", "check_terrain"]
+__all__ = ["TERRAIN_BANDS", "slope", "hillshade", "terrain_bands", "DemOnGrid", "check_terrain", "raster_on_grid",
+           "terrain_for_raster"]
 
 TERRAIN_BANDS = ("slope", "hillshade")
 
@@ -163,6 +164,41 @@ class DemOnGrid:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def raster_on_grid(path: str | os.PathLike, crs, transform, width: int, height: int,
+                   resampling: Optional[str] = None) -> np.ndarray:
+    """All bands of a raster reprojected onto a target grid (``WarpedVRT``): float32 ``(C, H, W)``,
+    NaN outside the raster's footprint or where it has no data. ``resampling``: ``bilinear``
+    (default; continuous values), ``nearest`` (default for files with a colour table: classes), …"""
+    import rasterio
+    from rasterio.enums import Resampling
+    from rasterio.vrt import WarpedVRT
+
+    try:
+        src = rasterio.open(path)
+    except rasterio.errors.RasterioIOError as e:
+        raise ValueError(f"{path}: not a readable raster ({e})") from None
+    with src:
+        if src.crs is None or crs is None:
+            raise ValueError(f"{path}: it and the target grid need a CRS to be stacked")
+        if resampling is None:
+            try:
+                resampling = "nearest" if src.colormap(1) else "bilinear"
+            except ValueError:  # no colour table
+                resampling = "bilinear"
+        try:
+            method = Resampling[resampling]
+        except KeyError:
+            raise ValueError(f"unknown resampling {resampling!r}") from None
+        has_nodata = src.nodata is not None
+        with WarpedVRT(src, crs=crs, transform=transform, width=width, height=height, resampling=method,
+                       add_alpha=not has_nodata) as vrt:
+            n = src.count
+            x = vrt.read(list(range(1, n + 1)), out_dtype="float32", masked=True).filled(np.nan)
+            if not has_nodata:
+                x[:, vrt.read(n + 1) == 0] = np.nan
+    return x
 
 
 def terrain_for_raster(image_path: str | os.PathLike, dem: str | os.PathLike, names: Sequence[str]) -> Optional[np.ndarray]:

@@ -93,3 +93,26 @@ def test_align_off_and_disjoint_rasters_are_refused(tmp_path):
         RasterStack([a, far])
     with pytest.raises(InferenceError, match="unknown resampling 'cubicle'"):
         RasterStack([a, b], resampling="cubicle")
+
+
+def test_training_stacks_a_different_grid_raster_onto_each_image(tmp_path):
+    from msff.data import SegmentationDataset, find_pairs
+
+    (tmp_path / "d" / "images").mkdir(parents=True)
+    (tmp_path / "d" / "masks").mkdir()
+    for i, (ox, oy) in enumerate([(X0, Y0), (X0 + 200, Y0 - 100)]):
+        tr = from_origin(ox, oy, 10, 10)
+        write_tif(tmp_path / "d" / "images" / f"t{i}.tif", np.full((3, 60, 70), 50 + i, np.uint8), transform=tr)
+        write_tif(tmp_path / "d" / "masks" / f"t{i}.tif", np.zeros((60, 70), np.uint8), transform=tr)
+    coarse = _grid(tmp_path / "sq30.tif", "EPSG:32654", from_origin(X0 - 60, Y0 + 60, 30, 30), 40, 40)
+    ds = SegmentationDataset(find_pairs(tmp_path / "d"), extra_rasters=[coarse])
+    assert ds.in_channels == 4 and ds.band_dtypes == ["uint8"] * 3 + ["float32"]
+    for i, (ox, oy) in enumerate([(X0, Y0), (X0 + 200, Y0 - 100)]):
+        img = ds.raw(i)[0]
+        # the square (UTM metres) must land on this image's own pixels, within half a pixel
+        r0 = (Y0 - 250 - oy) / -10.0
+        c0 = (X0 + 300 - ox) / 10.0
+        got = _centroid(img[3])
+        assert abs(got[0] - (r0 + 9.5)) <= 0.5 and abs(got[1] - (c0 + 9.5)) <= 0.5, (i, got)
+    card = ds.model_card()
+    assert card["stack"]["extra_rasters"] == ["sq30.tif"] and card["domain"]["bands"][3]["name"] == "sq30.tif:1"
