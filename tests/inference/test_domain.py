@@ -206,3 +206,29 @@ def test_fit_stores_scale_and_domain_in_the_card(tmp_path):
 def test_compare_domain_without_ranges_uses_mean_std():
     r = compare_domain({"normalization": {"mean": [0.5], "std": [0.1]}}, np.random.default_rng(0).normal(0.52, 0.1, (1, 500)), ["float32"])
     assert r.ok and r.notes and "no training value ranges" in r.notes[0]
+
+
+def test_evaluate_checks_the_domain_too(card8, tmp_path, capsys):
+    from msff.cli import main as msff_main
+
+    ck = _ckpt(tmp_path, card8)
+    root = tmp_path / "s2"
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    for i in range(2):
+        write_tif(root / "images" / f"t{i}.tif", smooth_bands(3, 40, 40, lo=300, hi=4000))
+        m = np.zeros((40, 40), np.uint8)
+        m[5:10, 5:10] = 1
+        write_tif(root / "masks" / f"t{i}.tif", m)
+    out = tmp_path / "ev.json"
+    assert msff_main(["evaluate", str(ck), str(root), "--out", str(out), "--device", "cpu"]) == 0
+    err = capsys.readouterr().err
+    assert "msff evaluate: warning:" in err and "training std" in err and "uint16" in err
+    doc = json.loads(out.read_text())
+    assert doc["domain"]["ok"] is False and doc["domain"]["bands"][0]["z"] > 3
+    rc = msff_main(["evaluate", str(ck), str(root), "--out", str(tmp_path / "ev2.json"), "--strict", "--device", "cpu"])
+    assert rc == 2 and "refused under --strict" in capsys.readouterr().err
+    assert not (tmp_path / "ev2.json").exists()
+    assert msff_main(["evaluate", str(ck), str(root), "--out", str(tmp_path / "ev3.json"), "--strict", "--device", "cpu",
+                      "--input-scale", "percentile:2,98:255"]) == 0
+    assert json.loads((tmp_path / "ev3.json").read_text())["input_scale"]["fitted_on"] == "evaluation data"
