@@ -365,9 +365,9 @@ def run_predict(args) -> int:
                 unit = "m²" if r.georeferenced else "px"
                 print(f"  wrote {pl['vector']} ({len(polys)} polygons, min area {args.min_area:g} {unit})")
             if pl["quicklook"]:
-                quicklook(
-                    pl["files"], r.mask, pl["quicklook"], overwrite=replace, nodata=args.nodata,
-                    band_indexes=band_indexes,
+                quicklook(  # a multi-date scene is shown at its last date (post-event)
+                    dict(pl["dates"])[pl["date_names"][-1]] if pl.get("dates") else pl["files"], r.mask,
+                    pl["quicklook"], overwrite=replace, nodata=args.nodata, band_indexes=band_indexes,
                 )
                 print(f"  wrote {pl['quicklook']}")
             _write_report(pl, r, args)

@@ -48,7 +48,8 @@ def test_wrong_date_order_is_refused_unless_told(prepost_ckpt, tmp_path, capsys)
     err = capsys.readouterr().err
     assert "trained on dates in the order pre, post, but they were given as post, pre" in err
     assert "--reorder-dates" in err and not (tmp_path / "a_prob.tif").exists()
-    assert main(base + swapped + ["--out", str(tmp_path / "b"), "--reorder-dates"]) == 0
+    assert main(base + swapped + ["--out", str(tmp_path / "b"), "--reorder-dates", "--quicklook"]) == 0
+    assert (tmp_path / "b_quicklook.png").stat().st_size > 100
     doc = json.loads((tmp_path / "b_run.json").read_text())
     assert doc["dates"] == ["pre", "post"] and doc["inputs"] == f["pre"] + f["post"]
     assert main(base + ["--date", "pre", *f["pre"], "--date", "post", *f["post"], "--out", str(tmp_path / "c")]) == 0
