@@ -255,6 +255,21 @@ def _say(msg: str) -> None:
     print(f"msff predict: {msg}", file=sys.stderr)
 
 
+def _print_domain(r) -> None:
+    """One line: the input scale used and the domain check's verdict with its largest deviation."""
+    from msff.data.scaling import InputScale
+
+    if "input_scale" not in r.extra:
+        return
+    line = f"  input scale: {InputScale.from_dict(r.extra['input_scale']).describe()}"
+    dom = r.extra.get("domain")
+    if dom:
+        zs = [abs(b["z"]) for b in dom["bands"] if b.get("z") is not None]
+        worst = f" (largest band mean deviation {max(zs):.1f} training std)" if zs else ""
+        line += f"; input domain check: {'ok' if dom['ok'] else 'FAR FROM TRAINING DATA, see the warning'}{worst}"
+    print(line)
+
+
 def _write_report(pl: dict, r, args) -> None:
     """The run's JSON sidecar: inputs, outputs, counts, input scale and the domain check numbers."""
     from msff.engine.report import atomic_write_json
@@ -359,6 +374,7 @@ def run_predict(args) -> int:
                 f"{r.tiles} tiles ({r.tiles_skipped} nodata skipped), {r.seconds:.1f} s, "
                 f"{r.megapixels_per_second:.2f} MP/s"
             )
+            _print_domain(r)
             print(f"  wrote {r.prob}\n  wrote {r.mask}")
             if pl["vector"]:
                 polys = polygonize_mask(r.mask, r.prob, pl["vector"], min_area=args.min_area, overwrite=replace)

@@ -131,7 +131,9 @@ def test_cli_warns_strict_fails_and_sidecar_has_numbers(card8, tmp_path, capsys)
     assert not any(f.startswith("b_") for f in os.listdir(tmp_path))
     assert predict_main([str(ck), str(scene), "--out", str(tmp_path / "c"), "--strict", "--quiet",
                          "--input-scale", "percentile:2,98:255"]) == 0
-    assert "does not look like" not in capsys.readouterr().err
+    cap = capsys.readouterr()
+    assert "does not look like" not in cap.err
+    assert "input scale: per-band percentile stretch p2..p98 -> 0..255" in cap.out and "input domain check: ok" in cap.out
     assert predict_main([str(ck), str(scene), "--out", str(tmp_path / "d"), "--input-scale", "divide:0"]) == 2
     assert "divide needs a finite constant > 0" in capsys.readouterr().err
 
