@@ -1,16 +1,29 @@
 """Triton kernels of ``msff::lk_conv`` (1-D large-kernel "same" convolution, msff/ops/SPEC.md).
 
-* ``_lk_conv_fwd_kernel``: implicit GEMM. A program owns a tile of BLOCK_M output pixels
-  (flattened n·h·w) × BLOCK_N output channels and accumulates, over the k taps and the input
-  channels, ``shift(xin)[BLOCK_M, BLOCK_K] @ w_tap[BLOCK_K, BLOCK_N]`` with ``tl.dot`` (tensor
-  cores for fp16/bf16, TF32/IEEE for fp32). Prologue: pending BN + ReLU on the input, zero
-  padding applied after it. Epilogue: bias, ReLU, residual add, per-channel Σy/Σy² (atomics), or
-  (backward-data mode) the backward of the *input's* prologue.
-* ``_lk_conv_wgrad_kernel``: weight gradient, per tap ``g^T[BLOCK_N, BLOCK_M] @
-  shift(xin)[BLOCK_M, BLOCK_K]`` reduced over the pixels (split over programs, fp32 atomics),
-  recomputing the prologue instead of reading a stored activation.
+Design (v2, issue 11), built for sm_90a and checked offline by the kernel report:
 
-Strides are passed for every tensor, so NCHW, channels_last and non-contiguous inputs all work.
+* Operands are channels_last and dense: a pixel ``m`` (flattened n·h·w) of a tensor with ``C``
+  channels starts at element ``m·C``. The launchers make them so (a no-op for the channels_last
+  activations of the model); the kernels then know the channel axis is contiguous and the row
+  starts are multiples of ``C`` (a constexpr), so every operand load is a 16-byte vector
+  (``LDGSTS`` once pipelined) rather than a 2-byte scalar.
+* ``_lk_conv_fwd_kernel``: implicit GEMM ``y[M, Cout] = im2col(xin)[M, k·Cin] @ Wp[k·Cin, Cout]``
+  with ONE K loop over taps × channel chunks (``BLOCK_K`` ≥ 64 on the GPU at the paper's shapes),
+  so Triton's software pipeline reaches a steady state. The tap and channel chunk of an iteration
+  are scalars: the A tile is a shifted row block whose out-of-range rows are masked to zero ("same"
+  padding); the weights are packed once per call into a zero-padded ``[k·Cin_p, Cout_p]`` matrix, so
+  B loads need no mask at all. Epilogue: bias, ReLU, residual add, per-CTA partial Σy/Σy²
+  (no atomics), or (backward-data mode) the backward of the *input's* BN+ReLU with per-CTA
+  partial Σ for its scale/shift gradients.
+* The input prologue relu(x·s + t) is materialised once per element by ``_lk_conv_prologue_kernel``
+  (one vectorised pass) instead of being recomputed for each of the k taps in the main loop: see
+  ``PROLOGUE_ROOFLINE`` for the numbers behind that choice.
+* ``_lk_conv_wgrad_kernel``: weight gradient as a GEMM ``dW[Cout, k·Cin] = g^T[Cout, M] @
+  im2col(xin)[M, k·Cin]`` (N = k·Cin): a program owns ``TAPS`` taps × ``BLOCK_C`` channels of the N
+  axis, so g is read k/TAPS times, not k times; the pixel axis is split over programs and each
+  writes an fp32 partial; ``_reduce_rows_kernel`` sums partials deterministically in fp64.
+* ``_reduce_rows_kernel``: the second, small kernel of every reduction (BN statistics, bias / BN
+  gradients, weight-gradient split-K): fixed order, fp64 accumulation, no atomics.
 """
 from __future__ import annotations
 
@@ -21,179 +34,215 @@ import triton.language as tl
 from msff.backend import triton_interpret
 from msff.kernels._common import fix_bf16, rtne_bf16
 
-__all__ = ["lk_conv_fwd", "lk_conv_wgrad", "lk_conv_grad_out"]
+__all__ = ["lk_conv_fwd", "lk_conv_wgrad", "lk_conv_grad_out", "lk_conv_prologue", "nhwc",
+           "conv_operand", "padded_channels", "fwd_config", "wgrad_config", "reduce_partials",
+           "PROLOGUE_ROOFLINE"]
+
+#: Why the prologue is materialised in one pass (bf16, H100: 3.35 TB/s HBM, ~31 T fp32 lane-op/s,
+#: 989 TFLOP/s). Per second conv of a branch, elements = N·Cin·H·W:
+#: E1 (32×64×512²): in-loop = k·(Cout/BLOCK_N)·elements ≈ 8.1 G transforms × ~5 instructions
+#: ≈ 1.3 ms of ALU issue competing with the MMA (compute floor 1.04 ms); one pass = read + write
+#: 2·1.07 GB ≈ 0.64 ms of HBM and a main loop with no register-path A operand.
+#: E2 (32×128×256²): in-loop ≈ 4.0 G transforms ≈ 0.65 ms; one pass 1.07 GB ≈ 0.32 ms.
+PROLOGUE_ROOFLINE = {
+    "E1": {"in_loop_transforms": 15 * 32 * 64 * 512 * 512, "pass_bytes": 4 * 32 * 64 * 512 * 512},
+    "E2": {"in_loop_transforms": 15 * 32 * 128 * 256 * 256, "pass_bytes": 4 * 32 * 128 * 256 * 256},
+}
 
 
 @triton.jit
 def _lk_conv_fwd_kernel(
-    x_ptr, w_ptr, bias_ptr, scale_ptr, shift_ptr, add_ptr, y_ptr, sum_ptr, sumsq_ptr,
-    px_ptr, pscale_ptr, pshift_ptr, gscale_ptr, gshift_ptr,
-    M, CIN, COUT, H, W, K,
-    stride_xn, stride_xc, stride_xh, stride_xw,
-    stride_wo, stride_wi, stride_wk,
+    x_ptr, w_ptr, bias_ptr, add_ptr, y_ptr, part_ptr, px_ptr, pscale_ptr, pshift_ptr,
+    M, H, W, COUT, COUT_P, TS, NUM_M_TILES,
     stride_an, stride_ac, stride_ah, stride_aw,
     stride_yn, stride_yc, stride_yh, stride_yw,
-    stride_pn, stride_pc, stride_ph, stride_pw,
-    ALONG_W: tl.constexpr, HAS_PROLOGUE: tl.constexpr, HAS_BIAS: tl.constexpr,
-    RELU: tl.constexpr, HAS_ADD: tl.constexpr, STATS: tl.constexpr, PRO_BWD: tl.constexpr,
-    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, FIX_IN: tl.constexpr, FIX_OUT: tl.constexpr,
+    CIN: tl.constexpr, KT: tl.constexpr, ALONG_W: tl.constexpr,
+    HAS_BIAS: tl.constexpr, RELU: tl.constexpr, HAS_ADD: tl.constexpr, STATS: tl.constexpr,
+    PRO_BWD: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    FIX_OUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
+    # x: dense NHWC (pixel m at m*CIN); w: dense [KT*CIN_P, COUT_P], zero padded.
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
+    NCB: tl.constexpr = (CIN + BLOCK_K - 1) // BLOCK_K
+    CIN_P: tl.constexpr = NCB * BLOCK_K
+    HALF: tl.constexpr = KT // 2
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
     mask_m = offs_m < M
-    mask_n = offs_n < COUT
-    hw = H * W
-    n_idx = offs_m // hw
-    rem = offs_m % hw
-    h_idx = rem // W
-    w_idx = rem % W
-    x_base = n_idx.to(tl.int64) * stride_xn
-    half = K // 2
+    if ALONG_W:
+        pos = offs_m % W
+        L = W
+    else:
+        pos = (offs_m // W) % H
+        L = H
+    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * CIN + offs_k[None, :]
+    w_cols = w_ptr + offs_k[:, None] * COUT_P + offs_n[None, :]
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for tap in range(0, K):
-        d = tap - half
-        if ALONG_W:
-            hs = h_idx
-            ws = w_idx + d
+    for kk in range(0, KT * NCB):
+        tap = kk // NCB
+        c0 = (kk - tap * NCB) * BLOCK_K
+        d = tap - HALF
+        p = pos + d
+        valid = mask_m & (p >= 0) & (p < L)
+        if CIN % BLOCK_K == 0:
+            a = tl.load(x_rows + (d * TS * CIN + c0), mask=valid[:, None], other=0.0)
         else:
-            hs = h_idx + d
-            ws = w_idx
-        valid = mask_m & (hs >= 0) & (hs < H) & (ws >= 0) & (ws < W)
-        row = x_base + hs.to(tl.int64) * stride_xh + ws.to(tl.int64) * stride_xw
-        for c0 in range(0, CIN, BLOCK_K):
-            offs_k = c0 + tl.arange(0, BLOCK_K)
-            mask_k = offs_k < CIN
-            amask = valid[:, None] & mask_k[None, :]
-            a = tl.load(x_ptr + row[:, None] + offs_k[None, :] * stride_xc, mask=amask, other=0.0)
-            if HAS_PROLOGUE:
-                s = tl.load(scale_ptr + offs_k, mask=mask_k, other=0.0)
-                t = tl.load(shift_ptr + offs_k, mask=mask_k, other=0.0)
-                af = tl.maximum(a.to(tl.float32) * s[None, :] + t[None, :], 0.0)
-                # zero padding applies to the activated input, not to x
-                a = rtne_bf16(tl.where(amask, af, 0.0), FIX_IN).to(x_ptr.dtype.element_ty)
-            b = tl.load(
-                w_ptr + offs_n[None, :] * stride_wo + offs_k[:, None] * stride_wi + tap * stride_wk,
-                mask=mask_k[:, None] & mask_n[None, :], other=0.0,
-            )
-            if UPCAST:
-                acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision=DOT_PRECISION)
-            else:
-                acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+            a = tl.load(x_rows + (d * TS * CIN + c0),
+                        mask=valid[:, None] & ((c0 + offs_k) < CIN)[None, :], other=0.0)
+        b = tl.load(w_cols + (tap * CIN_P + c0) * COUT_P)
+        if UPCAST:
+            acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision=DOT_PRECISION)
+        else:
+            acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
 
+    # epilogue: indices recomputed here so they are not live across the main loop
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < M
+    mask_n = offs_n < COUT
     mask2 = mask_m[:, None] & mask_n[None, :]
+    hw = H * W
+    n_idx = (offs_m // hw).to(tl.int64)
+    rem = offs_m % hw
+    h_idx = (rem // W).to(tl.int64)
+    w_idx = (rem % W).to(tl.int64)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0)
         acc += bias[None, :]
     if RELU:
         acc = tl.maximum(acc, 0.0)
     if HAS_ADD:
-        a_off = (n_idx.to(tl.int64) * stride_an + h_idx.to(tl.int64) * stride_ah
-                 + w_idx.to(tl.int64) * stride_aw)
+        a_off = n_idx * stride_an + h_idx * stride_ah + w_idx * stride_aw
         addv = tl.load(add_ptr + a_off[:, None] + offs_n[None, :] * stride_ac, mask=mask2, other=0.0)
         acc += addv.to(tl.float32)
     if STATS:
         accm = tl.where(mask2, acc, 0.0)
-        tl.atomic_add(sum_ptr + offs_n, tl.sum(accm, axis=0), mask=mask_n)
-        tl.atomic_add(sumsq_ptr + offs_n, tl.sum(accm * accm, axis=0), mask=mask_n)
+        prow = part_ptr + pid_m * COUT_P + offs_n
+        tl.store(prow, tl.sum(accm, axis=0))
+        tl.store(prow + NUM_M_TILES * COUT_P, tl.sum(accm * accm, axis=0))
     if PRO_BWD:
         # acc is d(loss)/d(xin) of the producer's prologue xin = relu(px*s + t): chain it to px.
-        p_off = (n_idx.to(tl.int64) * stride_pn + h_idx.to(tl.int64) * stride_ph
-                 + w_idx.to(tl.int64) * stride_pw)
-        pxv = tl.load(px_ptr + p_off[:, None] + offs_n[None, :] * stride_pc, mask=mask2, other=0.0)
+        # px is dense NHWC with COUT channels (the launcher passes nhwc(x))
+        pxv = tl.load(px_ptr + offs_m.to(tl.int64)[:, None] * COUT + offs_n[None, :], mask=mask2,
+                      other=0.0)
         pxv = pxv.to(tl.float32)
         ps = tl.load(pscale_ptr + offs_n, mask=mask_n, other=0.0)
         pt = tl.load(pshift_ptr + offs_n, mask=mask_n, other=0.0)
         live = mask2 & ((pxv * ps[None, :] + pt[None, :]) > 0)
         gm = tl.where(live, acc, 0.0)
-        tl.atomic_add(gscale_ptr + offs_n, tl.sum(gm * pxv, axis=0), mask=mask_n)
-        tl.atomic_add(gshift_ptr + offs_n, tl.sum(gm, axis=0), mask=mask_n)
+        prow = part_ptr + pid_m * COUT_P + offs_n
+        tl.store(prow, tl.sum(gm * pxv, axis=0))
+        tl.store(prow + NUM_M_TILES * COUT_P, tl.sum(gm, axis=0))
         acc = gm * ps[None, :]
-
-    y_off = (n_idx.to(tl.int64) * stride_yn + h_idx.to(tl.int64) * stride_yh
-             + w_idx.to(tl.int64) * stride_yw)
+    y_off = n_idx * stride_yn + h_idx * stride_yh + w_idx * stride_yw
     tl.store(y_ptr + y_off[:, None] + offs_n[None, :] * stride_yc,
              rtne_bf16(acc, FIX_OUT).to(y_ptr.dtype.element_ty), mask=mask2)
 
 
 @triton.jit
 def _lk_conv_wgrad_kernel(
-    g_ptr, x_ptr, scale_ptr, shift_ptr, dw_ptr,
-    M, CIN, COUT, H, W, K, M_PER_PROG,
-    stride_gn, stride_gc, stride_gh, stride_gw,
-    stride_xn, stride_xc, stride_xh, stride_xw,
-    ALONG_W: tl.constexpr, HAS_PROLOGUE: tl.constexpr, UPCAST: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, FIX_IN: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    g_ptr, x_ptr, part_ptr,
+    M, H, W, COUT, TS, M_PER_SPLIT,
+    CIN: tl.constexpr, KT: tl.constexpr, ALONG_W: tl.constexpr, TAPS: tl.constexpr,
+    EVEN_CO: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    # dw[co, ci, tap] += Σ_m g[m, co] · xin[shift_tap(m), ci]; dw is fp32 (COUT, CIN, K) contiguous
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    pid_z = tl.program_id(2)
-    tap = pid_z % K
-    split = pid_z // K
-    d = tap - K // 2
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    mask_n = offs_n < COUT
-    mask_k = offs_k < CIN
-    if HAS_PROLOGUE:
-        s = tl.load(scale_ptr + offs_k, mask=mask_k, other=0.0)
-        t = tl.load(shift_ptr + offs_k, mask=mask_k, other=0.0)
-    hw = H * W
-    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    m_start = split * M_PER_PROG
-    for m0 in range(m_start, m_start + M_PER_PROG, BLOCK_M):
-        offs_m = m0 + tl.arange(0, BLOCK_M)
-        mask_m = offs_m < M
-        n_idx = offs_m // hw
-        rem = offs_m % hw
-        h_idx = rem // W
-        w_idx = rem % W
-        g_off = (n_idx.to(tl.int64) * stride_gn + h_idx.to(tl.int64) * stride_gh
-                 + w_idx.to(tl.int64) * stride_gw)
-        gt = tl.load(g_ptr + g_off[None, :] + offs_n[:, None] * stride_gc,
-                     mask=mask_n[:, None] & mask_m[None, :], other=0.0)
+    # part[split, co, tap*CIN + ci] = Σ_{m in split} g[m, co] · xin[m shifted by tap, ci]
+    # g: dense NHWC (COUT channels); x: dense NHWC xin (CIN channels).
+    pid_j = tl.program_id(0)
+    pid_co = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    NCB: tl.constexpr = (CIN + BLOCK_C - 1) // BLOCK_C
+    HALF: tl.constexpr = KT // 2
+    BLOCK_N: tl.constexpr = TAPS * BLOCK_C
+    tg = pid_j // NCB
+    c0 = (pid_j - tg * NCB) * BLOCK_C
+    col = tl.arange(0, BLOCK_N)
+    tap = tg * TAPS + col // BLOCK_C
+    cc = c0 + col % BLOCK_C
+    d = tap - HALF
+    col_ok = tap < KT
+    if CIN % BLOCK_C != 0:
+        col_ok = col_ok & (cc < CIN)
+    col_off = d * (TS * CIN) + cc
+    offs_co = pid_co * BLOCK_M + tl.arange(0, BLOCK_M)
+    co_ok = offs_co < COUT
+    offs_p0 = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    m_start = pid_s * M_PER_SPLIT
+    for m0 in range(m_start, m_start + M_PER_SPLIT, BLOCK_K):
+        offs_p = m0 + offs_p0
+        p_ok = offs_p < M
+        g_ptrs = g_ptr + offs_p.to(tl.int64)[:, None] * COUT + offs_co[None, :]
+        if EVEN_CO:
+            gt = tl.load(g_ptrs, mask=p_ok[:, None], other=0.0)
+        else:
+            gt = tl.load(g_ptrs, mask=p_ok[:, None] & co_ok[None, :], other=0.0)
         if ALONG_W:
-            hs = h_idx
-            ws = w_idx + d
+            pos = offs_p % W
+            L = W
         else:
-            hs = h_idx + d
-            ws = w_idx
-        valid = mask_m & (hs >= 0) & (hs < H) & (ws >= 0) & (ws < W)
-        row = n_idx.to(tl.int64) * stride_xn + hs.to(tl.int64) * stride_xh + ws.to(tl.int64) * stride_xw
-        amask = valid[:, None] & mask_k[None, :]
-        a = tl.load(x_ptr + row[:, None] + offs_k[None, :] * stride_xc, mask=amask, other=0.0)
-        if HAS_PROLOGUE:
-            af = tl.maximum(a.to(tl.float32) * s[None, :] + t[None, :], 0.0)
-            a = rtne_bf16(tl.where(amask, af, 0.0), FIX_IN).to(x_ptr.dtype.element_ty)
+            pos = (offs_p // W) % H
+            L = H
+        pp = pos[:, None] + d[None, :]
+        xmask = p_ok[:, None] & (pp >= 0) & (pp < L) & col_ok[None, :]
+        xt = tl.load(x_ptr + offs_p.to(tl.int64)[:, None] * CIN + col_off[None, :], mask=xmask,
+                     other=0.0)
         if UPCAST:
-            acc = tl.dot(gt.to(tl.float32), a.to(tl.float32), acc, input_precision=DOT_PRECISION)
+            acc = tl.dot(tl.trans(gt.to(tl.float32)), xt.to(tl.float32), acc,
+                         input_precision=DOT_PRECISION)
         else:
-            acc = tl.dot(gt.to(a.dtype), a, acc, input_precision=DOT_PRECISION)
-    dw_off = offs_n[:, None] * (CIN * K) + offs_k[None, :] * K + tap
-    tl.atomic_add(dw_ptr + dw_off, acc, mask=mask_n[:, None] & mask_k[None, :])
+            acc = tl.dot(tl.trans(gt), xt, acc, input_precision=DOT_PRECISION)
+    dst = part_ptr + pid_s.to(tl.int64) * COUT * (KT * CIN) + offs_co[:, None] * (KT * CIN) \
+        + (tap * CIN + cc)[None, :]
+    tl.store(dst, acc, mask=co_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def _lk_conv_prologue_kernel(
+    x_ptr, scale_ptr, shift_ptr, out_ptr, M, C, C_P, H, W,
+    stride_xn, stride_xc, stride_xh, stride_xw,
+    FIX_OUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    # out (dense NHWC, C_P >= C channels, the padding zero) = relu(x*s + t) in x's dtype: the
+    # conv prologue, once per element
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_c = offs_c < C
+    mask = (offs_m < M)[:, None] & mask_c[None, :]
+    mask_out = (offs_m < M)[:, None] & (offs_c < C_P)[None, :]
+    hw = H * W
+    n = (offs_m // hw).to(tl.int64)
+    rem = offs_m % hw
+    src = n * stride_xn + (rem // W).to(tl.int64) * stride_xh + (rem % W).to(tl.int64) * stride_xw
+    v = tl.load(x_ptr + src[:, None] + offs_c[None, :] * stride_xc, mask=mask, other=0.0)
+    s = tl.load(scale_ptr + offs_c, mask=mask_c, other=0.0)
+    t = tl.load(shift_ptr + offs_c, mask=mask_c, other=0.0)
+    v = tl.maximum(v.to(tl.float32) * s[None, :] + t[None, :], 0.0)
+    v = tl.where(mask, v, 0.0)
+    tl.store(out_ptr + offs_m.to(tl.int64)[:, None] * C_P + offs_c[None, :],
+             rtne_bf16(v, FIX_OUT).to(out_ptr.dtype.element_ty), mask=mask_out)
 
 
 @triton.jit
 def _lk_conv_grad_out_kernel(
-    gy_ptr, y_ptr, add_ptr, gsum_ptr, gsq_ptr, gr_ptr, gadd_ptr, gbias_ptr,
-    M, C, H, W,
+    gy_ptr, y_ptr, add_ptr, gsum_ptr, gsq_ptr, gr_ptr, gadd_ptr, part_ptr,
+    M, C, C_P, H, W,
     stride_gn, stride_gc, stride_gh, stride_gw,
     stride_yn, stride_yc, stride_yh, stride_yw,
     stride_an, stride_ac, stride_ah, stride_aw,
-    stride_rn, stride_rc, stride_rh, stride_rw,
     stride_dn, stride_dc, stride_dh, stride_dw,
     HAS_GSUM: tl.constexpr, HAS_GSQ: tl.constexpr, RELU: tl.constexpr, HAS_ADD: tl.constexpr,
     NEED_GADD: tl.constexpr, NEED_GBIAS: tl.constexpr, FIX_OUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    # g = grad_y + grad_sum[c] + 2·y·grad_sumsq[c] (-> grad_add); g_r = g·[relu output > 0];
-    # grad_bias[c] = Σ g_r. One pass instead of a chain of full-size fp32 temporaries.
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    # g = grad_y + grad_sum[c] + 2·y·grad_sumsq[c] (-> grad_add); g_r = g·[relu output > 0] into
+    # a dense NHWC buffer (the operand of the two backward GEMMs); per-CTA partial Σ g_r.
+    pid_m = tl.program_id(0)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_m = offs_m < M
     mask_c = offs_c < C
@@ -224,11 +273,39 @@ def _lk_conv_grad_out_kernel(
         g = tl.where(r > 0, g, 0.0)
     g = tl.where(mask, g, 0.0)
     if NEED_GBIAS:
-        tl.atomic_add(gbias_ptr + offs_c, tl.sum(g, axis=0), mask=mask_c)
-    tl.store(gr_ptr + (n * stride_rn + h * stride_rh + w * stride_rw)[:, None] + c * stride_rc,
+        tl.store(part_ptr + pid_m * C_P + offs_c, tl.sum(g, axis=0))
+    tl.store(gr_ptr + offs_m.to(tl.int64)[:, None] * C + c,
              rtne_bf16(g, FIX_OUT).to(gr_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _reduce_rows_kernel(
+    in_ptr, out_ptr, R, C, ROWS_PER_PROG, stride_ig, stride_og,
+    OUT_FP32: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    # out[g, s, c] = Σ_{r in chunk s} in[g, r, c], fixed order, fp64 accumulation
+    pid_c = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    pid_g = tl.program_id(2)
+    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_c = offs_c < C
+    base = in_ptr + pid_g.to(tl.int64) * stride_ig
+    acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float64)
+    r_start = pid_s * ROWS_PER_PROG
+    for r0 in range(r_start, r_start + ROWS_PER_PROG, BLOCK_R):
+        offs_r = r0 + tl.arange(0, BLOCK_R)
+        mask = (offs_r < R)[:, None] & mask_c[None, :]
+        v = tl.load(base + offs_r.to(tl.int64)[:, None] * C + offs_c[None, :], mask=mask, other=0.0)
+        acc += v.to(tl.float64)
+    tot = tl.sum(acc, axis=0)
+    dst = out_ptr + pid_g.to(tl.int64) * stride_og + pid_s.to(tl.int64) * C + offs_c
+    if OUT_FP32:
+        tl.store(dst, tot.to(tl.float32), mask=mask_c)
+    else:
+        tl.store(dst, tot, mask=mask_c)
+
+
+# ---- launch configurations ---------------------------------------------------------------------
 def _next_pow2(v: int) -> int:
     return 1 << max(0, int(v) - 1).bit_length()
 
@@ -244,135 +321,263 @@ def _upcast(dtype: torch.dtype) -> bool:
     return triton_interpret() and dtype != torch.float32
 
 
-def _fwd_blocks(M: int, cin: int, cout: int):
-    if triton_interpret():
+def fwd_config(M: int, cin: int, cout: int, pro_bwd: bool = False,
+               interpret: bool | None = None) -> dict:
+    """Launch config of ``_lk_conv_fwd_kernel`` (also the input gradient, with cin/cout swapped
+    and ``pro_bwd``): BLOCK_M/N/K, num_warps, num_stages. Shape-keyed: the N tile covers Cout up
+    to 128 (64 for the input gradient, whose prologue-backward epilogue holds three more tiles per
+    thread and spilled at 128×128 with 8 warps), so the A operand is read once (twice);
+    BLOCK_K = 64 keeps one tap per K step."""
+    interpret = triton_interpret() if interpret is None else interpret
+    bn = min(64 if pro_bwd else 128, max(16, _next_pow2(cout)))
+    bk = min(64, max(16, _next_pow2(cin)))
+    if interpret:
         # few, large programs: the interpreter's cost grows with the program count
-        return (min(256, max(16, _next_pow2(M))), min(64, max(16, _next_pow2(cout))),
-                min(64, max(16, _next_pow2(cin))), 4, 1)
-    bn = 64 if cout <= 64 else 128
-    return 128, bn, 32, 4 if bn == 64 else 8, 3
+        return dict(BLOCK_M=min(256, max(16, _next_pow2(M))), BLOCK_N=bn, BLOCK_K=bk,
+                    num_warps=4, num_stages=1)
+    # BLOCK_M = 256 halves the weight re-streaming (each M tile streams the whole k·Cin × BLOCK_N
+    # weight slice) against 128; at BLOCK_N = 128 it spilled (316-320 B with the stats epilogue,
+    # 8 warps), so N = 128 tiles keep BLOCK_M = 128.
+    bm = 256 if bn <= 64 else 128
+    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=8, num_stages=3)
 
 
-def _sm_count(device) -> int:
-    """Streaming multiprocessors of ``device``; an ``int`` is taken as the count itself (the
-    offline kernel report plans launches for a GPU it does not have)."""
-    if isinstance(device, int):
-        return device
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
-def _wgrad_cfg(M: int, cin: int, cout: int, K: int, device):
-    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, split): the pixel reduction is split
-    over ``split`` programs per (Cout, Cin, tap) tile, reduced with fp32 atomics."""
-    if triton_interpret():
-        return (min(256, max(16, _next_pow2(M))), min(64, max(16, _next_pow2(cout))),
-                min(64, max(16, _next_pow2(cin))), 4, 1, 1)
-    BM, BN, BK = 64, 64, 64
-    tiles = triton.cdiv(cout, BN) * triton.cdiv(cin, BK) * K
-    sms = _sm_count(device)
-    split = max(1, min(triton.cdiv(M, BM * 8), triton.cdiv(4 * sms, tiles)))
-    return BM, BN, BK, 4, 3, split
-
-
-def _strides4(t):
-    return tuple(int(s) for s in t.stride())
-
-
-def lk_conv_fwd(x, weight, bias, in_scale, in_shift, add, relu, stats, y, ch_sum, ch_sumsq,
-                pro_bwd=None):
-    """Launch the forward kernel into the preallocated ``y`` (and ``ch_sum``/``ch_sumsq`` when
-    ``stats``; they must be zeroed fp32). ``weight`` is (Cout, Cin, kh, kw) with kh == 1 or
-    kw == 1 and any strides. ``pro_bwd``: None or (px, pscale, pshift, gscale, gshift) for the
-    backward-data epilogue (gscale/gshift zeroed fp32)."""
-    N, cin, H, W = x.shape
-    cout, _, kh, kw = weight.shape
-    along_w = kh == 1
-    K = kw if along_w else kh
-    M = N * H * W
-    BM, BN, BK, warps, stages = _fwd_blocks(M, cin, cout)
-    dummy = y
-    has_pro = in_scale is not None
-    a = add if add is not None else y
-    px, ps, pt, gs, gt = pro_bwd if pro_bwd is not None else (y, y, y, y, y)
-    grid = (triton.cdiv(M, BM), triton.cdiv(cout, BN))
-    _lk_conv_fwd_kernel[grid](
-        x, weight, bias if bias is not None else dummy,
-        in_scale if has_pro else dummy, in_shift if has_pro else dummy,
-        a, y, ch_sum if stats else dummy, ch_sumsq if stats else dummy,
-        px, ps, pt, gs, gt,
-        M, cin, cout, H, W, K,
-        *_strides4(x),
-        int(weight.stride(0)), int(weight.stride(1)), int(weight.stride(3 if along_w else 2)),
-        *_strides4(a), *_strides4(y), *_strides4(px),
-        ALONG_W=along_w, HAS_PROLOGUE=has_pro, HAS_BIAS=bias is not None, RELU=bool(relu),
-        HAS_ADD=add is not None, STATS=bool(stats), PRO_BWD=pro_bwd is not None,
-        UPCAST=_upcast(x.dtype), DOT_PRECISION=_dot_precision(x.dtype),
-        FIX_IN=fix_bf16(x.dtype), FIX_OUT=fix_bf16(y.dtype),
-        BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, num_warps=warps, num_stages=stages,
-    )
-    return y
-
-
-def lk_conv_wgrad(g, x, in_scale, in_shift, kernel_shape):
-    """Weight gradient (Cout, Cin, kh, kw) fp32 of the conv of ``xin`` (x after the optional
-    prologue) whose output gradient is ``g`` (N, Cout, H, W)."""
-    N, cin, H, W = x.shape
-    cout = g.shape[1]
-    kh, kw = kernel_shape
-    along_w = kh == 1
-    K = kw if along_w else kh
-    M = N * H * W
-    dw = torch.zeros((cout, cin, K), dtype=torch.float32, device=x.device)
-    BM, BN, BK, warps, stages, split = _wgrad_cfg(M, cin, cout, K, x.device)
-    m_per = triton.cdiv(triton.cdiv(M, split), BM) * BM
-    split = triton.cdiv(M, m_per)
-    has_pro = in_scale is not None
-    grid = (triton.cdiv(cout, BN), triton.cdiv(cin, BK), K * split)
-    _lk_conv_wgrad_kernel[grid](
-        g, x, in_scale if has_pro else dw, in_shift if has_pro else dw, dw,
-        M, cin, cout, H, W, K, m_per,
-        *_strides4(g), *_strides4(x),
-        ALONG_W=along_w, HAS_PROLOGUE=has_pro, UPCAST=_upcast(x.dtype),
-        DOT_PRECISION=_dot_precision(x.dtype), FIX_IN=fix_bf16(x.dtype),
-        BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, num_warps=warps, num_stages=stages,
-    )
-    return dw.view(cout, cin, kh, kw)
+def wgrad_config(M: int, cin: int, cout: int, K: int, sms: int = 132,
+                 interpret: bool | None = None) -> dict:
+    """Launch config of ``_lk_conv_wgrad_kernel``: BLOCK_M (Cout), BLOCK_C (Cin chunk), TAPS (taps
+    per N tile, N tile = TAPS·BLOCK_C), BLOCK_K (pixels per K step), SPLIT (pixel split-K)."""
+    interpret = triton_interpret() if interpret is None else interpret
+    # L2 traffic of the GEMM ∝ 1/BLOCK_N (g re-read per N tile) + 1/(BLOCK_M·TAPS) (x re-read per
+    # M tile, its TAPS shifted copies overlapping): N tile = TAPS·BLOCK_C of 512 (Cout <= 64) or 256.
+    bm = min(128, max(16, _next_pow2(cout)))
+    bc = min(64, max(16, _next_pow2(cin)))
+    taps = max(1, min(_next_pow2(K), (512 if bm <= 64 else 256) // bc))
+    if interpret:
+        return dict(BLOCK_M=bm, BLOCK_C=bc, TAPS=taps, BLOCK_K=min(256, max(16, _next_pow2(M))),
+                    SPLIT=1, num_warps=4, num_stages=1)
+    bk = 32
+    tiles = triton.cdiv(K, taps) * triton.cdiv(cin, bc) * triton.cdiv(cout, bm)
+    split = max(1, min(triton.cdiv(M, bk * 16), triton.cdiv(2 * sms, tiles)))
+    return dict(BLOCK_M=bm, BLOCK_C=bc, TAPS=taps, BLOCK_K=bk, SPLIT=split,
+                num_warps=8 if bm * taps * bc >= 128 * 128 else 4, num_stages=3)
 
 
 def _eltwise_blocks(M: int, C: int):
     if triton_interpret():
         bc = min(128, max(16, _next_pow2(C)))
         return min(max(16, _next_pow2(M)), max(16, 8192 // bc)), bc, 4
-    return 128, min(64, max(16, _next_pow2(C))), 4
+    return 64, min(128, max(16, _next_pow2(C))), 4
 
 
-def lk_conv_grad_out(grad_y, y, add, grad_sum, grad_sumsq, relu, g_r, grad_add, grad_bias):
-    """Fill ``g_r`` (and ``grad_add`` / ``grad_bias`` when not None; grad_bias zeroed fp32) per
-    SPEC.md's backward: g = grad_y + grad_sum + 2·y·grad_sumsq, g_r = g past the ReLU."""
+def _reduce_cfg(R: int):
+    if triton_interpret():
+        return max(16, min(256, _next_pow2(R))), max(1, R)
+    return 32, 2048
+
+
+# ---- host launchers ----------------------------------------------------------------------------
+def _strides4(t):
+    return tuple(int(s) for s in t.stride())
+
+
+def nhwc(t: torch.Tensor) -> torch.Tensor:
+    """``t`` (N, C, H, W) as a tensor whose memory is dense NHWC (pixel m at element m·C);
+    no copy when it already is (channels_last activations)."""
+    if t.permute(0, 2, 3, 1).is_contiguous():
+        return t
+    out = torch.empty((t.shape[0], t.shape[2], t.shape[3], t.shape[1]), dtype=t.dtype,
+                      device=t.device)
+    out.copy_(t.permute(0, 2, 3, 1))
+    return out.permute(0, 3, 1, 2)
+
+
+def _reduce_plan(R: int, C: int):
+    """The launches of :func:`reduce_partials` for R rows: (R, rows_per_prog, S, BLOCK_R,
+    BLOCK_C, final) per level; level i+1 reduces the S fp64 rows level i wrote."""
+    plan = []
+    BC = min(128, max(16, _next_pow2(C)))
+    while True:
+        BR, rpp = _reduce_cfg(R)
+        rpp = triton.cdiv(rpp, BR) * BR
+        S = triton.cdiv(R, rpp)
+        plan.append((R, rpp, S, BR, BC, S == 1))
+        if S == 1:
+            return plan
+        R = S
+
+
+def reduce_partials(part: torch.Tensor) -> torch.Tensor:
+    """(G, R, C) fp32 partials -> (G, C) fp32 sums over R, deterministic (fp64, fixed order)."""
+    G, R, C = part.shape
+    out = torch.empty((G, C), dtype=torch.float32, device=part.device)
+    if C == 0:
+        return out
+    if R == 0:
+        return out.zero_()
+    src = part.contiguous()
+    for rows, rpp, S, BR, BC, final in _reduce_plan(R, C):
+        dst = out if final else torch.empty((G, S, C), dtype=torch.float64, device=part.device)
+        _reduce_rows_kernel[(triton.cdiv(C, BC), S, G)](
+            src, dst, rows, C, rpp, rows * C, S * C,
+            OUT_FP32=final, BLOCK_R=BR, BLOCK_C=BC, num_warps=4,
+        )
+        src = dst
+    return out
+
+
+def _pack_weight(weight: torch.Tensor, cin_p: int, cout_p: int) -> torch.Tensor:
+    """(Cout, Cin, kh, kw) -> zero-padded [k·cin_p, cout_p] with row tap·cin_p + ci."""
+    cout, cin, kh, kw = weight.shape
+    K = kh * kw
+    wp = torch.zeros((K, cin_p, cout_p), dtype=weight.dtype, device=weight.device)
+    wp[:, :cin, :cout] = weight.reshape(cout, cin, K).permute(2, 1, 0)
+    return wp.view(K * cin_p, cout_p)
+
+
+def padded_channels(c: int) -> int:
+    """Channels of a conv operand buffer: a multiple of 16, so every pixel row starts 32-byte
+    aligned and a row of channels is whole 16-byte vectors (3-band inputs would otherwise be
+    loaded two bytes at a time)."""
+    return triton.cdiv(c, 16) * 16
+
+
+def lk_conv_prologue(x, in_scale, in_shift, c_pad=None):
+    """relu(x·s + t) in x's dtype, as a dense NHWC tensor (N, c_pad, H, W) whose channels
+    beyond C are zero (one vectorised pass)."""
+    N, C, H, W = x.shape
+    cp = C if c_pad is None else c_pad
+    M = N * H * W
+    out = torch.empty((N, H, W, cp), dtype=x.dtype, device=x.device).permute(0, 3, 1, 2)
+    if out.numel() == 0:
+        return out
+    BM, BC, warps = _eltwise_blocks(M, cp)
+    _lk_conv_prologue_kernel[(triton.cdiv(M, BM), triton.cdiv(cp, BC))](
+        x, in_scale, in_shift, out, M, C, cp, H, W, *_strides4(x),
+        FIX_OUT=fix_bf16(x.dtype), BLOCK_M=BM, BLOCK_C=BC, num_warps=warps,
+    )
+    return out
+
+
+def conv_operand(x, in_scale, in_shift):
+    """The activation operand of the conv GEMMs: ``xin`` (after the optional prologue) as dense
+    NHWC with :func:`padded_channels` channels (zero padding). No copy for a channels_last ``x``
+    with C % 16 == 0 and no prologue."""
+    N, C, H, W = x.shape
+    cp = padded_channels(C)
+    if in_scale is not None:
+        return lk_conv_prologue(x, in_scale, in_shift, cp)
+    if cp == C:
+        return nhwc(x)
+    buf = torch.zeros((N, H, W, cp), dtype=x.dtype, device=x.device)
+    buf[..., :C].copy_(x.permute(0, 2, 3, 1))
+    return buf.permute(0, 3, 1, 2)
+
+
+def lk_conv_fwd(x, weight, bias, in_scale, in_shift, add, relu, stats, y, pro_bwd=None):
+    """Launch the forward conv into the preallocated ``y``; returns ``(ch_sum, ch_sumsq)`` fp32
+    when ``stats`` (else None). ``weight`` is (Cout, Cin, kh, kw) with kh == 1 or kw == 1, any
+    strides. ``pro_bwd``: None or (px, pscale, pshift) for the backward-data epilogue; then the
+    return value is ``(grad_pscale, grad_pshift)``."""
+    N, _, H, W = x.shape
+    cout, _, kh, kw = weight.shape
+    along_w = kh == 1
+    K = kw if along_w else kh
+    M = N * H * W
+    xin = conv_operand(x, in_scale, in_shift)
+    cin = xin.shape[1]  # padded: the extra input channels are zero, so are their weights
+    cfg = fwd_config(M, cin, cout, pro_bwd=pro_bwd is not None)
+    BM, BN, BK = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
+    cin_p = triton.cdiv(cin, BK) * BK
+    cout_p = triton.cdiv(cout, BN) * BN
+    wp = _pack_weight(weight, cin_p, cout_p)
+    n_m = triton.cdiv(M, BM)
+    want_part = bool(stats) or pro_bwd is not None
+    part = torch.empty((2, n_m, cout_p) if want_part else (1,), dtype=torch.float32,
+                       device=x.device)
+    a = add if add is not None else y
+    px, ps, pt = pro_bwd if pro_bwd is not None else (y, part, part)
+    px = nhwc(px)
+    grid = (n_m, triton.cdiv(cout, BN))
+    _lk_conv_fwd_kernel[grid](
+        xin, wp, bias if bias is not None else part, a, y, part, px, ps, pt,
+        M, H, W, cout, cout_p, 1 if along_w else W, n_m,
+        *_strides4(a), *_strides4(y),
+        CIN=cin, KT=K, ALONG_W=along_w,
+        HAS_BIAS=bias is not None, RELU=bool(relu), HAS_ADD=add is not None, STATS=bool(stats),
+        PRO_BWD=pro_bwd is not None, UPCAST=_upcast(x.dtype), DOT_PRECISION=_dot_precision(x.dtype),
+        FIX_OUT=fix_bf16(y.dtype), BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    if not want_part:
+        return None
+    sums = reduce_partials(part)[:, :cout]
+    return sums[0].clone(), sums[1].clone()  # separate storages (custom ops forbid aliased outputs)
+
+
+def lk_conv_wgrad(g_r, x, in_scale, in_shift, kernel_shape):
+    """Weight gradient (Cout, Cin, kh, kw) fp32 of the conv of ``xin`` (x after the optional
+    prologue) whose output gradient is ``g_r`` (N, Cout, H, W)."""
+    N, cin0, H, W = x.shape
+    cout = g_r.shape[1]
+    kh, kw = kernel_shape
+    along_w = kh == 1
+    K = kw if along_w else kh
+    M = N * H * W
+    sms = torch.cuda.get_device_properties(x.device).multi_processor_count \
+        if x.device.type == "cuda" else 132
+    xin = conv_operand(x, in_scale, in_shift)
+    cin = xin.shape[1]  # padded with zero channels; their gradient rows are dropped below
+    cfg = wgrad_config(M, cin, cout, K, sms)
+    g = nhwc(g_r)
+    BKp = cfg["BLOCK_K"]
+    m_per = triton.cdiv(triton.cdiv(M, cfg["SPLIT"]), BKp) * BKp
+    split = triton.cdiv(M, m_per)
+    part = torch.empty((1, split, cout * K * cin), dtype=torch.float32, device=x.device)
+    grid = (triton.cdiv(K, cfg["TAPS"]) * triton.cdiv(cin, cfg["BLOCK_C"]),
+            triton.cdiv(cout, cfg["BLOCK_M"]), split)
+    _lk_conv_wgrad_kernel[grid](
+        g, xin, part, M, H, W, cout, 1 if along_w else W, m_per,
+        CIN=cin, KT=K, ALONG_W=along_w, TAPS=cfg["TAPS"], EVEN_CO=cout % cfg["BLOCK_M"] == 0,
+        UPCAST=_upcast(x.dtype),
+        DOT_PRECISION=_dot_precision(x.dtype), BLOCK_M=cfg["BLOCK_M"], BLOCK_C=cfg["BLOCK_C"],
+        BLOCK_K=BKp, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    dw = reduce_partials(part)[0].view(cout, K, cin)[:, :, :cin0]
+    return dw.permute(0, 2, 1).reshape(cout, cin0, kh, kw)
+
+
+def lk_conv_grad_out(grad_y, y, add, grad_sum, grad_sumsq, relu, grad_add, need_gbias):
+    """SPEC.md's backward head: g = grad_y + grad_sum + 2·y·grad_sumsq (written to ``grad_add``
+    when not None), g_r = g past the ReLU. Returns (g_r as dense NHWC, grad_bias or None)."""
     N, C, H, W = y.shape
     M = N * H * W
+    g_r = torch.empty((N, H, W, C), dtype=y.dtype, device=y.device).permute(0, 3, 1, 2)
     if M == 0 or C == 0:
-        return
+        gb = torch.zeros((C,), dtype=torch.float32, device=y.device) if need_gbias else None
+        return g_r, gb
     BM, BC, warps = _eltwise_blocks(M, C)
+    n_m = triton.cdiv(M, BM)
+    c_p = triton.cdiv(C, BC) * BC
+    part = torch.empty((1, n_m, c_p) if need_gbias else (1,), dtype=torch.float32, device=y.device)
     a = add if add is not None else y
     ga = grad_add if grad_add is not None else g_r
-    grid = (triton.cdiv(M, BM), triton.cdiv(C, BC))
+    grid = (n_m, triton.cdiv(C, BC))
     _lk_conv_grad_out_kernel[grid](
-        grad_y, y, a, grad_sum if grad_sum is not None else g_r,
-        grad_sumsq if grad_sumsq is not None else g_r, g_r, ga,
-        grad_bias if grad_bias is not None else g_r,
-        M, C, H, W, *_strides4(grad_y), *_strides4(y), *_strides4(a), *_strides4(g_r),
-        *_strides4(ga),
+        grad_y, y, a, grad_sum if grad_sum is not None else part,
+        grad_sumsq if grad_sumsq is not None else part, g_r, ga, part,
+        M, C, c_p, H, W, *_strides4(grad_y), *_strides4(y), *_strides4(a), *_strides4(ga),
         HAS_GSUM=grad_sum is not None, HAS_GSQ=grad_sumsq is not None, RELU=bool(relu),
-        HAS_ADD=add is not None, NEED_GADD=grad_add is not None, NEED_GBIAS=grad_bias is not None,
+        HAS_ADD=add is not None, NEED_GADD=grad_add is not None, NEED_GBIAS=bool(need_gbias),
         FIX_OUT=fix_bf16(g_r.dtype), BLOCK_M=BM, BLOCK_C=BC, num_warps=warps,
     )
+    gb = reduce_partials(part)[0, :C].clone() if need_gbias else None
+    return g_r, gb
 
 
 # ---- launch plans for the offline kernel report (msff/kernel_report.py) -----------------------
 # compile_specs must describe exactly what the launchers above launch: it calls their config
-# functions (_fwd_blocks, _wgrad_cfg, _eltwise_blocks) and passes the same flags and strides.
-# Whoever changes a launcher or a kernel signature updates this section with it;
+# functions (fwd_config, wgrad_config, _eltwise_blocks, _reduce_plan) and passes the same flags
+# and strides. Whoever changes a launcher or a kernel signature updates this section with it;
 # tests/test_kernel_report.py checks that every spec compiles for sm_90a and sm_80.
 _TRITON_DEFAULT_STAGES = 3  # what a launch without num_stages gets (triton 3.8 CUDAOptions)
 
@@ -415,7 +620,7 @@ def _kernel_spec(kernel, name, role, values, constexprs, num_warps, num_stages, 
             v = values[p]
             if isinstance(v, SpecPointer):
                 signature[p] = "*" + {torch.bfloat16: "bf16", torch.float16: "fp16",
-                                      torch.float32: "fp32"}[v.dtype]
+                                      torch.float32: "fp32", torch.float64: "fp64"}[v.dtype]
             else:
                 signature[p] = "i64" if abs(int(v)) >= 2 ** 31 else "i32"
     return {
@@ -426,33 +631,76 @@ def _kernel_spec(kernel, name, role, values, constexprs, num_warps, num_stages, 
     }
 
 
-def _conv_fwd_spec(name, role, N, cin, cout, H, W, K, along_w, xdt, ydt, x_cl, y_cl, w_strides,
-                   prologue, bias, relu, add, stats, pro_bwd):
+def _reduce_specs(name, G, R, C):
+    specs = []
+    for lvl, (r, rpp, S, BR, BC, final) in enumerate(_reduce_plan(R, C)):
+        src = SpecPointer(torch.float32 if lvl == 0 else torch.float64)
+        dst = SpecPointer(torch.float32 if final else torch.float64)
+        vals = dict(in_ptr=src, out_ptr=dst, R=r, C=C, ROWS_PER_PROG=rpp, stride_ig=r * C,
+                    stride_og=S * C)
+        specs.append(_kernel_spec(_reduce_rows_kernel, f"{name} reduce L{lvl}", "reduction", vals,
+                                  dict(OUT_FP32=final, BLOCK_R=BR, BLOCK_C=BC), 4,
+                                  _TRITON_DEFAULT_STAGES, (triton.cdiv(C, BC), S, G)))
+        nbytes = G * C * (r * (4 if lvl == 0 else 8) + S * (4 if final else 8))
+        specs[-1]["traffic"] = dict(hbm_bytes=nbytes, tile_a_bytes=nbytes, tile_b_bytes=0,
+                                    tiling_note=f"{G}x{r}x{C} partials read once")
+    return specs
+
+
+def _prologue_spec(name, N, C, H, W, dt, x_cl):
     M = N * H * W
-    BM, BN, BK, warps, stages = _fwd_blocks(M, cin, cout)
+    cp = padded_channels(C)
+    BM, BC, warps = _eltwise_blocks(M, cp)
+    P = SpecPointer
+    vals = dict(x_ptr=P(dt), scale_ptr=P(torch.float32), shift_ptr=P(torch.float32), out_ptr=P(dt),
+                M=M, C=C, C_P=cp, H=H, W=W)
+    for dim, v in zip("nchw", spec_strides((N, C, H, W), x_cl), strict=True):
+        vals[f"stride_x{dim}"] = v
+    spec = _kernel_spec(_lk_conv_prologue_kernel, name, "pointwise", vals,
+                        dict(FIX_OUT=fix_bf16(dt), BLOCK_M=BM, BLOCK_C=BC), warps,
+                        _TRITON_DEFAULT_STAGES, (triton.cdiv(M, BM), triton.cdiv(cp, BC)))
+    nbytes = M * (C + cp) * (torch.finfo(dt).bits // 8)
+    spec["traffic"] = dict(hbm_bytes=nbytes, tile_a_bytes=nbytes, tile_b_bytes=0,
+                           tiling_note="x read once, relu(x*s+t) written once (NHWC)")
+    return spec
+
+
+def _conv_fwd_spec(name, role, N, cin, cout, H, W, K, along_w, dt, y_cl, bias, relu, add, stats,
+                   pro_bwd):
+    """The forward-kernel launch of :func:`lk_conv_fwd` (x dense NHWC after prologue/nhwc)."""
+    M = N * H * W
+    cin = padded_channels(cin)  # the launcher's operand buffer
+    cfg = fwd_config(M, cin, cout, pro_bwd=pro_bwd, interpret=False)
+    BM, BN, BK = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
     P = SpecPointer
     f32 = torch.float32
-    xs = spec_strides((N, cin, H, W), x_cl)
+    n_m = triton.cdiv(M, BM)
     ys = spec_strides((N, cout, H, W), y_cl)
-    vals = dict(
-        x_ptr=P(xdt), w_ptr=P(xdt), bias_ptr=P(f32) if bias else P(ydt),
-        scale_ptr=P(f32) if prologue else P(ydt), shift_ptr=P(f32) if prologue else P(ydt),
-        add_ptr=P(ydt), y_ptr=P(ydt), sum_ptr=P(f32) if stats else P(ydt),
-        sumsq_ptr=P(f32) if stats else P(ydt),
-        px_ptr=P(ydt), pscale_ptr=P(f32) if pro_bwd else P(ydt),
-        pshift_ptr=P(f32) if pro_bwd else P(ydt), gscale_ptr=P(f32) if pro_bwd else P(ydt),
-        gshift_ptr=P(f32) if pro_bwd else P(ydt),
-        M=M, CIN=cin, COUT=cout, H=H, W=W, K=K,
-        stride_wo=w_strides[0], stride_wi=w_strides[1], stride_wk=w_strides[2],
-    )
-    for pre, st in (("x", xs), ("a", ys), ("y", ys), ("p", ys)):
-        for dim, v in zip("nchw", st, strict=True):
+    vals = dict(x_ptr=P(dt), w_ptr=P(dt), bias_ptr=P(f32), add_ptr=P(dt), y_ptr=P(dt),
+                part_ptr=P(f32), px_ptr=P(dt), pscale_ptr=P(f32), pshift_ptr=P(f32),
+                M=M, H=H, W=W, COUT=cout, COUT_P=triton.cdiv(cout, BN) * BN,
+                TS=1 if along_w else W, NUM_M_TILES=n_m)
+    for pre in "ay":
+        for dim, v in zip("nchw", ys, strict=True):
             vals[f"stride_{pre}{dim}"] = v
-    cx = dict(ALONG_W=along_w, HAS_PROLOGUE=prologue, HAS_BIAS=bias, RELU=relu, HAS_ADD=add,
-              STATS=stats, PRO_BWD=pro_bwd, UPCAST=_upcast(xdt), DOT_PRECISION=_dot_precision(xdt),
-              FIX_IN=fix_bf16(xdt), FIX_OUT=fix_bf16(ydt), BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK)
-    grid = (triton.cdiv(M, BM), triton.cdiv(cout, BN))
-    return _kernel_spec(_lk_conv_fwd_kernel, name, role, vals, cx, warps, stages, grid)
+    cx = dict(CIN=cin, KT=K, ALONG_W=along_w, HAS_BIAS=bias, RELU=relu, HAS_ADD=add, STATS=stats,
+              PRO_BWD=pro_bwd, UPCAST=False, DOT_PRECISION=_dot_precision(dt),
+              FIX_OUT=False, BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK)
+    specs = [_kernel_spec(_lk_conv_fwd_kernel, name, role, vals, cx, cfg["num_warps"],
+                          cfg["num_stages"], (n_m, triton.cdiv(cout, BN)))]
+    # L2 -> SM traffic of this tiling: 16-byte cp.async is .cg (L1 bypassed, Triton's choice), so
+    # each program reads its shifted A rows once per tap and the whole packed weight slice.
+    e = torch.finfo(dt).bits // 8
+    progs = n_m * triton.cdiv(cout, BN)
+    cin_p = triton.cdiv(cin, BK) * BK
+    specs[0]["traffic"] = dict(
+        tile_a_bytes=progs * K * BM * cin_p * e, tile_b_bytes=progs * K * cin_p * BN * e,
+        tiling_note=f"x rows re-read once per tap ({K}x) from L2 by each of "
+                    f"{triton.cdiv(cout, BN)} n-tiles; packed weight {K * cin_p * BN * e / 1e3:.0f} kB "
+                    f"streamed by each of {n_m} m-tiles")
+    if stats or pro_bwd:
+        specs += _reduce_specs(name, 2, n_m, triton.cdiv(cout, BN) * BN)
+    return specs
 
 
 def compile_specs(problems):
@@ -469,18 +717,19 @@ def compile_specs(problems):
 
     Returns:
         list of dicts, one per kernel launch: ``name``, ``role`` (``conv_fwd`` / ``conv_dgrad``
-        main loops, ``conv_wgrad``, ``pointwise``), ``kernel`` (the ``triton.JITFunction``),
-        ``kernel_name``, ``signature`` (param -> Triton type or ``constexpr``; ints equal to 1
-        are specialized further by Triton at launch), ``constexprs``, ``args`` (every parameter's
-        launch value in order, tensors as :class:`SpecPointer`), ``options`` (num_warps,
-        num_stages), ``grid``, ``problem`` (the input dict).
+        main loops, ``conv_wgrad``, ``pointwise``, ``reduction``), ``kernel`` (the
+        ``triton.JITFunction``), ``kernel_name``, ``signature`` (param -> Triton type or
+        ``constexpr``; ints equal to 1 are specialized further by Triton at launch),
+        ``constexprs``, ``args`` (every parameter's launch value in order, tensors as
+        :class:`SpecPointer`), ``options`` (num_warps, num_stages), ``grid``, ``problem`` (the
+        input dict).
 
     Example:
         >>> specs = compile_specs([dict(N=2, cin=64, cout=64, H=64, W=64, K=15, along_w=True,
         ...     dtype=torch.bfloat16, channels_last=True, prologue=True, bias=False, relu=False,
         ...     add=False, stats=True, backward=True, sms=132)])  # doctest: +SKIP
-        >>> [s["role"] for s in specs]  # doctest: +SKIP
-        ['conv_fwd', 'pointwise', 'conv_dgrad', 'conv_wgrad']
+        >>> [s["role"] for s in specs][:3]  # doctest: +SKIP
+        ['pointwise', 'conv_fwd', 'reduction']
     """
     if triton_interpret():
         raise RuntimeError("compile_specs describes GPU launches; unset TRITON_INTERPRET "
@@ -495,50 +744,65 @@ def compile_specs(problems):
         flags = ",".join(f for f, on in (("pro", pro), ("bias", bias), ("relu", relu),
                                          ("add", add), ("stats", stats)) if on) or "plain"
         base = f"{tag}{'1xk' if along_w else 'kx1'} {cin}->{cout} k{K} [{flags}]"
-        # weight (Cout, Cin, 1, K) / (Cout, Cin, K, 1) contiguous: the tap stride is 1
-        w_st = (cin * K, K, 1)
-        specs = [_conv_fwd_spec(f"fwd {base}", "conv_fwd", N, cin, cout, H, W, K, along_w, dt, dt,
-                                cl, cl, w_st, pro, bias, relu, add, stats, False)]
+        M = N * H * W
+        specs = []
+        if pro:
+            specs.append(_prologue_spec(f"prologue {base}", N, cin, H, W, dt, cl))
+        specs += _conv_fwd_spec(f"fwd {base}", "conv_fwd", N, cin, cout, H, W, K, along_w, dt, cl,
+                                bias, relu, add, stats, False)
         if pb.get("backward", False):
-            M = N * H * W
             BM, BC, warps = _eltwise_blocks(M, cout)
             P = SpecPointer
             f32 = torch.float32
             ys = spec_strides((N, cout, H, W), cl)
+            n_m = triton.cdiv(M, BM)
             vals = dict(gy_ptr=P(dt), y_ptr=P(dt), add_ptr=P(dt),
-                        gsum_ptr=P(f32) if stats else P(dt), gsq_ptr=P(f32) if stats else P(dt),
-                        gr_ptr=P(dt), gadd_ptr=P(dt), gbias_ptr=P(f32) if bias else P(dt),
-                        M=M, C=cout, H=H, W=W)
-            for pre in "gyard":
+                        gsum_ptr=P(f32), gsq_ptr=P(f32), gr_ptr=P(dt), gadd_ptr=P(dt),
+                        part_ptr=P(f32), M=M, C=cout, C_P=triton.cdiv(cout, BC) * BC, H=H, W=W)
+            for pre in "gyad":
                 for dim, v in zip("nchw", ys, strict=True):
                     vals[f"stride_{pre}{dim}"] = v
             cx = dict(HAS_GSUM=stats, HAS_GSQ=stats, RELU=relu, HAS_ADD=add, NEED_GADD=add,
                       NEED_GBIAS=bias, FIX_OUT=fix_bf16(dt), BLOCK_M=BM, BLOCK_C=BC)
             specs.append(_kernel_spec(_lk_conv_grad_out_kernel, f"grad_out {base}", "pointwise",
                                       vals, cx, warps, _TRITON_DEFAULT_STAGES,
-                                      (triton.cdiv(M, BM), triton.cdiv(cout, BC))))
-            # backward-data: the forward kernel on g_r with the tap-flipped, transposed weight
-            # (flip copies; transpose(0, 1) swaps the first two strides)
-            specs.append(_conv_fwd_spec(
-                f"dgrad {base}", "conv_dgrad", N, cout, cin, H, W, K, along_w, dt, dt, cl, cl,
-                (K, cin * K, 1), False, False, False, False, False, pro))
-            BMw, BNw, BKw, warps_w, stages_w, split = _wgrad_cfg(M, cin, cout, K,
-                                                                 int(pb.get("sms", 132)))
-            m_per = triton.cdiv(triton.cdiv(M, split), BMw) * BMw
+                                      (n_m, triton.cdiv(cout, BC))))
+            if bias:
+                specs += _reduce_specs(f"grad_bias {base}", 1, n_m, triton.cdiv(cout, BC) * BC)
+            # backward-data: the forward kernel on g_r (dense NHWC) with the tap-flipped,
+            # transposed weight packed like any other, the prologue's backward in its epilogue
+            specs += _conv_fwd_spec(f"dgrad {base}", "conv_dgrad", N, cout, cin, H, W, K, along_w,
+                                    dt, cl, False, False, False, False, pro)
+            if pro:
+                specs.append(_prologue_spec(f"wgrad prologue {base}", N, cin, H, W, dt, cl))
+            cin = padded_channels(cin)  # the launcher's operand buffer
+            cfg = wgrad_config(M, cin, cout, K, int(pb.get("sms", 132)), interpret=False)
+            m_per = triton.cdiv(triton.cdiv(M, cfg["SPLIT"]), cfg["BLOCK_K"]) * cfg["BLOCK_K"]
             split = triton.cdiv(M, m_per)
-            xs = spec_strides((N, cin, H, W), cl)
-            vals = dict(g_ptr=P(dt), x_ptr=P(dt), scale_ptr=P(f32), shift_ptr=P(f32),
-                        dw_ptr=P(f32), M=M, CIN=cin, COUT=cout, H=H, W=W, K=K, M_PER_PROG=m_per)
-            for pre, st in (("g", ys), ("x", xs)):
-                for dim, v in zip("nchw", st, strict=True):
-                    vals[f"stride_{pre}{dim}"] = v
-            cx = dict(ALONG_W=along_w, HAS_PROLOGUE=pro, UPCAST=_upcast(dt),
-                      DOT_PRECISION=_dot_precision(dt), FIX_IN=fix_bf16(dt),
-                      BLOCK_M=BMw, BLOCK_N=BNw, BLOCK_K=BKw)
+            vals = dict(g_ptr=P(dt), x_ptr=P(dt), part_ptr=P(f32), M=M, H=H, W=W, COUT=cout,
+                        TS=1 if along_w else W, M_PER_SPLIT=m_per)
+            cx = dict(CIN=cin, KT=K, ALONG_W=along_w, TAPS=cfg["TAPS"],
+                      EVEN_CO=cout % cfg["BLOCK_M"] == 0, UPCAST=False,
+                      DOT_PRECISION=_dot_precision(dt), BLOCK_M=cfg["BLOCK_M"],
+                      BLOCK_C=cfg["BLOCK_C"], BLOCK_K=cfg["BLOCK_K"])
             specs.append(_kernel_spec(
-                _lk_conv_wgrad_kernel, f"wgrad {base}", "conv_wgrad", vals, cx, warps_w, stages_w,
-                (triton.cdiv(cout, BNw), triton.cdiv(cin, BKw), K * split),
-                notes=f"pixel reduction split {split} ways (fp32 atomics)"))
+                _lk_conv_wgrad_kernel, f"wgrad {base}", "conv_wgrad", vals, cx, cfg["num_warps"],
+                cfg["num_stages"],
+                (triton.cdiv(K, cfg["TAPS"]) * triton.cdiv(cin, cfg["BLOCK_C"]),
+                 triton.cdiv(cout, cfg["BLOCK_M"]), split),
+                notes=f"pixel split-K {split} ways, fp32 partials reduced in fp64"))
+            e = torch.finfo(dt).bits // 8
+            n_j = triton.cdiv(K, cfg["TAPS"]) * triton.cdiv(cin, cfg["BLOCK_C"])
+            n_co = triton.cdiv(cout, cfg["BLOCK_M"])
+            bn = cfg["TAPS"] * cfg["BLOCK_C"]
+            specs[-1]["traffic"] = dict(
+                tile_a_bytes=n_j * n_co * M * cfg["BLOCK_M"] * e,
+                tile_b_bytes=n_j * n_co * M * bn * e,
+                partial_bytes=2 * split * cout * K * cin * 4,
+                tiling_note=f"g read once per N tile ({n_j}x); x read {cfg['TAPS']}x (shifted "
+                            f"copies of one channel chunk) per N tile x {n_co} co-tiles; "
+                            f"{split} fp32 partials written and re-read by the fp64 reduction")
+            specs += _reduce_specs(f"wgrad {base}", 1, split, cout * K * cin)
         for s in specs:
             s["problem"] = dict(pb)
         out += specs

@@ -4,11 +4,16 @@ Tiles are (BLOCK_P pixels of one image) × (BLOCK_C channels); every tensor come
 strides, so NCHW, channels_last and non-contiguous views work. ``F`` (the branch sum after the
 pending BN + ReLU) is recomputed from the raw conv outputs in every pass, never stored.
 
-* ``_lkam_se_pool_kernel``: Σ_{h,w} F per (n, c), split over pixel chunks (fp32 atomics).
+* ``_lkam_se_pool_kernel``: Σ_{h,w} F per (n, c), split over pixel chunks; each program writes an
+  fp32 partial and ``msff.kernels.lk_conv.reduce_partials`` sums them in fp64 in a fixed order
+  (deterministic, no atomics — as every reduction below).
 * ``_lkam_se_fwd_kernel``: out = R + F · z[n, c] (R = residual, optionally BN-affine).
 * ``_lkam_se_bwd_reduce_kernel``: Σ grad_out·F per (n, c); Σ grad_out·residual, Σ grad_out per c.
-* ``_lkam_se_bwd_kernel``: grad of the branches (through BN+ReLU) and of the residual, with the
-  per-channel BN-affine gradients reduced by atomics.
+* ``_lkam_se_bwd_kernel``: grad of the branches (through BN+ReLU) and of the residual, with
+  per-program partials of the per-channel BN-affine gradients.
+
+With channels_last tensors Triton specializes the channel stride to 1, so the pointwise loads
+and stores are 16-byte vectors along C.
 """
 from __future__ import annotations
 
@@ -18,6 +23,7 @@ import triton.language as tl
 
 from msff.backend import triton_interpret
 from msff.kernels._common import fix_bf16, rtne_bf16
+from msff.kernels.lk_conv import reduce_partials
 
 __all__ = ["se_pool", "se_apply", "se_backward_reduce", "se_backward_apply"]
 
@@ -54,8 +60,8 @@ def _branch_sum(fa_ptr, fb_ptr, sa_ptr, ha_ptr, sb_ptr, hb_ptr, n, offs_p, offs_
 
 @triton.jit
 def _lkam_se_pool_kernel(
-    fa_ptr, fb_ptr, sa_ptr, ha_ptr, sb_ptr, hb_ptr, pool_ptr,
-    C, HW, W, P_PER_PROG,
+    fa_ptr, fb_ptr, sa_ptr, ha_ptr, sb_ptr, hb_ptr, part_ptr,
+    N, C, HW, W, P_PER_PROG,
     san, sac, sah, saw, sbn, sbc, sbh, sbw,
     HAS_B: tl.constexpr, AFF_A: tl.constexpr, AFF_B: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -71,7 +77,8 @@ def _lkam_se_pool_kernel(
         f = _branch_sum(fa_ptr, fb_ptr, sa_ptr, ha_ptr, sb_ptr, hb_ptr, n, offs_p, offs_c, mask,
                         mask_c, W, san, sac, sah, saw, sbn, sbc, sbh, sbw, HAS_B, AFF_A, AFF_B)
         acc += tl.sum(f, axis=0)
-    tl.atomic_add(pool_ptr + n * C + offs_c, acc, mask=mask_c)
+    # part[split, n, c]
+    tl.store(part_ptr + (tl.program_id(2) * N + n).to(tl.int64) * C + offs_c, acc, mask=mask_c)
 
 
 @triton.jit
@@ -104,8 +111,8 @@ def _lkam_se_fwd_kernel(
 
 @triton.jit
 def _lkam_se_bwd_reduce_kernel(
-    go_ptr, fa_ptr, fb_ptr, sa_ptr, ha_ptr, sb_ptr, hb_ptr, r_ptr, gz_ptr, grs_ptr, grh_ptr,
-    C, HW, W, P_PER_PROG,
+    go_ptr, fa_ptr, fb_ptr, sa_ptr, ha_ptr, sb_ptr, hb_ptr, r_ptr, part_ptr,
+    N, C, HW, W, P_PER_PROG,
     sgn, sgc, sgh, sgw, san, sac, sah, saw, sbn, sbc, sbh, sbw, srn, src, srh, srw,
     HAS_B: tl.constexpr, AFF_A: tl.constexpr, AFF_B: tl.constexpr, AFF_R: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -130,22 +137,26 @@ def _lkam_se_bwd_reduce_kernel(
                         other=0.0).to(tl.float32)
             acc_rs += tl.sum(go * r, axis=0)
             acc_rh += tl.sum(go, axis=0)
-    tl.atomic_add(gz_ptr + n * C + offs_c, acc_z, mask=mask_c)
+    # part[g, split, n, c] for g = Σgo·F, Σgo·residual, Σgo
+    row = part_ptr + (tl.program_id(2) * N + n).to(tl.int64) * C + offs_c
+    tl.store(row, acc_z, mask=mask_c)
     if AFF_R:
-        tl.atomic_add(grs_ptr + offs_c, acc_rs, mask=mask_c)
-        tl.atomic_add(grh_ptr + offs_c, acc_rh, mask=mask_c)
+        plane = tl.num_programs(2).to(tl.int64) * N * C
+        tl.store(row + plane, acc_rs, mask=mask_c)
+        tl.store(row + 2 * plane, acc_rh, mask=mask_c)
 
 
 @triton.jit
 def _branch_grad(gf, t_ptr, off, mask, s_ptr, h_ptr, gs_ptr, gh_ptr, gt_ptr, goff, offs_c, mask_c,
                  AFF: tl.constexpr, FIX_OUT: tl.constexpr):
+    # gs_ptr / gh_ptr point at this program's row of the partial planes
     if AFF:
         t = tl.load(t_ptr + off, mask=mask, other=0.0).to(tl.float32)
         s = tl.load(s_ptr + offs_c, mask=mask_c, other=0.0)
         h = tl.load(h_ptr + offs_c, mask=mask_c, other=0.0)
         gm = tl.where(mask & ((t * s[None, :] + h[None, :]) > 0), gf, 0.0)
-        tl.atomic_add(gs_ptr + offs_c, tl.sum(gm * t, axis=0), mask=mask_c)
-        tl.atomic_add(gh_ptr + offs_c, tl.sum(gm, axis=0), mask=mask_c)
+        tl.store(gs_ptr + offs_c, tl.sum(gm * t, axis=0), mask=mask_c)
+        tl.store(gh_ptr + offs_c, tl.sum(gm, axis=0), mask=mask_c)
         g = gm * s[None, :]
     else:
         g = gf
@@ -155,7 +166,7 @@ def _branch_grad(gf, t_ptr, off, mask, s_ptr, h_ptr, gs_ptr, gh_ptr, gt_ptr, gof
 @triton.jit
 def _lkam_se_bwd_kernel(
     go_ptr, fa_ptr, fb_ptr, sa_ptr, ha_ptr, sb_ptr, hb_ptr, z_ptr, gp_ptr, rs_ptr,
-    gfa_ptr, gfb_ptr, gsa_ptr, gha_ptr, gsb_ptr, ghb_ptr, gr_ptr,
+    gfa_ptr, gfb_ptr, part_ptr, gr_ptr,
     C, HW, W, P_BLOCKS,
     sgn, sgc, sgh, sgw, san, sac, sah, saw, sbn, sbc, sbh, sbw,
     s1n, s1c, s1h, s1w, s2n, s2c, s2h, s2w, s3n, s3c, s3h, s3w,
@@ -173,12 +184,15 @@ def _lkam_se_bwd_kernel(
     z = tl.load(z_ptr + n * C + offs_c, mask=mask_c, other=0.0)
     gp = tl.load(gp_ptr + n * C + offs_c, mask=mask_c, other=0.0)
     gf = go * z[None, :] + gp[None, :]
+    # partial planes [4, programs, C]: Σ for scale_a, shift_a, scale_b, shift_b
+    plane = tl.num_programs(0).to(tl.int64) * C
+    prow = part_ptr + pid.to(tl.int64) * C
     _branch_grad(gf, fa_ptr, _tile(n, offs_p, offs_c, W, san, sac, sah, saw), mask, sa_ptr, ha_ptr,
-                 gsa_ptr, gha_ptr, gfa_ptr, _tile(n, offs_p, offs_c, W, s1n, s1c, s1h, s1w),
+                 prow, prow + plane, gfa_ptr, _tile(n, offs_p, offs_c, W, s1n, s1c, s1h, s1w),
                  offs_c, mask_c, AFF_A, FIX_OUT)
     if HAS_B:
         _branch_grad(gf, fb_ptr, _tile(n, offs_p, offs_c, W, sbn, sbc, sbh, sbw), mask, sb_ptr,
-                     hb_ptr, gsb_ptr, ghb_ptr, gfb_ptr,
+                     hb_ptr, prow + 2 * plane, prow + 3 * plane, gfb_ptr,
                      _tile(n, offs_p, offs_c, W, s2n, s2c, s2h, s2w), offs_c, mask_c, AFF_B, FIX_OUT)
     if NEED_R:
         gr = go
@@ -200,6 +214,12 @@ def _blocks(HW: int, C: int):
     return 64, min(64, max(16, _next_pow2(C))), 4
 
 
+def _sms(device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 132
+
+
 def _split(N, C, HW, BP, BC, device):
     if triton_interpret():
         return HW
@@ -218,23 +238,24 @@ def _opt(t, dummy):
 
 
 def se_pool(fa, fb, sa, ha, sb, hb):
-    """Σ_{h,w} F as (N, C) fp32."""
+    """Σ_{h,w} F as (N, C) fp32 (deterministic)."""
     N, C, H, W = fa.shape
     HW = H * W
-    pool = torch.zeros((N, C), dtype=torch.float32, device=fa.device)
     if HW == 0 or N == 0 or C == 0:
-        return pool
+        return torch.zeros((N, C), dtype=torch.float32, device=fa.device)
     BP, BC, warps = _blocks(HW, C)
-    per = _split(N, C, HW, BP, BC, fa.device)
+    per = _split(N, C, HW, BP, BC, _sms(fa.device))
+    S = triton.cdiv(HW, per)
+    part = torch.empty((1, S, N * C), dtype=torch.float32, device=fa.device)
     fbt = _opt(fb, fa)
-    grid = (N, triton.cdiv(C, BC), triton.cdiv(HW, per))
+    grid = (N, triton.cdiv(C, BC), S)
     _lkam_se_pool_kernel[grid](
-        fa, fbt, _opt(sa, pool), _opt(ha, pool), _opt(sb, pool), _opt(hb, pool), pool,
-        C, HW, W, per, *_s(fa), *_s(fbt),
+        fa, fbt, _opt(sa, part), _opt(ha, part), _opt(sb, part), _opt(hb, part), part,
+        N, C, HW, W, per, *_s(fa), *_s(fbt),
         HAS_B=fb is not None, AFF_A=sa is not None, AFF_B=sb is not None,
         BLOCK_P=BP, BLOCK_C=BC, num_warps=warps,
     )
-    return pool
+    return reduce_partials(part).view(N, C)
 
 
 def se_apply(fa, fb, sa, ha, sb, hb, z, residual, rs, rh, out):
@@ -258,47 +279,66 @@ def se_apply(fa, fb, sa, ha, sb, hb, z, residual, rs, rh, out):
 
 
 def se_backward_reduce(go, fa, fb, sa, ha, sb, hb, residual, aff_r):
-    """(Σ_hw go·F (N, C), Σ go·residual (C,), Σ go (C,)) in fp32 (the last two only if aff_r)."""
+    """(Σ_hw go·F (N, C), Σ go·residual (C,), Σ go (C,)) in fp32 (the last two only if aff_r),
+    deterministic."""
     N, C, H, W = fa.shape
     HW = H * W
-    gz = torch.zeros((N, C), dtype=torch.float32, device=fa.device)
-    grs = torch.zeros((C,), dtype=torch.float32, device=fa.device)
-    grh = torch.zeros((C,), dtype=torch.float32, device=fa.device)
+    dev = fa.device
     if HW == 0 or N == 0 or C == 0:
-        return gz, grs, grh
+        return (torch.zeros((N, C), dtype=torch.float32, device=dev),
+                torch.zeros((C,), dtype=torch.float32, device=dev),
+                torch.zeros((C,), dtype=torch.float32, device=dev))
     BP, BC, warps = _blocks(HW, C)
-    per = _split(N, C, HW, BP, BC, fa.device)
+    per = _split(N, C, HW, BP, BC, _sms(dev))
+    S = triton.cdiv(HW, per)
+    part = torch.empty((3 if aff_r else 1, S, N, C), dtype=torch.float32, device=dev)
     fbt = _opt(fb, fa)
-    grid = (N, triton.cdiv(C, BC), triton.cdiv(HW, per))
+    grid = (N, triton.cdiv(C, BC), S)
     _lkam_se_bwd_reduce_kernel[grid](
-        go, fa, fbt, _opt(sa, gz), _opt(ha, gz), _opt(sb, gz), _opt(hb, gz), residual, gz, grs, grh,
-        C, HW, W, per, *_s(go), *_s(fa), *_s(fbt), *_s(residual),
+        go, fa, fbt, _opt(sa, part), _opt(ha, part), _opt(sb, part), _opt(hb, part), residual,
+        part, N, C, HW, W, per, *_s(go), *_s(fa), *_s(fbt), *_s(residual),
         HAS_B=fb is not None, AFF_A=sa is not None, AFF_B=sb is not None, AFF_R=bool(aff_r),
         BLOCK_P=BP, BLOCK_C=BC, num_warps=warps,
     )
-    return gz, grs, grh
+    gz = reduce_partials(part[:1].view(1, S, N * C)).view(N, C)
+    if not aff_r:
+        z = torch.zeros((C,), dtype=torch.float32, device=dev)
+        return gz, z, z.clone()
+    r = reduce_partials(part[1:].view(2, S * N, C))
+    return gz, r[0].clone(), r[1].clone()
 
 
 def se_backward_apply(go, fa, fb, sa, ha, sb, hb, z, gp, rs, gfa, gfb, gsa, gha, gsb, ghb, gr):
-    """Branch and residual gradients (into preallocated gfa/gfb/gr; gs*/gh* zeroed fp32)."""
+    """Branch and residual gradients (into preallocated gfa/gfb/gr, and the (C,) fp32 vectors
+    gs*/gh* when not None; their sums are deterministic)."""
     N, C, H, W = fa.shape
     HW = H * W
     if fa.numel() == 0:
+        for v in (gsa, gha, gsb, ghb):
+            if v is not None:
+                v.zero_()
         return
     BP, BC, warps = _blocks(HW, C)
     pb = triton.cdiv(HW, BP)
     fbt = _opt(fb, fa)
     gfbt = _opt(gfb, gfa)
     grt = _opt(gr, gfa)
+    need = sa is not None or sb is not None
+    part = torch.empty((4, N * pb, C) if need else (1,), dtype=torch.float32, device=fa.device)
     grid = (N * pb, triton.cdiv(C, BC))
     _lkam_se_bwd_kernel[grid](
         go, fa, fbt, _opt(sa, z), _opt(ha, z), _opt(sb, z), _opt(hb, z), z, gp, _opt(rs, z),
-        gfa, gfbt, _opt(gsa, z), _opt(gha, z), _opt(gsb, z), _opt(ghb, z), grt,
+        gfa, gfbt, part, grt,
         C, HW, W, pb,
         *_s(go), *_s(fa), *_s(fbt), *_s(gfa), *_s(gfbt), *_s(grt),
         HAS_B=fb is not None, AFF_A=sa is not None, AFF_B=sb is not None, AFF_R=rs is not None,
         NEED_R=gr is not None, FIX_OUT=fix_bf16(gfa.dtype), BLOCK_P=BP, BLOCK_C=BC, num_warps=warps,
     )
+    if need:
+        sums = reduce_partials(part)
+        for i, v in enumerate((gsa, gha, gsb, ghb)):
+            if v is not None:
+                v.copy_(sums[i])
 
 
 # ---- launch plans for the offline kernel report (msff/kernel_report.py) -----------------------
@@ -319,7 +359,13 @@ def compile_specs(problems):
         list of spec dicts as :func:`msff.kernels.lk_conv.compile_specs` returns them; roles are
         ``reduction`` (pool / backward reduce) and ``pointwise`` (apply / backward apply).
     """
-    from msff.kernels.lk_conv import _TRITON_DEFAULT_STAGES, SpecPointer, _kernel_spec, spec_strides
+    from msff.kernels.lk_conv import (
+        _TRITON_DEFAULT_STAGES,
+        SpecPointer,
+        _kernel_spec,
+        _reduce_specs,
+        spec_strides,
+    )
 
     if triton_interpret():
         raise RuntimeError("compile_specs describes GPU launches; unset TRITON_INTERPRET "
@@ -347,12 +393,13 @@ def compile_specs(problems):
         specs = []
         # absent per-channel vectors are fp32 dummies (pool / z / gz) in the launchers too
         vals = dict(fa_ptr=P(dt), fb_ptr=P(dt), sa_ptr=P(f32), ha_ptr=P(f32), sb_ptr=P(f32),
-                    hb_ptr=P(f32), pool_ptr=P(f32), C=C, HW=HW, W=W, P_PER_PROG=per,
+                    hb_ptr=P(f32), part_ptr=P(f32), N=N, C=C, HW=HW, W=W, P_PER_PROG=per,
                     **strides("sa", "sb"))
         cx = dict(HAS_B=has_b, AFF_A=aff_a, AFF_B=aff_b, BLOCK_P=BP, BLOCK_C=BC)
         specs.append(_kernel_spec(_lkam_se_pool_kernel, f"se_pool {base}", "reduction", vals, cx,
                                   warps, _TRITON_DEFAULT_STAGES,
                                   (N, triton.cdiv(C, BC), triton.cdiv(HW, per))))
+        specs += _reduce_specs(f"se_pool {base}", 1, triton.cdiv(HW, per), N * C)
         vals = dict(fa_ptr=P(dt), fb_ptr=P(dt), sa_ptr=P(f32), ha_ptr=P(f32), sb_ptr=P(f32),
                     hb_ptr=P(f32), z_ptr=P(f32), r_ptr=P(dt), rs_ptr=P(f32), rh_ptr=P(f32),
                     out_ptr=P(dt), C=C, HW=HW, W=W, P_BLOCKS=pbk,
@@ -363,23 +410,28 @@ def compile_specs(problems):
                                   warps, _TRITON_DEFAULT_STAGES, (N * pbk, triton.cdiv(C, BC))))
         if pb.get("backward", False):
             vals = dict(go_ptr=P(dt), fa_ptr=P(dt), fb_ptr=P(dt), sa_ptr=P(f32), ha_ptr=P(f32),
-                        sb_ptr=P(f32), hb_ptr=P(f32), r_ptr=P(dt), gz_ptr=P(f32), grs_ptr=P(f32),
-                        grh_ptr=P(f32), C=C, HW=HW, W=W, P_PER_PROG=per,
+                        sb_ptr=P(f32), hb_ptr=P(f32), r_ptr=P(dt), part_ptr=P(f32),
+                        N=N, C=C, HW=HW, W=W, P_PER_PROG=per,
                         **strides("sg", "sa", "sb", "sr"))
             cx = dict(HAS_B=has_b, AFF_A=aff_a, AFF_B=aff_b, AFF_R=aff_r, BLOCK_P=BP, BLOCK_C=BC)
             specs.append(_kernel_spec(_lkam_se_bwd_reduce_kernel, f"se_bwd_reduce {base}",
                                       "reduction", vals, cx, warps, _TRITON_DEFAULT_STAGES,
                                       (N, triton.cdiv(C, BC), triton.cdiv(HW, per))))
+            S = triton.cdiv(HW, per)
+            specs += _reduce_specs(f"se_bwd_reduce gz {base}", 1, S, N * C)
+            if aff_r:
+                specs += _reduce_specs(f"se_bwd_reduce res {base}", 2, S * N, C)
             vals = dict(go_ptr=P(dt), fa_ptr=P(dt), fb_ptr=P(dt), sa_ptr=P(f32), ha_ptr=P(f32),
                         sb_ptr=P(f32), hb_ptr=P(f32), z_ptr=P(f32), gp_ptr=P(f32), rs_ptr=P(f32),
-                        gfa_ptr=P(dt), gfb_ptr=P(dt), gsa_ptr=P(f32), gha_ptr=P(f32),
-                        gsb_ptr=P(f32), ghb_ptr=P(f32), gr_ptr=P(dt), C=C, HW=HW, W=W,
+                        gfa_ptr=P(dt), gfb_ptr=P(dt), part_ptr=P(f32), gr_ptr=P(dt), C=C, HW=HW, W=W,
                         P_BLOCKS=pbk, **strides("sg", "sa", "sb", "s1", "s2", "s3"))
             cx = dict(HAS_B=has_b, AFF_A=aff_a, AFF_B=aff_b, AFF_R=aff_r, NEED_R=True,
                       FIX_OUT=fix_bf16(dt), BLOCK_P=BP, BLOCK_C=BC)
             specs.append(_kernel_spec(_lkam_se_bwd_kernel, f"se_bwd_apply {base}", "pointwise",
                                       vals, cx, warps, _TRITON_DEFAULT_STAGES,
                                       (N * pbk, triton.cdiv(C, BC))))
+            if aff_a or aff_b:
+                specs += _reduce_specs(f"se_bwd_apply {base}", 4, N * pbk, C)
         for s in specs:
             s["problem"] = dict(pb)
         out += specs

@@ -356,13 +356,29 @@ def roofline(spec) -> dict:
             hbm += M * cout * e
         if cx.get("PRO_BWD"):
             hbm += M * cout * e  # re-reads the producer's input
-        gm, gn = spec["grid"]
+        if "traffic" in spec:  # the launcher's compile_specs knows its own tiling (issue 11)
+            out.update(flops=flops, hbm_bytes=hbm, **spec["traffic"])
+            gm = gn = 0
+        else:
+            gm, gn = spec["grid"]
         BM, BN = cx["BLOCK_M"], cx["BLOCK_N"]
         a_bytes = gm * gn * K * BM * cin * e  # every program streams its rows once per tap
         b_bytes = gm * gn * K * cin * BN * e  # and the weight slice of its n-tile, once per tile
-        out.update(flops=flops, hbm_bytes=hbm, tile_a_bytes=a_bytes, tile_b_bytes=b_bytes,
-                   tiling_note=f"x re-read {K}x per tap x {gn} n-tiles; weight "
-                               f"{cout * cin * K * e / 1e3:.0f} kB streamed by each of {gm} m-tiles")
+        if "traffic" not in spec:
+            out.update(flops=flops, hbm_bytes=hbm, tile_a_bytes=a_bytes, tile_b_bytes=b_bytes,
+                       tiling_note=f"x re-read {K}x per tap x {gn} n-tiles; weight "
+                                   f"{cout * cin * K * e / 1e3:.0f} kB streamed by each of {gm} "
+                                   "m-tiles")
+    elif name == "_lk_conv_wgrad_kernel":
+        N, H, W, K = p["N"], p["H"], p["W"], p["K"]
+        M = N * H * W
+        cin, cout = p["cin"], p["cout"]
+        flops = 2 * M * cin * cout * K
+        hbm = M * cin * e + M * cout * e + cout * cin * K * 4
+        if "traffic" in spec:  # the launcher's compile_specs knows its own tiling (issue 11)
+            out.update(flops=flops, hbm_bytes=hbm, **spec["traffic"])
+    if name == "_lk_conv_fwd_kernel" or (name == "_lk_conv_wgrad_kernel" and "traffic" in spec):
+        pass
     elif name == "_lk_conv_wgrad_kernel":
         N, H, W, K = p["N"], p["H"], p["W"], p["K"]
         M = N * H * W
@@ -401,6 +417,7 @@ def roofline(spec) -> dict:
         hbm = (n_in + n_out) * M * C * e
         out.update(flops=flops, hbm_bytes=hbm, tile_a_bytes=hbm, tile_b_bytes=0,
                    tiling_note=f"{n_in} tensors read, {n_out} written once")
+        out.update(spec.get("traffic", {}))  # reductions / passes that state their own bytes
     peak = PEAK_FLOPS[spec["dtype"]]
     t_math = out["flops"] / peak
     t_mem = out["hbm_bytes"] / HBM_BW

@@ -287,13 +287,14 @@ def _lk_conv_triton(x, weight, bias, in_scale, in_shift, add, relu, stats):
     bias, in_scale, in_shift = _vec(bias), _vec(in_scale), _vec(in_shift)
     shape = (x.shape[0], weight.shape[0], x.shape[2], x.shape[3])
     y = empty_like_layout(x, shape, x.dtype)
+    s, q = empty_grad(x.device), empty_grad(x.device)
     if stats:
         s = torch.zeros(weight.shape[0], dtype=torch.float32, device=x.device)
         q = torch.zeros(weight.shape[0], dtype=torch.float32, device=x.device)
-    else:
-        s, q = empty_grad(x.device), empty_grad(x.device)
     if y.numel():
-        lk_conv_fwd(x, weight, bias, in_scale, in_shift, add, relu, stats, y, s, q)
+        sums = lk_conv_fwd(x, weight, bias, in_scale, in_shift, add, relu, stats, y)
+        if stats:
+            s, q = sums
     return y, s, q
 
 
@@ -308,10 +309,9 @@ def _lk_conv_backward_triton(grad_y, grad_sum, grad_sumsq, x, weight, y, bias, i
     bias, in_scale, in_shift = _vec(bias), _vec(in_scale), _vec(in_shift)
     need_gadd = bool(output_mask[5]) and add is not None
     need_gbias = bool(output_mask[2]) and bias is not None
-    g_r = empty_like_layout(y)
     g_add = empty_like_layout(add) if need_gadd else None
-    g_bias = torch.zeros_like(bias) if need_gbias else None
-    lk_conv_grad_out(grad_y, y, add, gs, gq, relu, g_r, g_add, g_bias)
+    # g_r comes back as a dense channels_last buffer: the operand of both backward GEMMs
+    g_r, g_bias = lk_conv_grad_out(grad_y, y, add, gs, gq, relu, g_add, need_gbias)
     if need_gadd:
         outs[5] = g_add
     if need_gbias:
@@ -323,18 +323,18 @@ def _lk_conv_backward_triton(grad_y, grad_sum, grad_sumsq, x, weight, y, bias, i
         kh = weight.shape[2]
         w_t = weight.flip(3 if kh == 1 else 2).transpose(0, 1)
         gx = empty_like_layout(x)
-        pro = None
-        if has_pro:
-            gs = torch.zeros_like(in_scale)
-            gt = torch.zeros_like(in_shift)
-            pro = (x, in_scale, in_shift, gs, gt)
+        pro = (x, in_scale, in_shift) if has_pro else None
+        gsc = torch.zeros_like(in_scale) if has_pro else None
+        gsh = torch.zeros_like(in_shift) if has_pro else None
         if gx.numel():
-            lk_conv_fwd(g_r, w_t, None, None, None, None, False, False, gx, gx, gx, pro_bwd=pro)
+            sums = lk_conv_fwd(g_r, w_t, None, None, None, None, False, False, gx, pro_bwd=pro)
+            if has_pro:
+                gsc, gsh = sums
         if output_mask[0]:
             outs[0] = gx
         if has_pro:
-            outs[3] = gs if output_mask[3] else outs[3]
-            outs[4] = gt if output_mask[4] else outs[4]
+            outs[3] = gsc if output_mask[3] else outs[3]
+            outs[4] = gsh if output_mask[4] else outs[4]
     if output_mask[1]:
         if x.numel():
             gw = lk_conv_wgrad(g_r, x, in_scale, in_shift, (weight.shape[2], weight.shape[3]))

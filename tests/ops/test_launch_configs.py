@@ -1,11 +1,12 @@
-"""The GPU launch configurations, exercised in the interpreter.
+"""Every GPU launch configuration, exercised in the interpreter.
 
 Under TRITON_INTERPRET the launchers pick few, large programs (the interpreter's cost grows with
-the program count), so the GPU paths — several pixel blocks per image, several channel blocks,
-the split pixel reductions of the weight gradient and the SE pool (fp32 atomics across programs)
-— would go unverified without a GPU. These tests force small/split configurations and the GPU
-default configurations and compare the whole LKAM block with the reference (tolerance rule of
-``ops_testing.py``).
+the program count), so the configurations a GPU would run — the paper-shape conv tiles (the
+8-warp ones included: inductor's flattened-tap conv template is known to miscompile at
+num_warps >= 8, pytorch#173068), several pixel / channel blocks, the split-K weight gradient and
+the split SE reductions with their second-stage reduction kernels — would go unverified without a
+GPU. These tests force those configurations on small problems with the same channel counts and
+compare with the reference (tolerance rule of ``ops_testing.py``).
 """
 from __future__ import annotations
 
@@ -18,16 +19,35 @@ from ops_testing import DEVICE, assert_close, disable_tf32, make_layout, randomi
 import msff.kernels.lk_conv as klc
 import msff.kernels.lkam_se as kse
 from msff.models import LKAMBlock
+from msff.ops.lk_conv import lk_conv
 from msff.ops.lkam import lkam_block
 
-CONFIGS = {
-    # many small programs; weight-gradient reduction split 5 ways; SE reductions split in 32-pixel chunks
-    "split": dict(fwd=(32, 16, 16, 4, 1), wgrad=(16, 16, 16, 4, 1, 3), se=(16, 16, 4), se_split=16,
-                  shape=(18, 20, 3, 2, 5, 7)),
-    # the GPU defaults (num_stages is ignored by the interpreter)
-    "gpu-default": dict(fwd=(128, 64, 32, 4, 3), wgrad=(64, 64, 64, 4, 3, 3), se=(64, 64, 4),
-                        se_split=64, shape=(20, 36, 7, 2, 11, 13)),
-}
+#: the paper's problems (N, C, H, W); every config the launchers choose for them is tested below
+PAPER = {"E1": (32, 64, 512, 512), "E2": (32, 128, 256, 256)}
+
+
+_FWD_CONFIG, _WGRAD_CONFIG = klc.fwd_config, klc.wgrad_config  # before any monkeypatching
+
+
+def _gpu_fwd(M, cin, cout, pro_bwd=False):
+    return _FWD_CONFIG(M, cin, cout, pro_bwd=pro_bwd, interpret=False)
+
+
+def _gpu_wgrad(M, cin, cout, K, split):
+    cfg = _WGRAD_CONFIG(M, cin, cout, K, 132, interpret=False)
+    return dict(cfg, SPLIT=split)
+
+
+def paper_conv_configs():
+    """{(kind, C): config} of every conv launch at the paper's shapes (k = 15)."""
+    out = {}
+    for n, c, h, w in PAPER.values():
+        M = n * h * w
+        out[("fwd", c)] = _gpu_fwd(M, c, c)
+        out[("dgrad", c)] = _gpu_fwd(M, c, c, pro_bwd=True)
+        cfg = _WGRAD_CONFIG(M, c, c, 15, 132, interpret=False)
+        out[("wgrad", c)] = {k: v for k, v in cfg.items() if k != "SPLIT"}
+    return out
 
 
 @pytest.fixture(autouse=True)
@@ -35,14 +55,75 @@ def _ieee_fp32():
     disable_tf32()
 
 
-@pytest.mark.parametrize("cfg", list(CONFIGS))
+def test_paper_configs_include_8_warps_and_wide_k():
+    cfgs = paper_conv_configs()
+    assert any(c["num_warps"] == 8 for c in cfgs.values())
+    for (kind, _), c in cfgs.items():
+        if kind != "wgrad":
+            assert c["BLOCK_K"] >= 64
+
+
+@pytest.fixture
+def force_gpu_configs(monkeypatch):
+    """The launchers choose the GPU configs (with a 3-way weight-gradient split and small
+    reduction chunks, so the two-level deterministic reduction runs too)."""
+    monkeypatch.setattr(klc, "fwd_config", lambda M, cin, cout, pro_bwd=False, interpret=None:
+                        _gpu_fwd(M, cin, cout, pro_bwd))
+    monkeypatch.setattr(klc, "wgrad_config", lambda M, cin, cout, K, sms=132, interpret=None:
+                        _gpu_wgrad(M, cin, cout, K, 3))
+    monkeypatch.setattr(klc, "_reduce_cfg", lambda R: (16, 16))
+
+
+@pytest.mark.parametrize("C", sorted({c for _, c, _, _ in PAPER.values()}))
+@pytest.mark.parametrize("along", ["w", "h"])
+@pytest.mark.parametrize("features", ["pro_stats", "bias_relu_add"])
+def test_lk_conv_paper_configs(force_gpu_configs, C, along, features):
+    # paper channel counts (so BLOCK_K / BLOCK_N / TAPS are the paper's), few pixels; H, W odd;
+    # at least two M tiles (BLOCK_M is 256 at C=64, 128 at C=128), the last one partial
+    N, H, W, k = (2 if C <= 64 else 1), 5, 27, 15
+    assert N * H * W > _gpu_fwd(N * H * W, C, C)["BLOCK_M"]
+    g = dict(device=DEVICE, dtype=torch.float32)
+    x = make_layout(torch.randn(N, C, H, W, **g), "channels_last").requires_grad_()
+    wshape = (C, C, 1, k) if along == "w" else (C, C, k, 1)
+    w = (torch.randn(wshape, **g) / (C * k) ** 0.5).requires_grad_()
+    kw = {}
+    if features == "pro_stats":
+        kw = dict(in_scale=(torch.rand(C, **g) + 0.5).requires_grad_(),
+                  in_shift=torch.randn(C, **g).requires_grad_(), stats=True)
+    else:
+        kw = dict(bias=torch.randn(C, **g).requires_grad_(), relu=True,
+                  add=make_layout(torch.randn(N, C, H, W, **g), "channels_last").requires_grad_())
+    inputs = [x, w] + [v for v in kw.values() if torch.is_tensor(v)]
+    res = {}
+    for backend in ("triton", "reference"):
+        y, s, q = lk_conv(x, w, backend=backend, **kw)
+        gen = torch.Generator().manual_seed(1)
+        loss = (y * torch.randn(y.shape, generator=gen).to(y)).sum()
+        if kw.get("stats"):
+            loss = loss + (s * torch.randn(s.shape, generator=gen)).sum() + 0.1 * q.sum()
+        res[backend] = (y, s, q, torch.autograd.grad(loss, inputs))
+    (y, s, q, gr), (yr, sr, qr, grr) = res["triton"], res["reference"]
+    assert_close(y, yr, "y")
+    assert_close(s, sr, "ch_sum")
+    assert_close(q, qr, "ch_sumsq")
+    for i, (a, b) in enumerate(zip(gr, grr, strict=True)):
+        assert_close(a, b, f"grad {i}")
+
+
+SE_CONFIGS = {
+    # many small programs; SE reductions split in 16-pixel chunks
+    "split": dict(se=(16, 16, 4), se_split=16, shape=(18, 20, 3, 2, 5, 7)),
+    # the GPU defaults
+    "gpu-default": dict(se=(64, 64, 4), se_split=64, shape=(20, 36, 7, 2, 11, 13)),
+}
+
+
+@pytest.mark.parametrize("cfg", list(SE_CONFIGS))
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
-def test_block_with_forced_launch_config(monkeypatch, cfg, train):
-    c = CONFIGS[cfg]
-    monkeypatch.setattr(klc, "_fwd_blocks", lambda M, cin, cout: c["fwd"])
-    monkeypatch.setattr(klc, "_wgrad_cfg", lambda M, cin, cout, K, dev: c["wgrad"])
+def test_block_with_forced_launch_config(monkeypatch, force_gpu_configs, cfg, train):
+    c = SE_CONFIGS[cfg]
     monkeypatch.setattr(kse, "_blocks", lambda HW, C: c["se"])
-    monkeypatch.setattr(kse, "_split", lambda N, C, HW, BP, BC, dev: c["se_split"])
+    monkeypatch.setattr(kse, "_split", lambda *a: c["se_split"])
     cin, cout, k, N, H, W = c["shape"]
     blk = randomize_bn(LKAMBlock(cin, cout, kernel_size=k, reduction=8)).to(DEVICE).train(train)
     fused, ref = copy.deepcopy(blk), copy.deepcopy(blk)
