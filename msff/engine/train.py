@@ -492,7 +492,7 @@ class _RunFolder:
     def _settle(self) -> None:
         # We hold the lock: whoever left these is gone.
         for aside in self._asides():
-            if (self.dir / "checkpoints" / STATE_NAME).is_file() or (self.dir / "best").is_dir():
+            if self._produced():
                 shutil.rmtree(aside, ignore_errors=True)  # its replacement had produced a checkpoint
             else:
                 if self.dir.exists():
@@ -502,8 +502,12 @@ class _RunFolder:
         for folder, names in ((self.dir, self.ARTEFACTS), (self.dir / "checkpoints", (STATE_NAME,))):
             for name in names:
                 clean_stale_temporaries(folder / name, legacy_age_s=0.0)
-            if folder.is_dir():  # msff < 0.2 moved the old best/ here while replacing it
+            if folder.is_dir():  # earlier save_pretrained moved the old best/ here while replacing it
                 shutil.rmtree(folder / ".best.old", ignore_errors=True)
+
+    def _produced(self) -> bool:
+        d = self.dir
+        return (d / "checkpoints" / STATE_NAME).is_file() or (d / "best").is_dir() or any(d.glob("run_*/best"))
 
     def produced(self) -> None:
         """The new run holds a checkpoint: the run it replaces can go."""
