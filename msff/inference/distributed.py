@@ -112,8 +112,9 @@ def predict_scene_sharded(pred, sources, out_prob, out_mask=None, *, ctx: DistCo
     (written to a temporary file and renamed: each output by exactly one rank) and removes them.
     The per-pixel blend is summed in the same window order as one process, so results equal the
     single-process run up to the model's own float summation order (thread count).
-    All ranks return the same :class:`~msff.inference.predict.SceneResult`; the part files hold
-    ``rows x width`` float32 per rank.
+    All ranks return the same :class:`~msff.inference.predict.SceneResult`. Memory per rank is one
+    window height by the scene width (a rolling buffer, as in ``predict_scene``); each rank's part
+    file holds its ``rows x width`` float32 on disk.
     """
     import time
 
@@ -157,17 +158,20 @@ def predict_scene_sharded(pred, sources, out_prob, out_mask=None, *, ctx: DistCo
         grid = TileGrid(stack.height, stack.width, tile, overlap, margin)
         first, end, wrows = row_shares(grid.rows, grid.tile_h, grid.height, ctx.world)[ctx.rank]
         th, tw, W = grid.tile_h, grid.tile_w, grid.width
-        top = wrows[0] if wrows else first
-        span = (wrows[-1] + th - top) if wrows else 0
-        acc = np.zeros((span, W), np.float32)
-        wsum = np.zeros((span, W), np.float32)
-        valid = np.zeros((span, W), bool)
+        # Rolling buffer of one window height (as in predict_scene): after each window row the rows
+        # above the next one are final and go to this rank's part (a memory-mapped .npy on disk).
+        acc = np.zeros((th, W), np.float32)
+        wsum = np.zeros((th, W), np.float32)
+        valid = np.zeros((th, W), bool)
+        part = temp_path(target, f".rank{ctx.rank}.part.npy") if end > first else None
+        out = None if part is None else np.lib.format.open_memmap(part, mode="w+", dtype=np.float32, shape=(end - first, W))
         tiles = skipped = 0
-        for y in wrows:
+        b0 = wrows[0] if wrows else first
+        for j, y in enumerate(wrows):
             pending = []
             for x in grid.cols:
                 xin, v = stack.read(Window(x, y, tw, th))
-                valid[y - top : y - top + th, x : x + tw] |= v
+                valid[y - b0 : y - b0 + th, x : x + tw] |= v
                 if not v.any():
                     skipped += 1
                     continue
@@ -177,17 +181,26 @@ def predict_scene_sharded(pred, sources, out_prob, out_mask=None, *, ctx: DistCo
                 probs = _run_batch(pred, np.stack([c[1] for c in chunk]), dev, amp, tta)
                 for (x, _), p in zip(chunk, probs, strict=True):
                     wt = grid.weights(y, x)
-                    acc[y - top : y - top + th, x : x + tw] += p * wt
-                    wsum[y - top : y - top + th, x : x + tw] += wt
+                    acc[y - b0 : y - b0 + th, x : x + tw] += p * wt
+                    wsum[y - b0 : y - b0 + th, x : x + tw] += wt
                 tiles += len(chunk)
-        part = None
-        if end > first:
-            s0, s1 = first - top, end - top
-            v = valid[s0:s1]
-            with np.errstate(invalid="ignore", divide="ignore"):
-                prob = np.where(v, acc[s0:s1] / wsum[s0:s1], np.float32(np.nan)).astype(np.float32)
-            part = temp_path(target, f".rank{ctx.rank}.part.npy")
-            np.save(part, prob)
+            nxt = wrows[j + 1] if j + 1 < len(wrows) else y + th
+            lo, hi = max(b0, first), min(nxt, end)
+            if out is not None and hi > lo:
+                v = valid[lo - b0 : hi - b0]
+                with np.errstate(invalid="ignore", divide="ignore"):
+                    out[lo - first : hi - first] = np.where(v, acc[lo - b0 : hi - b0] / wsum[lo - b0 : hi - b0],
+                                                            np.float32(np.nan))
+            n = nxt - b0
+            keep = th - n
+            for a in (acc, wsum, valid):
+                if keep > 0:
+                    a[:keep] = a[n:].copy()
+                a[max(keep, 0):] = 0
+            b0 = nxt
+        if out is not None:
+            out.flush()
+            del out
         del acc, wsum, valid
         parts = ctx.gather([(first, end, None if part is None else str(part), tiles, skipped)])
         stats = dict(valid=0, positive=0)
