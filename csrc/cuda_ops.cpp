@@ -190,22 +190,44 @@ int64_t check_weight(const Tensor& weight, const Tensor& x, int* axis) {
 }
 
 // ---- lk_conv ----------------------------------------------------------------------------------
+struct LkShapes {
+  int64_t N, Cin, Cout, H, W, k;
+  int axis;
+  DType dt;
+};
+
+// The input checks shared by lk_conv and its backward (one place, one set of messages).
+LkShapes check_lk_conv_inputs(const Tensor& x, const Tensor& weight, const optional<Tensor>& bias,
+                              const optional<Tensor>& in_scale, const optional<Tensor>& in_shift,
+                              const optional<Tensor>& add) {
+  check_act(x, "x", x);
+  LkShapes s{};
+  s.dt = to_dtype(x, "x");
+  check_sizes(x, "x");
+  s.axis = 1;
+  s.k = check_weight(weight, x, &s.axis);
+  s.N = x.size(0);
+  s.Cin = x.size(1);
+  s.H = x.size(2);
+  s.W = x.size(3);
+  s.Cout = weight.size(0);
+  check_vec(bias, "bias", s.Cout, x);
+  check_pair(in_scale, in_shift, "in_scale", "in_shift");
+  check_vec(in_scale, "in_scale", s.Cin, x);
+  check_vec(in_shift, "in_shift", s.Cin, x);
+  if (add.has_value()) check_same_act(*add, "add", x, "x", s.Cout);
+  return s;
+}
+
 std::tuple<Tensor, Tensor, Tensor> lk_conv_cuda(const Tensor& x, const Tensor& weight,
                                                 const optional<Tensor>& bias,
                                                 const optional<Tensor>& in_scale,
                                                 const optional<Tensor>& in_shift, const optional<Tensor>& add,
                                                 bool relu, bool stats) {
-  check_act(x, "x", x);
-  const DType dt = to_dtype(x, "x");
-  check_sizes(x, "x");
-  int axis = 1;
-  const int64_t k = check_weight(weight, x, &axis);
-  const int64_t N = x.size(0), Cin = x.size(1), H = x.size(2), W = x.size(3), Cout = weight.size(0);
-  check_vec(bias, "bias", Cout, x);
-  check_pair(in_scale, in_shift, "in_scale", "in_shift");
-  check_vec(in_scale, "in_scale", Cin, x);
-  check_vec(in_shift, "in_shift", Cin, x);
-  if (add.has_value()) check_same_act(*add, "add", x, "x", Cout);
+  const LkShapes sh = check_lk_conv_inputs(x, weight, bias, in_scale, in_shift, add);
+  const DType dt = sh.dt;
+  const int axis = sh.axis;
+  const int64_t k = sh.k, N = sh.N, Cin = sh.Cin, H = sh.H, W = sh.W, Cout = sh.Cout;
 
   c10::cuda::CUDAGuard guard(x.device());
   Tensor y = empty_like_layout(x, {N, Cout, H, W}, x.scalar_type());
@@ -245,23 +267,16 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lk_conv_backward_cuda
     const Tensor& grad_y, const optional<Tensor>& grad_sum_in, const optional<Tensor>& grad_sumsq_in, const Tensor& x,
     const Tensor& weight, const Tensor& y, const optional<Tensor>& bias, const optional<Tensor>& in_scale,
     const optional<Tensor>& in_shift, const optional<Tensor>& add, bool relu, std::array<bool, 6> mask) {
-  check_act(x, "x", x);
-  const DType dt = to_dtype(x, "x");
-  check_sizes(x, "x");
-  int axis = 1;
-  const int64_t k = check_weight(weight, x, &axis);
-  const int64_t N = x.size(0), Cin = x.size(1), H = x.size(2), W = x.size(3), Cout = weight.size(0);
+  const LkShapes sh = check_lk_conv_inputs(x, weight, bias, in_scale, in_shift, add);
+  const DType dt = sh.dt;
+  const int axis = sh.axis;
+  const int64_t k = sh.k, N = sh.N, Cin = sh.Cin, H = sh.H, W = sh.W, Cout = sh.Cout;
   TORCH_CHECK(N <= kMaxGridZ, "batch size must be <= ", kMaxGridZ, " for the CUDA backend, got ", N);
   check_same_act(y, "y", x, "x", Cout);
   check_same_act(grad_y, "grad_y", x, "x", Cout);
   check_vec(grad_sum_in, "grad_sum", Cout, x, false);
   check_vec(grad_sumsq_in, "grad_sumsq", Cout, x, false);
   const optional<Tensor> grad_sum = dense(grad_sum_in), grad_sumsq = dense(grad_sumsq_in);
-  check_vec(bias, "bias", Cout, x);
-  check_pair(in_scale, in_shift, "in_scale", "in_shift");
-  check_vec(in_scale, "in_scale", Cin, x);
-  check_vec(in_shift, "in_shift", Cin, x);
-  if (add.has_value()) check_same_act(*add, "add", x, "x", Cout);
 
   c10::cuda::CUDAGuard guard(x.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.device().index());

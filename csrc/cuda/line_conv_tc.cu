@@ -177,6 +177,32 @@ __device__ __forceinline__ void wgmma_rs<64, __half>(float* d, const uint32_t* a
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(1)
       : "memory");
 }
+
+// As wgmma_rs, with B N-major (imm-trans-b = 1): B's N index is the contiguous one.
+template <int N, typename T>
+__device__ __forceinline__ void wgmma_rs_nmajor(float* d, const uint32_t* a, uint64_t desc);
+
+template <>
+__device__ __forceinline__ void wgmma_rs_nmajor<64, __nv_bfloat16>(float* d, const uint32_t* a, uint64_t desc) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
+      "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31}, {%32,%33,%34,%35}, %36, p, 1, 1, 1;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(1)
+      : "memory");
+}
+
+template <>
+__device__ __forceinline__ void wgmma_rs_nmajor<64, __half>(float* d, const uint32_t* a, uint64_t desc) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 "
+      "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31}, {%32,%33,%34,%35}, %36, p, 1, 1, 1;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(1)
+      : "memory");
+}
 #endif  // MSFF_SM90A_DEVICE
 
 template <typename T>
@@ -517,14 +543,16 @@ __global__ void __launch_bounds__(TC_THREADS, 1) line_conv_sm90a_kernel(LineConv
 // ldmatrix.trans, mma.sync into per-tap accumulators (2 x 15 x 4 fp32 per thread). Warps: 2 (32
 // output channels) x 4 (8 input channels). The CTA writes its fp32 tile to its own slice of the
 // partials; reduce_wgrad_kernel sums the slices in split order.
-template <typename T>
-__global__ void __launch_bounds__(WG_THREADS, 1) line_conv_wgrad_tc_kernel(LineConvWgradParams p) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  extern __shared__ __align__(128) unsigned char tc_smem[];
+// kSm90a variant: the roles swap so that the shift stays on the register operand. A warpgroup
+// computes D[(t, ci)][co] = sum_p halo[p + t][ci] * g[p][co] with A = 64 (tap, channel) rows from
+// registers (ldmatrix.trans of the shifted halo rows; each warp picks its own tap) and B = the g
+// tile from a shared-memory descriptor (N-major core matrices, as cp.async stores 8 channels of
+// one pixel); rows (t, ci) = 32 t + ci, 8 blocks of 64 rows (two taps each), 4 per warpgroup.
+template <typename T, int ARCH>
+__device__ __forceinline__ void line_conv_wgrad_body(const LineConvWgradParams& p, unsigned char* smem) {
   const TcWgradGeo geo = tc_wgrad_geometry(p.K);
-  float* prm = reinterpret_cast<float*>(tc_smem + 2 * geo.stage_bytes);
+  float* prm = reinterpret_cast<float*>(smem + 2 * geo.stage_bytes);
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int warp_m = warp & 1, warp_n = warp >> 1;
   const int g8 = lane >> 2, t4 = lane & 3;
   const int co0 = blockIdx.x * WG_CO, ci0 = blockIdx.y * WG_CI;
   const int split = blockIdx.z, splits = gridDim.z;
@@ -545,8 +573,8 @@ __global__ void __launch_bounds__(WG_THREADS, 1) line_conv_wgrad_tc_kernel(LineC
     prm[WG_CI + tid] = ci < p.Cin ? p.in_shift[ci] : 0.0f;
   }
 
-  auto g_buf = [&](int b) { return reinterpret_cast<T*>(tc_smem + b * geo.stage_bytes); };
-  auto a_buf = [&](int b) { return reinterpret_cast<T*>(tc_smem + b * geo.stage_bytes + geo.g_bytes); };
+  auto g_buf = [&](int b) { return reinterpret_cast<T*>(smem + b * geo.stage_bytes); };
+  auto a_buf = [&](int b) { return reinterpret_cast<T*>(smem + b * geo.stage_bytes + geo.g_bytes); };
   auto decode = [&](int64_t s, int& n, int& line, int& pos0) {
     pos0 = static_cast<int>(s % segs) * WG_S;
     line = static_cast<int>((s / segs) % lines);
@@ -562,7 +590,10 @@ __global__ void __launch_bounds__(WG_THREADS, 1) line_conv_wgrad_tc_kernel(LineC
       const int m = idx / (WG_CO / 8), c8 = idx % (WG_CO / 8);
       const int pos = pos0 + m, co = co0 + c8 * 8;
       const bool ok = pos < L && co < p.Cout;
-      cp_async16(gb + (m * geo.ldg + c8 * 8) * 2, ok ? gp + g_line + pos * g_step + co : gp, ok);
+      // kSm80: row-major rows of WG_CO + 8; kSm90a: core matrices (8 pixels x 8 channels)
+      const uint32_t off = ARCH == 90 ? (m >> 3) * (WG_CO / 8) * 128 + c8 * 128 + (m & 7) * 16
+                                      : (m * geo.ldg + c8 * 8) * 2;
+      cp_async16(gb + off, ok ? gp + g_line + pos * g_step + co : gp, ok);
     }
     for (int idx = tid; idx < geo.rows * (WG_CI / 8); idx += WG_THREADS) {
       const int r = idx / (WG_CI / 8), c8 = idx % (WG_CI / 8);
@@ -572,13 +603,14 @@ __global__ void __launch_bounds__(WG_THREADS, 1) line_conv_wgrad_tc_kernel(LineC
     }
   };
 
-  float acc[2][WG_KMAX][4];
+  // kSm80: acc[i][t][q] (2 m16 blocks x WG_KMAX taps); kSm90a: acc[j][32] (4 m64 blocks x 64 co)
+  constexpr int ACC_A = ARCH == 90 ? 4 : 2;
+  constexpr int ACC_B = ARCH == 90 ? 32 : WG_KMAX * 4;
+  float acc[ACC_A][ACC_B];
 #pragma unroll
-  for (int i = 0; i < 2; ++i)
+  for (int i = 0; i < ACC_A; ++i)
 #pragma unroll
-    for (int t = 0; t < WG_KMAX; ++t)
-#pragma unroll
-      for (int q = 0; q < 4; ++q) acc[i][t][q] = 0.0f;
+    for (int q = 0; q < ACC_B; ++q) acc[i][q] = 0.0f;
 
   if (s_begin < s_end) load_stage(s_begin, 0);
   cp_async_commit();
@@ -588,6 +620,9 @@ __global__ void __launch_bounds__(WG_THREADS, 1) line_conv_wgrad_tc_kernel(LineC
     if (s + 1 < s_end) load_stage(s + 1, b ^ 1);
     cp_async_commit();
     cp_async_wait<1>();
+#ifdef MSFF_SM90A_DEVICE
+    if constexpr (ARCH == 90) fence_proxy_async();  // the g tile is read by wgmma's async proxy
+#endif
     __syncthreads();
     T* ab = a_buf(b);
     if (prologue) {
@@ -611,21 +646,60 @@ __global__ void __launch_bounds__(WG_THREADS, 1) line_conv_wgrad_tc_kernel(LineC
       }
       __syncthreads();
     }
-    const uint32_t g_base = smem_u32(g_buf(b)) +
-                            (((lane & 7) + ((lane >> 4) & 1) * 8) * geo.ldg + warp_m * 32 + ((lane >> 3) & 1) * 8) * 2;
-    const uint32_t a_base = smem_u32(ab) + (((lane & 7) + ((lane >> 3) & 1) * 8) * geo.lda + warp_n * 8) * 2;
+    if constexpr (ARCH == 90) {
+#ifdef MSFF_SM90A_DEVICE
+      const int wg = warp >> 2, wq = warp & 3;
+      // lane address inside a 16 (pixel) x 16 (channel) A block read transposed, shifted t rows
+      const uint32_t a_lane = smem_u32(ab) + (((lane & 7) + ((lane >> 4) & 1) * 8) * geo.lda + (wq & 1) * 16 +
+                                              ((lane >> 3) & 1) * 8) * 2;
+      const uint32_t g_base = smem_u32(g_buf(b));
+      int tap[4];
+      bool live[4];
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const int blk = wg * 4 + j;
+        live[j] = blk * 2 < p.K;  // uniform over the warpgroup
+        const int t = blk * 2 + (wq >> 1);
+        tap[j] = t < p.K ? t : p.K - 1;  // a dead half-block reads valid rows, never stored
+      }
+      uint32_t a0[4][4], a1[4][4];
+      auto step = [&](int kk, uint32_t (*a)[4]) {
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+          if (live[j]) ldmatrix_x4_trans(a[j], a_lane + (kk + tap[j]) * geo.lda * 2);
+        wgmma_fence();
+        const uint64_t desc = wgmma_desc(g_base + (kk >> 3) * (WG_CO / 8) * 128, (WG_CO / 8) * 128, 128);
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+          if (live[j]) wgmma_rs_nmajor<WG_CO, T>(acc[j], a[j], desc);
+        wgmma_commit();
+        wgmma_wait<1>();
+      };
 #pragma unroll 1
-    for (int kk = 0; kk < WG_S; kk += 16) {
-      uint32_t a[2][4];
+      for (int kk = 0; kk < WG_S; kk += 32) {
+        step(kk, a0);
+        step(kk + 16, a1);
+      }
+      wgmma_wait<0>();
+#endif
+    } else {
+      const int warp_m = warp & 1, warp_n = warp >> 1;
+      const uint32_t g_base = smem_u32(g_buf(b)) + (((lane & 7) + ((lane >> 4) & 1) * 8) * geo.ldg + warp_m * 32 +
+                                                    ((lane >> 3) & 1) * 8) * 2;
+      const uint32_t a_base = smem_u32(ab) + (((lane & 7) + ((lane >> 3) & 1) * 8) * geo.lda + warp_n * 8) * 2;
+#pragma unroll 1
+      for (int kk = 0; kk < WG_S; kk += 16) {
+        uint32_t a[2][4];
 #pragma unroll
-      for (int i = 0; i < 2; ++i) ldmatrix_x4_trans(a[i], g_base + (kk * geo.ldg + i * 16) * 2);
+        for (int i = 0; i < 2; ++i) ldmatrix_x4_trans(a[i], g_base + (kk * geo.ldg + i * 16) * 2);
 #pragma unroll
-      for (int t = 0; t < WG_KMAX; ++t) {
-        if (t < p.K) {
-          uint32_t bf[2];
-          ldmatrix_x2_trans(bf, a_base + (kk + t) * geo.lda * 2);
-          mma16816<T>(acc[0][t], a[0], bf);
-          mma16816<T>(acc[1][t], a[1], bf);
+        for (int t = 0; t < WG_KMAX; ++t) {
+          if (t < p.K) {
+            uint32_t bf[2];
+            ldmatrix_x2_trans(bf, a_base + (kk + t) * geo.lda * 2);
+            mma16816<T>(&acc[0][t * 4], a[0], bf);
+            mma16816<T>(&acc[1][t * 4], a[1], bf);
+          }
         }
       }
     }
@@ -633,17 +707,50 @@ __global__ void __launch_bounds__(WG_THREADS, 1) line_conv_wgrad_tc_kernel(LineC
   }
   cp_async_wait<0>();
   float* part = p.partials + static_cast<int64_t>(split) * p.Cout * p.Cin * p.K;
+  if constexpr (ARCH == 90) {
+    // acc[j][4 jn + q]: row (t, ci) = 64 (4 wg + j) + 16 wq + g8 + 8 (q >> 1), co = 8 jn + 2 t4 + (q & 1)
+    const int wg = warp >> 2, wq = warp & 3;
 #pragma unroll
-  for (int i = 0; i < 2; ++i)
+    for (int j = 0; j < 4; ++j)
 #pragma unroll
-    for (int t = 0; t < WG_KMAX; ++t)
-#pragma unroll
-      for (int q = 0; q < 4; ++q) {
-        const int co = co0 + warp_m * 32 + i * 16 + g8 + 8 * (q >> 1);
-        const int ci = ci0 + warp_n * 8 + 2 * t4 + (q & 1);
+      for (int q = 0; q < 32; ++q) {
+        const int row = (wg * 4 + j) * 64 + wq * 16 + g8 + 8 * ((q & 3) >> 1);
+        const int t = row / WG_CI, ci = ci0 + row % WG_CI;
+        const int co = co0 + 8 * (q >> 2) + 2 * t4 + (q & 1);
         if (t < p.K && co < p.Cout && ci < p.Cin)
-          part[(static_cast<int64_t>(co) * p.Cin + ci) * p.K + t] = acc[i][t][q];
+          part[(static_cast<int64_t>(co) * p.Cin + ci) * p.K + t] = acc[j][q];
       }
+  } else {
+    const int warp_m = warp & 1, warp_n = warp >> 1;
+#pragma unroll
+    for (int i = 0; i < 2; ++i)
+#pragma unroll
+      for (int t = 0; t < WG_KMAX; ++t)
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+          const int co = co0 + warp_m * 32 + i * 16 + g8 + 8 * (q >> 1);
+          const int ci = ci0 + warp_n * 8 + 2 * t4 + (q & 1);
+          if (t < p.K && co < p.Cout && ci < p.Cin)
+            part[(static_cast<int64_t>(co) * p.Cin + ci) * p.K + t] = acc[i][t * 4 + q];
+        }
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(WG_THREADS, 1) line_conv_wgrad_tc_kernel(LineConvWgradParams p) {
+  extern __shared__ __align__(128) unsigned char tc_smem[];
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  line_conv_wgrad_body<T, 80>(p, tc_smem);
+#elif defined(__CUDA_ARCH__)
+  __trap();
+#endif
+}
+
+template <typename T>
+__global__ void __launch_bounds__(WG_THREADS, 1) line_conv_wgrad_sm90a_kernel(LineConvWgradParams p) {
+  extern __shared__ __align__(128) unsigned char tc_smem[];
+#if defined(MSFF_SM90A_DEVICE)
+  line_conv_wgrad_body<T, 90>(p, tc_smem);
 #elif defined(__CUDA_ARCH__)
   __trap();
 #endif
@@ -737,11 +844,11 @@ template <typename T>
 cudaError_t launch_wgrad_tc(const LineConvWgradParams& p, cudaStream_t stream) {
   const TcWgradPlan pl = tc_wgrad_plan(p.N, p.Cin, p.Cout, p.H, p.W, p.K, p.axis, p.num_sms);
   if (pl.segments == 0) return cudaMemsetAsync(p.dw, 0, sizeof(float) * p.Cout * p.Cin * p.K, stream);
-  cudaError_t err =
-      cudaFuncSetAttribute(line_conv_wgrad_tc_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, pl.smem);
+  auto kernel = p.kernel == ConvKernel::kSm90a ? line_conv_wgrad_sm90a_kernel<T> : line_conv_wgrad_tc_kernel<T>;
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, pl.smem);
   if (err != cudaSuccess) return err;
   const dim3 grid(pl.co_tiles, pl.ci_tiles, pl.splits);
-  line_conv_wgrad_tc_kernel<T><<<grid, WG_THREADS, pl.smem, stream>>>(p);
+  kernel<<<grid, WG_THREADS, pl.smem, stream>>>(p);
   err = last_error();
   if (err != cudaSuccess) return err;
   const int64_t elems = static_cast<int64_t>(p.Cout) * p.Cin * p.K;
@@ -766,6 +873,9 @@ ConvKernel line_conv_wgrad_choose(const LineConvWgradParams& p, ConvRequest requ
   if (!cp_async_ok(p.x) || !cp_async_ok(p.g)) return ConvKernel::kGeneric;
   const DeviceFacts f = device_facts();
   if (f.cc < 80 || tc_wgrad_geometry(p.K).total > f.smem_optin) return ConvKernel::kGeneric;
+#ifdef MSFF_HAVE_SM90A
+  if (request == ConvRequest::kBest && f.cc == 90) return ConvKernel::kSm90a;
+#endif
   return ConvKernel::kSm80;
 }
 

@@ -117,9 +117,10 @@ def _check_tc_kernel(name, info, ops, mma):
     assert _count(o, "ATOM") + _count(o, "RED") == 0, f"{name}: atomics (statistics must be deterministic)"
 
 
-def test_sm90a_forward_kernels_issue_wgmma_fed_by_cp_async(sm90a):
+@pytest.mark.parametrize("part", ["line_conv_sm90a_kernel", "line_conv_wgrad_sm90a_kernel"])
+def test_sm90a_kernels_issue_wgmma_fed_by_cp_async(sm90a, part):
     info, ops = sm90a
-    for name in _kernels(info, "line_conv_sm90a_kernel"):
+    for name in _kernels(info, part):
         _check_tc_kernel(name, info, ops, "HGMMA")
         assert _count(ops[name], "WARPGROUP.ARRIVE") > 0, name
 
@@ -131,9 +132,9 @@ def test_sm80_kernels_issue_mma_sync_fed_by_cp_async(sm90a, sm80):
                 _check_tc_kernel(name, info, ops, "HMMA")
 
 
-def test_sm90a_kernel_is_only_a_trap_outside_sm90a(sm80):
+def test_sm90a_kernels_are_only_a_trap_outside_sm90a(sm80):
     info, ops = sm80
-    for name in _kernels(info, "line_conv_sm90a_kernel"):
+    for name in _kernels(info, "sm90a_kernel"):
         assert _count(ops[name], "HGMMA") == 0 and _count(ops[name], "BPT.TRAP") > 0, dict(ops[name])
 
 
