@@ -51,6 +51,24 @@ PROLOGUE_ROOFLINE = {
 
 
 @triton.jit
+def _pixels(offs, H, W, ALONG_W: tl.constexpr):
+    """(dense NHWC pixel index, position along the conv axis, n, h, w) of GEMM rows ``offs``.
+    Rows run along the convolved axis (w for 1×k, h for k×1), so the k shifted A tiles of a
+    program overlap in all but k-1 rows and their re-reads hit L1."""
+    if ALONG_W:
+        w = offs % W
+        r = offs // W
+        h = r % H
+        n = r // H
+        return offs, w, n, h, w
+    h = offs % H
+    r = offs // H
+    w = r % W
+    n = r // W
+    return (n * H + h) * W + w, h, n, h, w
+
+
+@triton.jit
 def _lk_conv_fwd_kernel(
     x_ptr, w_ptr, bias_ptr, add_ptr, y_ptr, part_ptr, px_ptr, pscale_ptr, pshift_ptr,
     M, H, W, COUT, COUT_P, TS, NUM_M_TILES,
@@ -59,7 +77,7 @@ def _lk_conv_fwd_kernel(
     CIN: tl.constexpr, KT: tl.constexpr, ALONG_W: tl.constexpr,
     HAS_BIAS: tl.constexpr, RELU: tl.constexpr, HAS_ADD: tl.constexpr, STATS: tl.constexpr,
     PRO_BWD: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    FIX_OUT: tl.constexpr,
+    FIX_OUT: tl.constexpr, A_VEC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # x: dense NHWC (pixel m at m*CIN); w: dense [KT*CIN_P, COUT_P], zero padded.
@@ -72,13 +90,14 @@ def _lk_conv_fwd_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     mask_m = offs_m < M
+    pix, pos, _, _, _ = _pixels(offs_m, H, W, ALONG_W)
     if ALONG_W:
-        pos = offs_m % W
         L = W
     else:
-        pos = (offs_m // W) % H
         L = H
-    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * CIN + offs_k[None, :]
+    # A_VEC-element (8-byte) async copies: cp.async of 16 bytes is always .cg (L1 bypassed), 8
+    # bytes is .ca, so the k-1 rows each tap shares with the previous one come from L1, not L2.
+    x_rows = x_ptr + pix.to(tl.int64)[:, None] * CIN + offs_k[None, :]
     w_cols = w_ptr + offs_k[:, None] * COUT_P + offs_n[None, :]
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -88,11 +107,11 @@ def _lk_conv_fwd_kernel(
         d = tap - HALF
         p = pos + d
         valid = mask_m & (p >= 0) & (p < L)
+        a_ptrs = tl.max_contiguous(x_rows + (d * TS * CIN + c0), [1, A_VEC])
         if CIN % BLOCK_K == 0:
-            a = tl.load(x_rows + (d * TS * CIN + c0), mask=valid[:, None], other=0.0)
+            a = tl.load(a_ptrs, mask=valid[:, None], other=0.0)
         else:
-            a = tl.load(x_rows + (d * TS * CIN + c0),
-                        mask=valid[:, None] & ((c0 + offs_k) < CIN)[None, :], other=0.0)
+            a = tl.load(a_ptrs, mask=valid[:, None] & ((c0 + offs_k) < CIN)[None, :], other=0.0)
         b = tl.load(w_cols + (tap * CIN_P + c0) * COUT_P)
         if UPCAST:
             acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision=DOT_PRECISION)
@@ -104,11 +123,10 @@ def _lk_conv_fwd_kernel(
     mask_m = offs_m < M
     mask_n = offs_n < COUT
     mask2 = mask_m[:, None] & mask_n[None, :]
-    hw = H * W
-    n_idx = (offs_m // hw).to(tl.int64)
-    rem = offs_m % hw
-    h_idx = (rem // W).to(tl.int64)
-    w_idx = (rem % W).to(tl.int64)
+    pix, _, n_idx, h_idx, w_idx = _pixels(offs_m, H, W, ALONG_W)
+    n_idx = n_idx.to(tl.int64)
+    h_idx = h_idx.to(tl.int64)
+    w_idx = w_idx.to(tl.int64)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0)
         acc += bias[None, :]
@@ -126,7 +144,7 @@ def _lk_conv_fwd_kernel(
     if PRO_BWD:
         # acc is d(loss)/d(xin) of the producer's prologue xin = relu(px*s + t): chain it to px.
         # px is dense NHWC with COUT channels (the launcher passes nhwc(x))
-        pxv = tl.load(px_ptr + offs_m.to(tl.int64)[:, None] * COUT + offs_n[None, :], mask=mask2,
+        pxv = tl.load(px_ptr + pix.to(tl.int64)[:, None] * COUT + offs_n[None, :], mask=mask2,
                       other=0.0)
         pxv = pxv.to(tl.float32)
         ps = tl.load(pscale_ptr + offs_n, mask=mask_n, other=0.0)
@@ -148,6 +166,7 @@ def _lk_conv_wgrad_kernel(
     M, H, W, COUT, TS, M_PER_SPLIT,
     CIN: tl.constexpr, KT: tl.constexpr, ALONG_W: tl.constexpr, TAPS: tl.constexpr,
     EVEN_CO: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    A_VEC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # part[split, co, tap*CIN + ci] = Σ_{m in split} g[m, co] · xin[m shifted by tap, ci]
@@ -176,21 +195,21 @@ def _lk_conv_wgrad_kernel(
     for m0 in range(m_start, m_start + M_PER_SPLIT, BLOCK_K):
         offs_p = m0 + offs_p0
         p_ok = offs_p < M
-        g_ptrs = g_ptr + offs_p.to(tl.int64)[:, None] * COUT + offs_co[None, :]
+        pix, pos, _, _, _ = _pixels(offs_p, H, W, ALONG_W)
+        g_ptrs = g_ptr + pix.to(tl.int64)[:, None] * COUT + offs_co[None, :]
         if EVEN_CO:
             gt = tl.load(g_ptrs, mask=p_ok[:, None], other=0.0)
         else:
             gt = tl.load(g_ptrs, mask=p_ok[:, None] & co_ok[None, :], other=0.0)
         if ALONG_W:
-            pos = offs_p % W
             L = W
         else:
-            pos = (offs_p // W) % H
             L = H
         pp = pos[:, None] + d[None, :]
         xmask = p_ok[:, None] & (pp >= 0) & (pp < L) & col_ok[None, :]
-        xt = tl.load(x_ptr + offs_p.to(tl.int64)[:, None] * CIN + col_off[None, :], mask=xmask,
-                     other=0.0)
+        # the TAPS shifted copies of x overlap: 8-byte (.ca) copies let L1 serve the re-reads
+        xt = tl.load(x_ptr + pix.to(tl.int64)[:, None] * CIN
+                     + tl.max_contiguous(col_off, A_VEC)[None, :], mask=xmask, other=0.0)
         if UPCAST:
             acc = tl.dot(tl.trans(gt.to(tl.float32)), xt.to(tl.float32), acc,
                          input_precision=DOT_PRECISION)
@@ -316,6 +335,12 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee"
 
 
+def _a_vec(dtype: torch.dtype) -> int:
+    """Elements per async copy of the shifted operand: 8 bytes (the widest cp.async kind that
+    allocates in L1)."""
+    return 8 // (torch.finfo(dtype).bits // 8)
+
+
 def _upcast(dtype: torch.dtype) -> bool:
     # The interpreter mis-computes tl.dot with 16-bit operands (ENV-NOTES); GPU keeps them.
     return triton_interpret() and dtype != torch.float32
@@ -324,22 +349,19 @@ def _upcast(dtype: torch.dtype) -> bool:
 def fwd_config(M: int, cin: int, cout: int, pro_bwd: bool = False,
                interpret: bool | None = None) -> dict:
     """Launch config of ``_lk_conv_fwd_kernel`` (also the input gradient, with cin/cout swapped
-    and ``pro_bwd``): BLOCK_M/N/K, num_warps, num_stages. Shape-keyed: the N tile covers Cout up
-    to 128 (64 for the input gradient, whose prologue-backward epilogue holds three more tiles per
-    thread and spilled at 128×128 with 8 warps), so the A operand is read once (twice);
-    BLOCK_K = 64 keeps one tap per K step."""
+    and ``pro_bwd``): BLOCK_M/N/K, num_warps, num_stages. Shape-keyed on the channel counts:
+    BLOCK_N = min(64, Cout), BLOCK_K = min(64, Cin) (one tap per K step), BLOCK_M = 256."""
     interpret = triton_interpret() if interpret is None else interpret
-    bn = min(64 if pro_bwd else 128, max(16, _next_pow2(cout)))
+    bn = min(64, max(16, _next_pow2(cout)))
     bk = min(64, max(16, _next_pow2(cin)))
     if interpret:
         # few, large programs: the interpreter's cost grows with the program count
         return dict(BLOCK_M=min(256, max(16, _next_pow2(M))), BLOCK_N=bn, BLOCK_K=bk,
                     num_warps=4, num_stages=1)
     # BLOCK_M = 256 halves the weight re-streaming (each M tile streams the whole k·Cin × BLOCK_N
-    # weight slice) against 128; at BLOCK_N = 128 it spilled (316-320 B with the stats epilogue,
-    # 8 warps), so N = 128 tiles keep BLOCK_M = 128.
-    bm = 256 if bn <= 64 else 128
-    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=8, num_stages=3)
+    # weight slice from L2) against 128; 256 × 128 spilled (316-320 B with the stats epilogue),
+    # so Cout = 128 runs as two 64-wide N tiles (A is read twice, from L2 ~1.1x thanks to L1).
+    return dict(BLOCK_M=256, BLOCK_N=bn, BLOCK_K=bk, num_warps=8, num_stages=3)
 
 
 def wgrad_config(M: int, cin: int, cout: int, K: int, sms: int = 132,
@@ -505,7 +527,7 @@ def lk_conv_fwd(x, weight, bias, in_scale, in_shift, add, relu, stats, y, pro_bw
         CIN=cin, KT=K, ALONG_W=along_w,
         HAS_BIAS=bias is not None, RELU=bool(relu), HAS_ADD=add is not None, STATS=bool(stats),
         PRO_BWD=pro_bwd is not None, UPCAST=_upcast(x.dtype), DOT_PRECISION=_dot_precision(x.dtype),
-        FIX_OUT=fix_bf16(y.dtype), BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK,
+        FIX_OUT=fix_bf16(y.dtype), A_VEC=_a_vec(x.dtype), BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     if not want_part:
@@ -539,7 +561,8 @@ def lk_conv_wgrad(g_r, x, in_scale, in_shift, kernel_shape):
         g, xin, part, M, H, W, cout, 1 if along_w else W, m_per,
         CIN=cin, KT=K, ALONG_W=along_w, TAPS=cfg["TAPS"], EVEN_CO=cout % cfg["BLOCK_M"] == 0,
         UPCAST=_upcast(x.dtype),
-        DOT_PRECISION=_dot_precision(x.dtype), BLOCK_M=cfg["BLOCK_M"], BLOCK_C=cfg["BLOCK_C"],
+        DOT_PRECISION=_dot_precision(x.dtype), A_VEC=_a_vec(x.dtype), BLOCK_M=cfg["BLOCK_M"],
+        BLOCK_C=cfg["BLOCK_C"],
         BLOCK_K=BKp, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     dw = reduce_partials(part)[0].view(cout, K, cin)[:, :, :cin0]
@@ -685,19 +708,24 @@ def _conv_fwd_spec(name, role, N, cin, cout, H, W, K, along_w, dt, y_cl, bias, r
             vals[f"stride_{pre}{dim}"] = v
     cx = dict(CIN=cin, KT=K, ALONG_W=along_w, HAS_BIAS=bias, RELU=relu, HAS_ADD=add, STATS=stats,
               PRO_BWD=pro_bwd, UPCAST=False, DOT_PRECISION=_dot_precision(dt),
-              FIX_OUT=False, BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK)
+              FIX_OUT=False, A_VEC=_a_vec(dt), BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK)
     specs = [_kernel_spec(_lk_conv_fwd_kernel, name, role, vals, cx, cfg["num_warps"],
                           cfg["num_stages"], (n_m, triton.cdiv(cout, BN)))]
-    # L2 -> SM traffic of this tiling: 16-byte cp.async is .cg (L1 bypassed, Triton's choice), so
-    # each program reads its shifted A rows once per tap and the whole packed weight slice.
+    # L2 -> SM traffic of this tiling. A: rows run along the convolved axis and are copied with
+    # 8-byte cp.async.ca (L1-allocating), so the k shifted tiles of a channel chunk cost one halo
+    # of BLOCK_M + k - 1 rows from L2 (assumption: L1 keeps the <= 2·BLOCK_M·128-byte working set
+    # between consecutive taps; to be confirmed with ncu's lts__t_sectors on a GPU). Without L1
+    # reuse it would be k·BLOCK_M rows (tile_a_bytes_no_l1). B: 16-byte .cg copies of the whole
+    # packed weight slice per program.
     e = torch.finfo(dt).bits // 8
     progs = n_m * triton.cdiv(cout, BN)
     cin_p = triton.cdiv(cin, BK) * BK
     specs[0]["traffic"] = dict(
-        tile_a_bytes=progs * K * BM * cin_p * e, tile_b_bytes=progs * K * cin_p * BN * e,
-        tiling_note=f"x rows re-read once per tap ({K}x) from L2 by each of "
-                    f"{triton.cdiv(cout, BN)} n-tiles; packed weight {K * cin_p * BN * e / 1e3:.0f} kB "
-                    f"streamed by each of {n_m} m-tiles")
+        tile_a_bytes=progs * (BM + K - 1) * cin_p * e, tile_b_bytes=progs * K * cin_p * BN * e,
+        tile_a_bytes_no_l1=progs * K * BM * cin_p * e,
+        tiling_note=f"x halo ({BM}+{K - 1} rows) from L2 once per channel chunk by each of "
+                    f"{triton.cdiv(cout, BN)} n-tiles, the {K} taps' re-reads from L1; packed "
+                    f"weight {K * cin_p * BN * e / 1e3:.0f} kB streamed by each of {n_m} m-tiles")
     if stats or pro_bwd:
         specs += _reduce_specs(name, 2, n_m, triton.cdiv(cout, BN) * BN)
     return specs
@@ -783,7 +811,7 @@ def compile_specs(problems):
                         TS=1 if along_w else W, M_PER_SPLIT=m_per)
             cx = dict(CIN=cin, KT=K, ALONG_W=along_w, TAPS=cfg["TAPS"],
                       EVEN_CO=cout % cfg["BLOCK_M"] == 0, UPCAST=False,
-                      DOT_PRECISION=_dot_precision(dt), BLOCK_M=cfg["BLOCK_M"],
+                      DOT_PRECISION=_dot_precision(dt), A_VEC=_a_vec(dt), BLOCK_M=cfg["BLOCK_M"],
                       BLOCK_C=cfg["BLOCK_C"], BLOCK_K=cfg["BLOCK_K"])
             specs.append(_kernel_spec(
                 _lk_conv_wgrad_kernel, f"wgrad {base}", "conv_wgrad", vals, cx, cfg["num_warps"],
@@ -795,13 +823,16 @@ def compile_specs(problems):
             n_j = triton.cdiv(K, cfg["TAPS"]) * triton.cdiv(cin, cfg["BLOCK_C"])
             n_co = triton.cdiv(cout, cfg["BLOCK_M"])
             bn = cfg["TAPS"] * cfg["BLOCK_C"]
+            bk, taps = cfg["BLOCK_K"], cfg["TAPS"]
             specs[-1]["traffic"] = dict(
                 tile_a_bytes=n_j * n_co * M * cfg["BLOCK_M"] * e,
-                tile_b_bytes=n_j * n_co * M * bn * e,
+                # x: TAPS shifted copies by 8-byte .ca cp.async, one halo per pixel step from L2
+                tile_b_bytes=n_j * n_co * M * cfg["BLOCK_C"] * e * (bk + taps - 1) // bk,
+                tile_b_bytes_no_l1=n_j * n_co * M * bn * e,
                 partial_bytes=2 * split * cout * K * cin * 4,
-                tiling_note=f"g read once per N tile ({n_j}x); x read {cfg['TAPS']}x (shifted "
-                            f"copies of one channel chunk) per N tile x {n_co} co-tiles; "
-                            f"{split} fp32 partials written and re-read by the fp64 reduction")
+                tiling_note=f"g read once per N tile ({n_j}x); x halo once per N tile x {n_co} "
+                            f"co-tiles, its {taps} shifted copies from L1; {split} fp32 partials "
+                            "written and re-read by the fp64 reduction")
             specs += _reduce_specs(f"wgrad {base}", 1, split, cout * K * cin)
         for s in specs:
             s["problem"] = dict(pb)

@@ -79,8 +79,8 @@ def force_gpu_configs(monkeypatch):
 @pytest.mark.parametrize("features", ["pro_stats", "bias_relu_add"])
 def test_lk_conv_paper_configs(force_gpu_configs, C, along, features):
     # paper channel counts (so BLOCK_K / BLOCK_N / TAPS are the paper's), few pixels; H, W odd;
-    # at least two M tiles (BLOCK_M is 256 at C=64, 128 at C=128), the last one partial
-    N, H, W, k = (2 if C <= 64 else 1), 5, 27, 15
+    # at least two M tiles (BLOCK_M = 256), the last one partial
+    N, H, W, k = 2, 5, 27, 15
     assert N * H * W > _gpu_fwd(N * H * W, C, C)["BLOCK_M"]
     g = dict(device=DEVICE, dtype=torch.float32)
     x = make_layout(torch.randn(N, C, H, W, **g), "channels_last").requires_grad_()
