@@ -806,6 +806,7 @@ template <typename T, int BN>
 cudaError_t launch_tc_bn(const LineConvParams& p, cudaStream_t stream) {
   TcFwdPlan pl{};
   tc_fwd_grid(p.N, p.Cout, p.H, p.W, p.axis, BN, p.num_sms, &pl);
+  if (pl.tiles == 0) return cudaSuccess;  // empty batch or image: nothing to do, statistics stay 0
   const TcGeo g = tc_geometry(p.Cin, p.K, BN);
   const int64_t ctas = pl.grid_x;
   const dim3 grid(static_cast<unsigned>(pl.grid_x), pl.grid_y);
