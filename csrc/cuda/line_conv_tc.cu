@@ -653,25 +653,22 @@ __device__ __forceinline__ void line_conv_wgrad_body(const LineConvWgradParams& 
       const uint32_t a_lane = smem_u32(ab) + (((lane & 7) + ((lane >> 4) & 1) * 8) * geo.lda + (wq & 1) * 16 +
                                               ((lane >> 3) & 1) * 8) * 2;
       const uint32_t g_base = smem_u32(g_buf(b));
+      // Every block issues its wgmma unconditionally (a wgmma under a branch makes ptxas
+      // serialise the pipeline); rows of taps >= K reuse tap K - 1 and are never stored.
       int tap[4];
-      bool live[4];
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
-        const int blk = wg * 4 + j;
-        live[j] = blk * 2 < p.K;  // uniform over the warpgroup
-        const int t = blk * 2 + (wq >> 1);
-        tap[j] = t < p.K ? t : p.K - 1;  // a dead half-block reads valid rows, never stored
+        const int t = (wg * 4 + j) * 2 + (wq >> 1);
+        tap[j] = t < p.K ? t : p.K - 1;
       }
       uint32_t a0[4][4], a1[4][4];
       auto step = [&](int kk, uint32_t (*a)[4]) {
 #pragma unroll
-        for (int j = 0; j < 4; ++j)
-          if (live[j]) ldmatrix_x4_trans(a[j], a_lane + (kk + tap[j]) * geo.lda * 2);
+        for (int j = 0; j < 4; ++j) ldmatrix_x4_trans(a[j], a_lane + (kk + tap[j]) * geo.lda * 2);
         wgmma_fence();
         const uint64_t desc = wgmma_desc(g_base + (kk >> 3) * (WG_CO / 8) * 128, (WG_CO / 8) * 128, 128);
 #pragma unroll
-        for (int j = 0; j < 4; ++j)
-          if (live[j]) wgmma_rs_nmajor<WG_CO, T>(acc[j], a[j], desc);
+        for (int j = 0; j < 4; ++j) wgmma_rs_nmajor<WG_CO, T>(acc[j], a[j], desc);
         wgmma_commit();
         wgmma_wait<1>();
       };
