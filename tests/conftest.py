@@ -30,6 +30,16 @@ import pytest  # noqa: E402
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
+# Exported ONNX graphs are cached per checkpoint; tests keep that cache out of the user's home
+# (one folder per test session, shared by its tests so repeated exports of one model are reused).
+if "MSFF_CACHE_DIR" not in os.environ:
+    import atexit
+    import shutil
+    import tempfile
+
+    os.environ["MSFF_CACHE_DIR"] = tempfile.mkdtemp(prefix="msff-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["MSFF_CACHE_DIR"], ignore_errors=True)
+
 DATA_ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data"))
 
 DEFAULT_TEST_SEED = 0
