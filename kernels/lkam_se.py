@@ -6,7 +6,12 @@ pending BN + ReLU) is recomputed from the raw conv outputs in every pass, never 
 
 * ``_lkam_se_pool_kernel``: Σ_{h,w} F per (n, c), split over pixel chunks; each program writes an
   fp32 partial and ``msff.kernels.lk_conv.reduce_partials`` sums them in fp64 in a fixed order
-  (deterministic, no atomics — as every reduction below).
+  (deterministic, no atomics — as every reduction below). Inside a program the (N, C)
+  reductions (pool, Σ grad_out·F, Σ grad_out·residual, Σ grad_out) accumulate in fp64, so each
+  partial is its exact sum rounded once to fp32: an fp32 tile sum is a sequential sum of BLOCK_P
+  rows under the interpreter and a sequential running sum over the chunk loop on a GPU, whose
+  error (~√n ulp) was up to 16× torch's cascade sum and decided the SE-weight gradients
+  (seed-sensitive test failures, notes/flakes.md).
 * ``_lkam_se_fwd_kernel``: out = R + F · z[n, c] (R = residual, optionally BN-affine).
 * ``_lkam_se_bwd_reduce_kernel``: Σ grad_out·F per (n, c); Σ grad_out·residual, Σ grad_out per c.
 * ``_lkam_se_bwd_kernel``: grad of the branches (through BN+ReLU) and of the residual, with
@@ -70,15 +75,17 @@ def _lkam_se_pool_kernel(
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_c = offs_c < C
     p_start = tl.program_id(2) * P_PER_PROG
-    acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    # fp64 accumulation (see the module docstring): the partial is Σ F rounded once to fp32
+    acc = tl.zeros((BLOCK_C,), dtype=tl.float64)
     for p0 in range(p_start, p_start + P_PER_PROG, BLOCK_P):
         offs_p = p0 + tl.arange(0, BLOCK_P)
         mask = (offs_p < HW)[:, None] & mask_c[None, :]
         f = _branch_sum(fa_ptr, fb_ptr, sa_ptr, ha_ptr, sb_ptr, hb_ptr, n, offs_p, offs_c, mask,
                         mask_c, W, san, sac, sah, saw, sbn, sbc, sbh, sbw, HAS_B, AFF_A, AFF_B)
-        acc += tl.sum(f, axis=0)
+        acc += tl.sum(f.to(tl.float64), axis=0)
     # part[split, n, c]
-    tl.store(part_ptr + (tl.program_id(2) * N + n).to(tl.int64) * C + offs_c, acc, mask=mask_c)
+    tl.store(part_ptr + (tl.program_id(2) * N + n).to(tl.int64) * C + offs_c,
+             acc.to(tl.float32), mask=mask_c)
 
 
 @triton.jit
@@ -121,9 +128,10 @@ def _lkam_se_bwd_reduce_kernel(
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_c = offs_c < C
     p_start = tl.program_id(2) * P_PER_PROG
-    acc_z = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    acc_rs = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    acc_rh = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    # fp64 accumulation of the fp32 products (see the module docstring)
+    acc_z = tl.zeros((BLOCK_C,), dtype=tl.float64)
+    acc_rs = tl.zeros((BLOCK_C,), dtype=tl.float64)
+    acc_rh = tl.zeros((BLOCK_C,), dtype=tl.float64)
     for p0 in range(p_start, p_start + P_PER_PROG, BLOCK_P):
         offs_p = p0 + tl.arange(0, BLOCK_P)
         mask = (offs_p < HW)[:, None] & mask_c[None, :]
@@ -131,19 +139,19 @@ def _lkam_se_bwd_reduce_kernel(
                      other=0.0).to(tl.float32)
         f = _branch_sum(fa_ptr, fb_ptr, sa_ptr, ha_ptr, sb_ptr, hb_ptr, n, offs_p, offs_c, mask,
                         mask_c, W, san, sac, sah, saw, sbn, sbc, sbh, sbw, HAS_B, AFF_A, AFF_B)
-        acc_z += tl.sum(go * f, axis=0)
+        acc_z += tl.sum((go * f).to(tl.float64), axis=0)
         if AFF_R:
             r = tl.load(r_ptr + _tile(n, offs_p, offs_c, W, srn, src, srh, srw), mask=mask,
                         other=0.0).to(tl.float32)
-            acc_rs += tl.sum(go * r, axis=0)
-            acc_rh += tl.sum(go, axis=0)
+            acc_rs += tl.sum((go * r).to(tl.float64), axis=0)
+            acc_rh += tl.sum(go.to(tl.float64), axis=0)
     # part[g, split, n, c] for g = Σgo·F, Σgo·residual, Σgo
     row = part_ptr + (tl.program_id(2) * N + n).to(tl.int64) * C + offs_c
-    tl.store(row, acc_z, mask=mask_c)
+    tl.store(row, acc_z.to(tl.float32), mask=mask_c)
     if AFF_R:
         plane = tl.num_programs(2).to(tl.int64) * N * C
-        tl.store(row + plane, acc_rs, mask=mask_c)
-        tl.store(row + 2 * plane, acc_rh, mask=mask_c)
+        tl.store(row + plane, acc_rs.to(tl.float32), mask=mask_c)
+        tl.store(row + 2 * plane, acc_rh.to(tl.float32), mask=mask_c)
 
 
 @triton.jit
