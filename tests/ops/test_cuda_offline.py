@@ -53,6 +53,9 @@ def _nvcc():
     return None
 
 
+SERIALIZED: dict[str, list[str]] = {}  # ptxas notes "wgmma ... serialized" per arch
+
+
 def _compile(arch, out_dir):
     """(kernel name -> {regs, spill}) from ptxas -v, (kernel name -> opcode Counter) from SASS."""
     nvcc, cuobjdump = _nvcc(), _tool("cuobjdump")
@@ -62,6 +65,7 @@ def _compile(arch, out_dir):
     r = subprocess.run([nvcc, f"-arch={arch}", "-O3", "-std=c++17", "-I" + os.path.join(ROOT, "csrc"),
                         "-Xptxas", "-v", "-cubin", SRC, "-o", cubin], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
+    SERIALIZED[arch] = [ln for ln in r.stderr.splitlines() if "serialized" in ln]
     info, cur = {}, None
     for line in r.stderr.splitlines():
         m = re.search(r"Compiling entry function '(\w+)'", line)
@@ -123,6 +127,11 @@ def test_sm90a_kernels_issue_wgmma_fed_by_cp_async(sm90a, part):
     for name in _kernels(info, part):
         _check_tc_kernel(name, info, ops, "HGMMA")
         assert _count(ops[name], "WARPGROUP.ARRIVE") > 0, name
+
+
+def test_ptxas_keeps_the_wgmma_pipelines_asynchronous(sm90a):
+    # e.g. C7520 "wgmma.mma_async instructions are serialized due to ... divergent path"
+    assert not SERIALIZED["sm_90a"], "\n".join(SERIALIZED["sm_90a"])
 
 
 def test_sm80_kernels_issue_mma_sync_fed_by_cp_async(sm90a, sm80):
