@@ -228,13 +228,7 @@ class RasterStack:
     def _check_grid(self) -> None:
         ref = self.datasets[0]
         for p, ds in zip(self.paths[1:], self.datasets[1:], strict=True):
-            problems = []
-            if (ds.width, ds.height) != (ref.width, ref.height):
-                problems.append(f"size {ds.width}x{ds.height} vs {ref.width}x{ref.height}")
-            if ds.crs != ref.crs:
-                problems.append(f"CRS {ds.crs} vs {ref.crs}")
-            if not ds.transform.almost_equals(ref.transform, precision=1e-9 * max(1.0, abs(ref.transform.a))):
-                problems.append(f"transform {tuple(ds.transform)[:6]} vs {tuple(ref.transform)[:6]}")
+            problems = self._grid_problems(ds, ref)
             if problems:
                 raise InferenceError(
                     f"{p} is not on the same grid as {self.paths[0]} ("
