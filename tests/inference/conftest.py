@@ -1,6 +1,8 @@
 """Synthetic GeoTIFF fixtures and small reference models for the inference tests."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -118,3 +120,12 @@ def tiny_ckpt(tmp_path):
         tmp_path / "ckpt",
         metadata={"normalization": dict(NORM3), "bands": ["B4", "B3", "B2"], "threshold": 0.5, "model_name": "tiny"},
     )
+
+
+@pytest.fixture(scope="module")
+def iburi(shared_data):
+    """The real Sentinel-2 Iburi scene folder (../shared/data/iburi_s2_geotiff); skips where absent."""
+    root = os.path.join(shared_data, "iburi_s2_geotiff")
+    if not os.path.isdir(root):
+        pytest.skip(f"{root} not present")
+    return root

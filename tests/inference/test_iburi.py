@@ -11,13 +11,6 @@ from msff.inference.cli import main
 BANDS = ("B4", "B3", "B2")
 
 
-@pytest.fixture(scope="module")
-def iburi(shared_data):
-    root = os.path.join(shared_data, "iburi_s2_geotiff")
-    if not os.path.isdir(root):
-        pytest.skip(f"{root} not present")
-    return root
-
 
 def test_predict_pre_event_scene_from_three_band_files(iburi, tiny_ckpt, tmp_path, capsys):
     # the pre-event scene: ~40 % nodata (0) in a partial swath, which must stay nodata

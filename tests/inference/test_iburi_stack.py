@@ -15,13 +15,6 @@ from msff.inference.predictor import Predictor
 BANDS = ("B4", "B3", "B2")
 
 
-@pytest.fixture(scope="module")
-def iburi(shared_data):
-    root = os.path.join(shared_data, "iburi_s2_geotiff")
-    if not os.path.isdir(root):
-        pytest.skip(f"{root} not present")
-    return root
-
 
 def test_rgb_slope_and_dem_terrain_stack_predicts_aligned(iburi, tmp_path):
     files = [os.path.join(iburi, "post-event", f"download.{b}.tif") for b in BANDS]
