@@ -676,11 +676,10 @@ def format_table(report, arch="sm_90a", dtype="bfloat16") -> str:
 
 
 def write_report(report, out: Path) -> None:
+    from msff.fileio import atomic_write_bytes  # temp file + rename, with the umask's mode
+
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(report, f, indent=1, default=str)
-    os.replace(tmp, out)
+    atomic_write_bytes(out, json.dumps(report, indent=1, default=str).encode())
 
 
 def _parse(argv):
