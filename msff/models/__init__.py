@@ -9,6 +9,7 @@ from msff.models.blocks import (
     SeparableLargeKernelConv,
     VGGLayer,
 )
+from msff.models.card import MaskEncodingCard, ModelCard, Normalization
 from msff.models.msffnet import CheckpointError, MSFFEncoder, MSFFNet, load_state_dict_checked
 
 #: Named configurations. ``paper`` is Yi & Tan (2025); ``cpu`` is sized for 2-core CPU runs;
@@ -55,6 +56,9 @@ __all__ = [
     "LKAMLayer",
     "MSFFEncoder",
     "MSFFNet",
+    "MaskEncodingCard",
+    "ModelCard",
+    "Normalization",
     "PRESETS",
     "SeparableLargeKernelConv",
     "VGGLayer",

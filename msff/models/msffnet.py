@@ -16,6 +16,7 @@ from torch import nn
 from msff.backend import _check_name
 from msff.fileio import make_temp_dir, publish_dir
 from msff.models.blocks import ASPP, DecoderBlock, LKAMLayer, VGGLayer
+from msff.models.card import CheckpointError
 
 __all__ = ["MSFFNet", "apply_activation", "load_weights_file", "MSFFEncoder", "CheckpointError", "PAPER_CHANNELS", "CONFIG_NAME", "WEIGHTS_NAME"]
 
@@ -24,10 +25,6 @@ CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.pt"
 FORMAT_VERSION = 1
 _DOWNSAMPLE = 16  # four stride-2 max-pools
-
-
-class CheckpointError(ValueError):
-    """A checkpoint is missing, corrupt, or does not match the model it is loaded into."""
 
 
 def _scaled(channels: Sequence[int], mult: float) -> tuple[int, ...]:
