@@ -65,7 +65,7 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -78,33 +78,51 @@ from msff.data import (
     split_pairs,
 )
 from msff.data.discover import Pair
+from msff.engine.experiment_report import (
+    BOUNDARY_METRICS,
+    CONFUSABLE_METRICS,
+    METRICS,
+    PAIRED_METRICS,
+    paired_comparisons,
+    summarize,
+    write_reports,
+)
 from msff.engine.metrics import micro_metrics
-from msff.engine.report import atomic_write_bytes, atomic_write_json
+from msff.engine.report import atomic_write_json
+from msff.engine.stats import (
+    minimum_detectable_difference,
+    paired_test,
+    seeds_for_power,
+    t_quantile,
+    welch_test,
+)
 from msff.engine.train import STATE_NAME, TrainConfig, build_model, evaluate, fit, load_checkpoint
 
 __all__ = [
-    "paired_test",
-    "seeds_for_power",
-    "t_quantile",
+    "describe_plan",
     "load_experiment_config",
     "run_experiment_config",
-    "summarize",
-    "welch_test",
-    "write_reports",
     "run_dir",
+    "data_order_digest",
+    "SHIPPED_CONFIGS",
+    # aggregation, reports and statistics live in experiment_report / stats; re-exported here
+    "summarize",
+    "paired_comparisons",
+    "write_reports",
+    "paired_test",
+    "welch_test",
+    "t_quantile",
+    "seeds_for_power",
+    "minimum_detectable_difference",
+    "PAIRED_METRICS",
     "add_experiment_parser",
     "run_experiment",
-    "SHIPPED_CONFIGS",
 ]
 
 log = logging.getLogger("msff.experiment")
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 SHIPPED_CONFIGS = tuple(sorted(p.stem[len("experiment_"):] for p in CONFIG_DIR.glob("experiment_*.json")))
-METRICS = ("precision", "recall", "iou", "f1")
-BOUNDARY_METRICS = ("boundary_iou", "boundary_f")
-CONFUSABLE_METRICS = ("soil_fp_rate", "background_fp_rate")
-PAIRED_METRICS = ("iou", "boundary_iou", "boundary_f", "soil_fp_rate")
 _COUNT_KEYS = ("tp", "fp", "fn", "tn", "biou_inter", "biou_union", "bf_pred_matched", "bf_pred", "bf_gt_matched",
                "bf_gt", "soil_fp", "soil_bg", "soil_landslide", "landslide")
 _KNOWN_KEYS = {"name", "description", "data_root", "datasets", "split", "models", "reference", "seeds",
@@ -399,6 +417,25 @@ def _run_one(cfg: dict, model: dict, seed: int, out_dir: Path, data: dict, progr
     return result
 
 
+def describe_plan(config: str | os.PathLike | dict, models: Optional[Sequence[str]] = None,
+                  seeds: Optional[Sequence[int]] = None) -> str:
+    """The plan of an experiment (what ``msff experiment --dry-run`` prints): models × seeds and the
+    shared training options, after validating the config. Nothing is read but the config.
+
+    Example:
+        >>> print(describe_plan("cpu", models=["unet", "msffnet"]).splitlines()[0])
+        experiment cpu: 2 models × 3 seeds
+    """
+    cfg = load_experiment_config(config)
+    labels = list(models) if models else [m["label"] for m in cfg["models"]]
+    unknown = sorted(set(labels) - {m["label"] for m in cfg["models"]})
+    if unknown:
+        raise ValueError(f"model(s) {unknown} are not in the config ({[m['label'] for m in cfg['models']]})")
+    run_seeds = list(seeds) if seeds else cfg["seeds"]
+    return (f"experiment {cfg['name']}: {len(labels)} models × {len(run_seeds)} seeds\n"
+            f"models: {', '.join(labels)}\nseeds: {run_seeds}\ntrain: {json.dumps(cfg['train'])}")
+
+
 # ---- the experiment -----------------------------------------------------------------------------
 def _prepare_data(cfg: dict, data_root: Path, out_dir: Path) -> dict:
     split = _make_split(cfg, data_root)
@@ -518,356 +555,6 @@ def run_experiment_config(
     return out
 
 
-# ---- aggregation and reports --------------------------------------------------------------------
-def _mean_std(values: Sequence[float]) -> dict:
-    a = np.array([v for v in values if v is not None and math.isfinite(v)], dtype=np.float64)
-    if a.size == 0:
-        return {"mean": float("nan"), "std": float("nan"), "n": 0}
-    return {"mean": float(a.mean()), "std": float(a.std(ddof=1)) if a.size > 1 else 0.0, "n": int(a.size)}
-
-
-_SUMMARY_KEYS = METRICS + BOUNDARY_METRICS + CONFUSABLE_METRICS + ("iou_dataset_mean", "params", "steps", "epochs_run", "train_s", "infer_s_per_mpx",
-                           "infer_ms_crop")
-
-
-def summarize(results: Sequence[dict], labels: Sequence[str], datasets: Sequence[str]) -> dict:
-    """Per model: mean, sample std (ddof 1) and count over seeds of every metric.
-
-    Returns:
-        ``{label: {"precision": {"mean", "std", "n"}, …, "iou/<dataset>": {...}, "seeds": [...]}}``
-        for the labels that have at least one run.
-    """
-    out: dict[str, dict] = {}
-    for label in labels:
-        rs = [r for r in results if r["model"] == label]
-        if not rs:
-            continue
-        s: dict[str, Any] = {k: _mean_std([r.get(k) for r in rs]) for k in _SUMMARY_KEYS}
-        for d in datasets:
-            for k in ("iou", "f1", "boundary_iou"):
-                s[f"{k}/{d}"] = _mean_std([r["per_dataset"][d].get(k) for r in rs if d in r["per_dataset"]])
-        s["seeds"] = sorted(r["seed"] for r in rs)
-        erfs = [r["erf"] for r in rs if r.get("erf")]
-        if erfs and all(len(e) == len(erfs[0]) for e in erfs):
-            s["erf"] = [{"name": st["name"], "stride": st["stride"],
-                         "r50": _mean_std([e[i]["r50"] for e in erfs]), "r90": _mean_std([e[i]["r90"] for e in erfs])}
-                        for i, st in enumerate(erfs[0])]
-        s["model_name"] = rs[0]["model_name"]
-        out[label] = s
-    return out
-
-
-def _betainc(a: float, b: float, x: float) -> float:
-    """Regularised incomplete beta I_x(a, b) (continued fraction, Numerical Recipes §6.4)."""
-    if x <= 0.0:
-        return 0.0
-    if x >= 1.0:
-        return 1.0
-    if x > (a + 1) / (a + b + 2):
-        return 1.0 - _betainc(b, a, 1.0 - x)
-    lbeta = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b)
-    front = math.exp(lbeta + a * math.log(x) + b * math.log1p(-x)) / a
-    tiny = 1e-300
-    c, d = 1.0, 1.0 - (a + b) * x / (a + 1)
-    d = 1.0 / (d if abs(d) > tiny else tiny)
-    f = d
-    for m in range(1, 300):
-        for num in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
-                    -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
-            d = 1.0 + num * d
-            d = 1.0 / (d if abs(d) > tiny else tiny)
-            c = 1.0 + num / c
-            c = c if abs(c) > tiny else tiny
-            f *= c * d
-        if abs(c * d - 1.0) < 1e-12:
-            break
-    return front * f
-
-
-def welch_test(a: dict, b: dict) -> dict:
-    """Welch's unequal-variance t-test of two ``{"mean", "std", "n"}`` summaries (std: sample std).
-
-    Returns:
-        ``{"diff": a − b, "t", "df" (Welch–Satterthwaite), "p" (two-sided)}``; NaN where undefined
-        (fewer than 2 runs, or zero spread in both).
-
-    Example:
-        >>> round(welch_test({"mean": 1.0, "std": 0.1, "n": 3}, {"mean": 0.8, "std": 0.1, "n": 3})["p"], 3)
-        0.07
-    """
-    diff = a["mean"] - b["mean"]
-    nan = float("nan")
-    if a["n"] < 2 or b["n"] < 2:
-        return {"diff": diff, "t": nan, "df": nan, "p": nan}
-    va, vb = a["std"] ** 2 / a["n"], b["std"] ** 2 / b["n"]
-    if va + vb <= 0:
-        return {"diff": diff, "t": nan, "df": nan, "p": nan}
-    t = diff / math.sqrt(va + vb)
-    df = (va + vb) ** 2 / (va**2 / (a["n"] - 1) + vb**2 / (b["n"] - 1))
-    p = _betainc(df / 2, 0.5, df / (df + t * t))
-    return {"diff": diff, "t": t, "df": df, "p": p}
-
-
-def _t_two_sided_p(t: float, df: float) -> float:
-    return _betainc(df / 2, 0.5, df / (df + t * t))
-
-
-def t_quantile(q: float, df: float) -> float:
-    """Quantile of Student's t distribution with ``df`` degrees of freedom (bisection on the CDF).
-
-    Example:
-        >>> round(t_quantile(0.975, 4), 3)
-        2.776
-    """
-    if not 0 < q < 1 or not df > 0:
-        return float("nan")
-    if q < 0.5:
-        return -t_quantile(1 - q, df)
-    target = 2 * (1 - q)  # two-sided tail probability of |T| > t
-    lo, hi = 0.0, 1.0
-    while _t_two_sided_p(hi, df) > target:
-        hi *= 2
-    for _ in range(200):
-        mid = (lo + hi) / 2
-        if _t_two_sided_p(mid, df) > target:
-            lo = mid
-        else:
-            hi = mid
-    return (lo + hi) / 2
-
-
-def paired_test(a: dict, b: dict, confidence: float = 0.95) -> dict:
-    """Paired t-test of per-seed values ``a[seed] − b[seed]`` over the seeds both have.
-
-    Args:
-        a, b: ``{seed: value}`` (e.g. test IoU of a model and of the reference per seed).
-        confidence: level of the confidence interval of the mean difference.
-
-    Returns:
-        ``{"n", "seeds", "diff" (mean difference), "sd" (sample std of the differences),
-        "ci_low", "ci_high", "t", "df", "p" (two-sided), "dz" (Cohen's d_z = diff / sd)}``;
-        NaN where undefined (fewer than 2 pairs; zero spread gives t, p, d_z NaN).
-
-    Example:
-        >>> r = paired_test({0: 0.50, 1: 0.55, 2: 0.60}, {0: 0.45, 1: 0.49, 2: 0.56})
-        >>> round(r["diff"], 3), round(r["p"], 3)
-        (0.05, 0.013)
-    """
-    nan = float("nan")
-    seeds = sorted(k for k in set(a) & set(b)
-                   if a[k] is not None and b[k] is not None and math.isfinite(a[k]) and math.isfinite(b[k]))
-    d = np.array([a[k] - b[k] for k in seeds], dtype=np.float64)
-    n = int(d.size)
-    out = {"n": n, "seeds": seeds, "diff": float(d.mean()) if n else nan, "sd": nan, "ci_low": nan, "ci_high": nan,
-           "t": nan, "df": nan, "p": nan, "dz": nan}
-    if n < 2:
-        return out
-    sd = float(d.std(ddof=1))
-    se = sd / math.sqrt(n)
-    half = t_quantile(0.5 + confidence / 2, n - 1) * se
-    out.update(sd=sd, df=n - 1, ci_low=out["diff"] - half, ci_high=out["diff"] + half)
-    if sd > 0:
-        t = out["diff"] / se
-        out.update(t=t, p=_t_two_sided_p(t, n - 1), dz=out["diff"] / sd)
-    return out
-
-
-def seeds_for_power(sd: float, delta: float = 0.02, alpha: float = 0.05, power: float = 0.8, max_n: int = 100_000) -> int:
-    """Seeds (pairs) a two-sided paired t-test needs to detect a mean difference ``delta`` with
-    probability ``power`` at level ``alpha`` when the per-seed differences spread with std ``sd``.
-
-    Uses the usual shifted-central-t approximation n ≥ ((t_{1−α/2, n−1} + t_{power, n−1}) · sd/delta)²
-    (within one seed of the exact noncentral-t answer for n ≥ 5). Returns ``max_n`` when even that
-    is not enough, and 2 when ``sd`` is 0.
-
-    Example:
-        >>> seeds_for_power(0.05, 0.02)   # d_z = 0.4: G*Power's exact answer is 52
-        52
-    """
-    if not (sd > 0) or not math.isfinite(sd):
-        return 2
-    n = max(2, int((2.8 * sd / abs(delta)) ** 2) - 2)
-    while n < max_n:
-        need = ((t_quantile(1 - alpha / 2, n - 1) + t_quantile(power, n - 1)) * sd / abs(delta)) ** 2
-        if n >= need:
-            return n
-        n += 1
-    return max_n
-
-
-def minimum_detectable_difference(sd: float, n: int, alpha: float = 0.05, power: float = 0.8) -> float:
-    """Smallest mean difference a paired t-test over ``n`` seeds detects with ``power`` (same approximation)."""
-    if n < 2 or not math.isfinite(sd):
-        return float("nan")
-    return (t_quantile(1 - alpha / 2, n - 1) + t_quantile(power, n - 1)) * sd / math.sqrt(n)
-
-
-def paired_comparisons(results: Sequence[dict], reference: str, labels: Sequence[str],
-                       metrics: Sequence[str] = PAIRED_METRICS, delta: float = 0.02) -> dict:
-    """Every model against ``reference``, paired by seed, for each metric.
-
-    Runs pair only when their ``data_order`` digests agree (the same training data in the same
-    order); a seed whose runs differ is left out and listed under ``unpaired_seeds``.
-
-    Returns:
-        ``{label: {metric: paired_test(...) + {"seeds_for_power", "mdd"}}, "unpaired_seeds": [...]}``
-        where ``seeds_for_power`` is :func:`seeds_for_power` at ``delta`` and ``mdd`` the minimum
-        detectable difference at the seeds run (α = 0.05, power 0.8).
-    """
-    by = {lab: {r["seed"]: r for r in results if r["model"] == lab} for lab in labels}
-    ref = by.get(reference, {})
-    out: dict[str, Any] = {}
-    for lab in labels:
-        if lab == reference or not by[lab]:
-            continue
-        seeds = [s for s in by[lab] if s in ref and by[lab][s].get("data_order") == ref[s].get("data_order")]
-        entry: dict[str, Any] = {"unpaired_seeds": sorted(s for s in by[lab] if s in ref and s not in seeds)}
-        for m in metrics:
-            pt = paired_test({s: by[lab][s].get(m) for s in seeds}, {s: ref[s].get(m) for s in seeds})
-            pt["seeds_for_power"] = seeds_for_power(pt["sd"], delta) if pt["n"] >= 2 else None
-            pt["mdd"] = minimum_detectable_difference(pt["sd"], pt["n"])
-            entry[m] = pt
-        out[lab] = entry
-    return out
-
-
-def _pm(s: dict, digits: int = 3) -> str:
-    if not s or s["n"] == 0 or not math.isfinite(s["mean"]):
-        return "–"
-    return f"{s['mean']:.{digits}f} ± {s['std']:.{digits}f}"
-
-
-def write_reports(out: dict, out_dir: str | os.PathLike) -> dict[str, Path]:
-    """Write ``results.json``, ``results.csv``, ``results.md`` and ``results.png`` into ``out_dir``.
-
-    Returns:
-        The written paths by kind (``json``, ``csv``, ``md``, ``png``; ``png`` only when there are results).
-    """
-    out_dir = Path(out_dir)
-    cfg, summary = out["config"], out["summary"]
-    datasets = list(cfg["datasets"])
-    paths = {"json": out_dir / "results.json", "csv": out_dir / "results.csv", "md": out_dir / "results.md"}
-    atomic_write_json(paths["json"], {k: v for k, v in out.items() if k != "skipped"})
-    # CSV: one row per model, mean and std columns.
-    cols = list(METRICS) + list(BOUNDARY_METRICS) + list(CONFUSABLE_METRICS) + ["iou_dataset_mean"] + \
-        [f"iou/{d}" for d in datasets] + ["params", "steps", "train_s", "infer_s_per_mpx", "infer_ms_crop"]
-    buf = io.StringIO()
-    w = csv.writer(buf)
-    w.writerow(["model", "model_name", "runs"] + [f"{c}_{s}" for c in cols for s in ("mean", "std")])
-    for label, s in summary.items():
-        w.writerow([label, s["model_name"], s["iou"]["n"]] +
-                   [f"{s[c][k]:.6g}" for c in cols for k in ("mean", "std")])
-    atomic_write_bytes(paths["csv"], buf.getvalue().encode())
-    # Markdown table.
-    t = cfg["train"]
-    lines = [f"# Experiment `{cfg['name']}`", ""]
-    if cfg.get("description"):
-        lines += [cfg["description"], ""]
-    epochs = t.get("epochs", 150)
-    budget = f"{epochs} epochs"
-    if t.get("samples_per_epoch"):
-        budget += f" of {t['samples_per_epoch']} crops (≤ {epochs * math.ceil(t['samples_per_epoch'] / t.get('batch_size', 32))} steps)"
-    if t.get("time_budget_s"):
-        budget += f", capped at {t['time_budget_s']:.0f} s of wall time"
-
-    lines += [
-        f"Protocol (identical for every model): datasets {', '.join(datasets)}; split "
-        f"val {cfg['split']['val_ratio']}, test {cfg['split']['test_ratio']} per dataset (seed "
-        f"{cfg['split']['seed']}, names in `split.json`); crops {t.get('crop')}², batch {t.get('batch_size', 32)}, "
-        f"Adam lr {t.get('lr', 1e-4)}, loss {t.get('loss', 'bce')}, augmentation {t.get('augment', True)}, "
-        f"budget {budget} per run, width multiplier {t.get('width_multiplier') or 1}; "
-        f"evaluated weights: {cfg['select']}; seeds {cfg['seeds']}.",
-        "",
-        "Test metrics on whole images, mean ± sample std over seeds. Precision/recall/IoU/F1 are "
-        "micro-averaged over all test pixels of all datasets (the largest images dominate); "
-        "\"IoU mean/ds\" averages the per-dataset IoUs (each dataset counts once). "
-        "B-IoU: Boundary IoU (Cheng et al. 2021; band 0.02 × image diagonal); B-F: boundary F-score "
-        "(2 px tolerance); Soil FP: share of soil-like ground-truth background (low greenness, bright; "
-        "`msff.analysis.confusable`) predicted landslide; BG FP: share of all background predicted landslide. "
-        "ERF r50: radius (input pixels) holding half the effective receptive field (Luo et al. 2016) of each "
-        "encoder stage of the trained network, shallow to deep (`msff erf`; stage names in results.json).",
-        "",
-    ]
-    head = ["Model", "Runs", "Params", "Steps", "Precision", "Recall", "IoU", "F1", "B-IoU", "B-F", "Soil FP",
-            "BG FP", "IoU mean/ds"] + [f"IoU {d}" for d in datasets] + ["Train s", "Infer s/Mpx", "ERF r50 px per stage"]
-    lines.append("| " + " | ".join(head) + " |")
-    lines.append("|" + "|".join(["---"] * len(head)) + "|")
-    for label, s in summary.items():
-        row = [f"`{label}`", str(s["iou"]["n"]), f"{s['params']['mean'] / 1e6:.2f} M", f"{s['steps']['mean']:.0f}"]
-        row += [_pm(s[m]) for m in METRICS + BOUNDARY_METRICS + CONFUSABLE_METRICS] + [_pm(s["iou_dataset_mean"])]
-        row += [_pm(s[f"iou/{d}"]) for d in datasets]
-        row += [f"{s['train_s']['mean']:.0f}", f"{s['infer_s_per_mpx']['mean']:.2f}"]
-        row += ["/".join(f"{st['r50']['mean']:.0f}" for st in s["erf"]) if s.get("erf") else "–"]
-        lines.append("| " + " | ".join(row) + " |")
-    ref = cfg.get("reference")
-    if ref in summary and len(summary) > 1:
-        paired = out.get("paired") or paired_comparisons(out["runs"], ref, list(summary))
-        lines += ["", f"Paired differences to `{ref}` (Δ = other − {ref}, per seed: a seed fixes the weight "
-                  "initialisation and the training crops and their order, the same for every model): mean Δ, its "
-                  "95 % confidence interval, effect size d_z = mean Δ / sd(Δ), paired t-test (two-sided p). "
-                  "\"Seeds for 0.02\": how many seeds a paired test would need to detect |Δ| = 0.02 with 80 % power "
-                  "at α = 0.05 given the observed sd(Δ); \"MDD\": the smallest difference the seeds run would "
-                  "detect so. No correction for the several comparisons is applied.", ""]
-        names = {"iou": "IoU", "boundary_iou": "Boundary IoU", "boundary_f": "Boundary F", "soil_fp_rate": "Soil FP rate"}
-        lines += ["| Model | Metric | Pairs | Δ | 95 % CI | d_z | t | p | Seeds for 0.02 | MDD |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
-        for label, entry in paired.items():
-            for m in PAIRED_METRICS:
-                pt = entry.get(m)
-                if not pt or pt["n"] == 0:
-                    continue
-                ci = f"[{pt['ci_low']:+.3f}, {pt['ci_high']:+.3f}]" if math.isfinite(pt["ci_low"]) else "–"
-                sp = "–" if pt["seeds_for_power"] is None else str(pt["seeds_for_power"])
-                lines.append(f"| `{label}` | {names[m]} | {pt['n']} | {pt['diff']:+.3f} | {ci} | {pt['dz']:+.2f} | "
-                             f"{pt['t']:+.2f} | {pt['p']:.3f} | {sp} | {pt['mdd']:.3f} |")
-            if entry.get("unpaired_seeds"):
-                lines.append(f"| `{label}` | (seeds {entry['unpaired_seeds']} left out: different training data "
-                             "than the reference's run) | | | | | | | | |")
-        lines += ["", "Unpaired view (Welch's t-test over seeds, as if the runs were independent):", "",
-                  "| Model | Δ IoU | t | p | Δ IoU mean/ds | t | p |", "|---|---|---|---|---|---|---|"]
-        for label, s in summary.items():
-            if label == ref:
-                continue
-            w1 = welch_test(s["iou"], summary[ref]["iou"])
-            w2 = welch_test(s["iou_dataset_mean"], summary[ref]["iou_dataset_mean"])
-            lines.append(f"| `{label}` | {w1['diff']:+.3f} | {w1['t']:+.2f} | {w1['p']:.3f} | "
-                         f"{w2['diff']:+.3f} | {w2['t']:+.2f} | {w2['p']:.3f} |")
-    atomic_write_bytes(paths["md"], ("\n".join(lines) + "\n").encode())
-    if summary:
-        paths["png"] = out_dir / "results.png"
-        _plot(summary, datasets, paths["png"], cfg["name"])
-    return paths
-
-
-def _plot(summary: dict, datasets: Sequence[str], path: Path, title: str) -> None:
-    from msff.engine.report import _plt
-
-    plt = _plt()
-    labels = list(summary)
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2), dpi=90)
-    groups = [("overall", list(METRICS + BOUNDARY_METRICS)), ("IoU per dataset", [f"iou/{d}" for d in datasets] + ["iou_dataset_mean"])]
-    for ax, (name, keys) in zip(axes, groups, strict=True):
-        n = len(labels)
-        width = 0.8 / n
-        x = np.arange(len(keys))
-        for i, label in enumerate(labels):
-            means = [summary[label][k]["mean"] for k in keys]
-            stds = [summary[label][k]["std"] for k in keys]
-            ax.bar(x + (i - (n - 1) / 2) * width, means, width, yerr=stds, capsize=2, label=label)
-        ax.set_xticks(x)
-        ax.set_xticklabels([k.replace("iou/", "").replace("iou_dataset_mean", "mean/ds") for k in keys],
-                           fontsize=8)
-        ax.set_ylim(0, 1)
-        ax.set_title(f"{title}: {name} (mean ± std over seeds)", fontsize=9)
-        ax.grid(axis="y", alpha=0.3)
-    axes[0].legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
-
-
 # ---- command line -------------------------------------------------------------------------------
 def add_experiment_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``msff experiment CONFIG --out DIR`` on an argparse subparsers object."""
@@ -900,9 +587,11 @@ def run_experiment(args: argparse.Namespace) -> int:
     models = [m for m in args.models.split(",") if m] if args.models else None
     seeds = [int(s) for s in args.seeds.split(",") if s] if args.seeds else None
     if args.dry_run:
-        labels = models or [m["label"] for m in cfg["models"]]
-        print(f"experiment {cfg['name']}: {len(labels)} models × {len(seeds or cfg['seeds'])} seeds")
-        print(f"models: {', '.join(labels)}\nseeds: {seeds or cfg['seeds']}\ntrain: {json.dumps(cfg['train'])}")
+        try:
+            print(describe_plan(cfg, models, seeds))
+        except ValueError as e:
+            print(f"msff experiment: {e}")
+            return 2
         return 0
     try:
         out = run_experiment_config(cfg, args.out, resume=not args.no_resume, data_root=args.data_root,

@@ -189,16 +189,13 @@ def test_summarize_mean_and_sample_std():
     assert s["a"]["iou/d"]["n"] == 3 and s["a"]["seeds"] == [0, 1, 2]
 
 
-def test_cli_dry_run(capsys):
-    import argparse
+def test_describe_plan():
+    from msff.engine.experiment import describe_plan
 
-    from msff.engine.experiment import add_experiment_parser, run_experiment
-
-    parser = argparse.ArgumentParser()
-    add_experiment_parser(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["experiment", "cpu", "--out", "unused", "--dry-run", "--models", "unet,msffnet"])
-    assert run_experiment(args) == 0
-    assert "2 models × 3 seeds" in capsys.readouterr().out
+    plan = describe_plan("cpu", models=["unet", "msffnet"], seeds=[4])
+    assert plan.splitlines()[:3] == ["experiment cpu: 2 models × 1 seeds", "models: unet, msffnet", "seeds: [4]"]
+    with pytest.raises(ValueError, match="nosuch"):
+        describe_plan("cpu", models=["nosuch"])
 
 
 def test_a_failing_run_does_not_stop_the_others(tmp_path, data_root):
@@ -213,69 +210,8 @@ def test_a_failing_run_does_not_stop_the_others(tmp_path, data_root):
     assert "segnet" not in res["summary"] and (tmp_path / "exp" / "results.md").is_file()
 
 
-def test_welch_test_matches_student_t_tables():
-    import math
-
-    from msff.engine.experiment import welch_test
-
-    # Equal spreads, 3 runs each: df = 4; the two-sided 5% critical value of t(4) is 2.776.
-    s = 0.1
-    diff = 2.776 * math.sqrt(2 * s * s / 3)
-    w = welch_test({"mean": diff, "std": s, "n": 3}, {"mean": 0.0, "std": s, "n": 3})
-    assert w["df"] == pytest.approx(4.0) and w["t"] == pytest.approx(2.776)
-    assert w["p"] == pytest.approx(0.05, abs=2e-4)
-    # df = 1 is the Cauchy distribution: p = 1 - 2 atan(|t|) / pi.
-    w = welch_test({"mean": 3.0, "std": 1.0, "n": 2}, {"mean": 0.0, "std": 1e-12, "n": 10**12})
-    assert w["df"] == pytest.approx(1.0) and w["p"] == pytest.approx(1 - 2 * math.atan(w["t"]) / math.pi, rel=1e-6)
-    assert math.isnan(welch_test({"mean": 1, "std": 0, "n": 1}, {"mean": 0, "std": 0, "n": 3})["p"])
-
-
-def test_t_quantile_matches_tables():
-    from msff.engine.experiment import t_quantile
-
-    for q, df, ref in [(0.975, 4, 2.776), (0.975, 9, 2.262), (0.8, 10, 0.879), (0.95, 1, 6.314), (0.975, 200, 1.972)]:
-        assert t_quantile(q, df) == pytest.approx(ref, abs=1.5e-3)
-    assert t_quantile(0.025, 4) == pytest.approx(-2.776, abs=1.5e-3)
-
-
-def test_paired_test_by_hand_and_pairing_matters():
-    import math
-
-    from msff.engine.experiment import paired_test, welch_test
-
-    a = {0: 0.50, 1: 0.62, 2: 0.41, 3: 0.55, 4: 0.47}
-    b = {0: 0.48, 1: 0.59, 2: 0.40, 3: 0.52, 4: 0.46, 9: 0.99}  # seed 9 has no partner: ignored
-    d = [0.02, 0.03, 0.01, 0.03, 0.01]
-    mean, sd = sum(d) / 5, (sum((x - 0.02) ** 2 for x in d) / 4) ** 0.5
-    r = paired_test(a, b)
-    assert r["n"] == 5 and r["seeds"] == [0, 1, 2, 3, 4]
-    assert r["diff"] == pytest.approx(mean) and r["sd"] == pytest.approx(sd)
-    assert r["t"] == pytest.approx(mean / (sd / 5**0.5)) and r["df"] == 4
-    half = 2.776 * sd / 5**0.5
-    assert r["ci_low"] == pytest.approx(mean - half, abs=1e-4) and r["ci_high"] == pytest.approx(mean + half, abs=1e-4)
-    assert r["dz"] == pytest.approx(mean / sd) and r["p"] == pytest.approx(0.01106, abs=2e-4)  # t(4) = 4.472
-    # The same numbers unpaired: the between-seed spread swamps the difference.
-    sa = {"mean": sum(a.values()) / 5, "std": float(__import__("numpy").std(list(a.values()), ddof=1)), "n": 5}
-    vb = [b[k] for k in range(5)]
-    sb = {"mean": sum(vb) / 5, "std": float(__import__("numpy").std(vb, ddof=1)), "n": 5}
-    assert welch_test(sa, sb)["p"] > 0.5
-    one = paired_test({0: 1.0}, {0: 0.5})
-    assert one["n"] == 1 and math.isnan(one["p"]) and math.isnan(one["ci_low"])
-
-
-def test_seeds_for_power_matches_gpower():
-    from msff.engine.experiment import minimum_detectable_difference, seeds_for_power
-
-    # G*Power, paired t-test (matched pairs), two-sided α = 0.05, power 0.8: d_z 0.4 → 52, 0.5 → 34, 0.8 → 15.
-    for dz, exact in [(0.4, 52), (0.5, 34), (0.8, 15)]:
-        assert abs(seeds_for_power(0.02 / dz, 0.02) - exact) <= 1
-    assert seeds_for_power(0.0) == 2
-    n = seeds_for_power(0.05, 0.02)
-    assert minimum_detectable_difference(0.05, n) <= 0.02 < minimum_detectable_difference(0.05, n - 1)
-
-
 def test_paired_comparisons_refuse_runs_with_different_data():
-    from msff.engine.experiment import paired_comparisons
+    from msff.engine.experiment_report import paired_comparisons
 
     runs = [{"model": m, "seed": s, "iou": v, "data_order": f"d{s}" if (m, s) != ("b", 2) else "other"}
             for m, vals in (("a", (0.5, 0.6, 0.7)), ("b", (0.4, 0.55, 0.6))) for s, v in enumerate(vals)]
