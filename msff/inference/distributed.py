@@ -129,6 +129,7 @@ def predict_scene_sharded(pred, sources, out_prob, out_mask=None, *, ctx: DistCo
         _check_domain,
         _prepare,
         _run_batch,
+        bounded_gdal_cache,
         resolve_device,
     )
     from msff.inference.sources import InferenceError, RasterStack
@@ -146,7 +147,8 @@ def predict_scene_sharded(pred, sources, out_prob, out_mask=None, *, ctx: DistCo
         check_outputs([out_prob, out_mask], overwrite=overwrite)
     dev = ctx.device or resolve_device(device)
     target = out_prob if out_prob is not None else out_mask
-    with RasterStack(sources, nodata=nodata, bands=band_indexes) as stack:
+    with RasterStack(sources, nodata=nodata, bands=band_indexes) as stack, \
+            bounded_gdal_cache(stack.width, stack.count, tile):
         pred.check_bands(stack.count, f"input ({', '.join(p.name for p in stack.paths)})")
         pred, extra = _check_domain(pred, stack, input_scale, domain_check if ctx.rank == 0 else "off", domain_windows)
         if backend is not None and hasattr(pred.model, "set_backend"):

@@ -3,8 +3,9 @@
 The scene is swept one row of windows at a time (:class:`~msff.inference.tiling.TileGrid`).
 Weighted predictions accumulate in a rolling buffer of ``tile + 16`` rows by the scene width;
 rows that no later window touches are normalised, thresholded and streamed to the output
-rasters, and the buffer rolls on. Memory is ``O(tile × width)`` whatever the scene height, and
-every input read is one window, so a scene larger than RAM works.
+rasters, and the buffer rolls on. GDAL's block cache is held to what one window row needs
+(:func:`gdal_cache_bytes`) instead of GDAL's default of 5 % of RAM. Memory is ``O(tile × width)``
+whatever the scene height, and every input read is one window, so a scene larger than RAM works.
 """
 from __future__ import annotations
 
@@ -32,7 +33,8 @@ from msff.inference.sources import InferenceError, RasterStack
 from msff.inference.tiling import TileGrid
 from msff.inference.writers import STRIP_ROWS, SceneWriter, check_outputs
 
-__all__ = ["SceneResult", "predict_scene", "order_dates", "predict_array", "resolve_device", "NotGeoreferencedInputWarning"]
+__all__ = ["SceneResult", "predict_scene", "order_dates", "predict_array", "resolve_device", "NotGeoreferencedInputWarning",
+           "gdal_cache_bytes", "bounded_gdal_cache"]
 
 log = logging.getLogger("msff.inference")
 
@@ -231,6 +233,44 @@ def predict_array(
     return out
 
 
+#: Floor and ceiling of the GDAL block cache during a scene (see :func:`gdal_cache_bytes`).
+GDAL_CACHE_MIN = 64 * 2**20
+GDAL_CACHE_MAX = 1024 * 2**20
+
+
+def gdal_cache_bytes(width: int, bands: int, tile: int) -> int:
+    """GDAL block-cache size for sweeping a scene ``width`` pixels wide with ``tile``-pixel windows.
+
+    GDAL's default cache is 5 % of the machine's RAM and fills with every block read or written, so
+    a process's memory would grow with the scene up to that size. The sweep re-reads a block only
+    within one row of windows and the overlap with the next, so the cache needs the blocks of one
+    window row plus a block row above and below it (blocks up to 512 rows, samples up to 4 bytes):
+    ``(tile + 1024) × width × bands × 4`` bytes, clamped to [64 MiB, 1 GiB]. It depends on the width,
+    never on the height.
+
+    Example:
+        >>> gdal_cache_bytes(10_000, 3, 512) // 2**20
+        175
+    """
+    need = (int(tile) + 1024) * int(width) * int(bands) * 4
+    return int(min(GDAL_CACHE_MAX, max(GDAL_CACHE_MIN, need)))
+
+
+@contextlib.contextmanager
+def bounded_gdal_cache(width: int, bands: int, tile: int):
+    """Set GDAL's block cache to :func:`gdal_cache_bytes` (never above the current setting) inside
+    the block, restored after. The setting is process-wide (it also covers the read-ahead thread)."""
+    import rasterio
+    from rasterio._env import get_gdal_config
+
+    current = get_gdal_config("GDAL_CACHEMAX")
+    size = gdal_cache_bytes(width, bands, tile)
+    if isinstance(current, int) and current > 0:
+        size = min(size, current if current > 100_000 else current * 2**20)  # small values are MB
+    with rasterio.Env(GDAL_CACHEMAX=size):
+        yield size
+
+
 def _prepare(pred: Predictor, batch: np.ndarray, valid: np.ndarray) -> np.ndarray:
     """Input scale and normalisation of ``(B, C, h, w)`` in place; invalid pixels become 0 (the
     training mean)."""
@@ -345,7 +385,9 @@ def predict_scene(
     terrain = _terrain(pred, terrain) if own_stack else []
     stack = RasterStack(sources, nodata=nodata, bands=band_indexes, resampling=resampling, dem=dem,
                         terrain=terrain) if own_stack else sources
+    cache = contextlib.ExitStack()  # GDAL's block cache bounded from the domain sample to the COG
     try:
+        cache.enter_context(bounded_gdal_cache(stack.width, stack.count, tile))
         pred.check_bands(stack.count, f"input ({', '.join(p.name for p in stack.paths)})")
         if not stack.georeferenced:
             warnings.warn(
@@ -372,7 +414,7 @@ def predict_scene(
             "msff_prob_encoding": "float32 probability" if prob_dtype == "float32" else "uint8 round(p*250), scale 0.004",
         }
         all_tags.update(tags or {})
-        with SceneWriter(out_prob, out_mask, stack.profile, prob_dtype, all_tags) as writer, _cudnn_benchmark(dev):
+        with _cudnn_benchmark(dev), SceneWriter(out_prob, out_mask, stack.profile, prob_dtype, all_tags) as writer:
             stats = _sweep(pred, stack, grid, writer, dev, batch_size, tta, amp, progress, tqdm)
             written = writer.finish()
         frac = stats["positive"] / max(stats["valid"], 1)
@@ -383,6 +425,7 @@ def predict_scene(
     finally:
         if own_stack:
             stack.close()
+        cache.close()
     return SceneResult(
         prob=written.get("prob"),
         mask=written.get("mask"),
