@@ -7,8 +7,15 @@ machine's speed swings 3-5x between minutes):
 
 * the machine's fp32 GEMM rate through torch (best of several sizes, best of 3 each);
 * the MSFFNet ``cpu`` preset's GFLOP per 512² tile (``torch.utils.flop_counter``, 2 FLOP per MAC);
-* per engine (``nchw`` = today's eager NCHW path, ``torch`` = channels_last eager, ``onnx`` =
-  onnxruntime): seconds per tile, achieved GFLOP/s, fraction of the GEMM rate, ratio to ``nchw``;
+* per engine (``nchw`` = today's eager NCHW path, ``torch`` = channels_last eager,
+  ``torch_compile`` = channels_last + ``torch.compile`` with frozen weights (inductor ``freezing``:
+  oneDNN weight prepacking and fusions), ``onnx`` = onnxruntime on one tile, ``onnx_b4`` = on a batch
+  of 4 tiles as ``predict`` runs it): seconds per tile, achieved GFLOP/s, fraction of the best GEMM
+  rate of the run, the median of per-round fractions (the GEMM rate is measured again in each round,
+  so a round's ratio is taken under one load), ratio to ``nchw``;
+* where onnxruntime's time goes (its profiler, by op kind, convolution GFLOP/s per layer) and the
+  ceiling that puts on the fraction of the GEMM rate: with every convolution at the GEMM rate the
+  other nodes still take their time, so the fraction is at most ``F / (F + G·t_other)``;
 * on a synthetic uint16 scene: the whole pipeline (:func:`predict_scene`: reads, domain check,
   normalisation, blending, COG writing) against the bare engine over the same windows at the same
   tile and overlap (MP/s both), and against the bare NCHW model over today's default grid
@@ -18,7 +25,10 @@ machine's speed swings 3-5x between minutes):
 
 Sizes: ``MSFF_BENCH_SCENE=HxW`` (default 1856x1856: 25 windows at today's grid, 16 at overlap 64,
 a window ratio of 1.56 like a 4000² scene's 1.49), ``MSFF_BENCH_ROUNDS`` (default 3),
-``MSFF_BENCH_OVERLAP`` (default 64). Results: ``benchmarks/results/cpu_engine_overlap<N>.json``.
+``MSFF_BENCH_OVERLAP`` (default 64), ``MSFF_BENCH_COMPILE=0`` skips torch.compile (a cold compile
+is ~40 s). Results: ``benchmarks/results/cpu_engine_<isa>_overlap<N>.json`` (the first two runs,
+``cpu_engine_overlap64.json`` on AVX2 and ``cpu_engine_overlap128.json`` on AVX-512, predate the
+ISA in the name).
 Targets of issue 14 are printed beside the numbers; they are reported, not asserted (a shared
 machine's noise would make such asserts flaky).
 """
@@ -96,6 +106,60 @@ def _scene(path: Path, h: int, w: int) -> Path:
     return path
 
 
+def ort_profile(path, x: np.ndarray, threads: int, runs: int = 4) -> dict:
+    """Per-node onnxruntime timing (its own profiler; the first run dropped) grouped by op kind,
+    with the FLOPs of every convolution from its weight and output shapes (2 FLOP per MAC)."""
+    import collections
+
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.log_severity_level = 3
+    so.enable_profiling = True
+    so.profile_file_prefix = str(Path(path).with_suffix("")) + "-profile"
+    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    for _ in range(runs):
+        sess.run(None, {"x": x})
+    prof = Path(sess.end_profiling())
+    events = json.loads(prof.read_text())
+    prof.unlink()
+    durs, args = collections.defaultdict(list), {}
+    for e in events:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
+            durs[e["name"]].append(e["dur"] / 1e6)
+            args[e["name"]] = e.get("args", {})
+    kinds: dict = collections.defaultdict(lambda: dict(s=0.0, gflop=0.0, nodes=0))
+    layers = []
+    for name, d in durs.items():
+        a = args[name]
+        op = a.get("op_name", "?")
+        shapes = [next(iter(v.values())) for v in a.get("input_type_shape", [])]
+        out = [next(iter(v.values())) for v in a.get("output_type_shape", [])]
+        t = float(np.median(d[1:] if len(d) > 1 else d))
+        gf, kind = 0.0, op
+        if op in ("Conv", "FusedConv") and len(shapes) >= 2 and out:
+            w = shapes[1]
+            gf = 2.0 * float(np.prod(out[0])) * float(np.prod(w[1:])) / 1e9
+            kind = f"Conv {w[2]}x{w[3]}"
+            layers.append(dict(kind=kind, c_in=shapes[0][1], c_out=out[0][1], hw=out[0][2:], s=t, gflop=gf,
+                               gflops=gf / t if t else 0.0))
+        k = kinds[kind]
+        k["s"] += t
+        k["gflop"] += gf
+        k["nodes"] += 1
+    total = sum(k["s"] for k in kinds.values())
+    for k in kinds.values():
+        k["share"] = k["s"] / total
+        k["gflops"] = k["gflop"] / k["s"] if k["s"] else 0.0
+    conv_s = sum(k["s"] for n, k in kinds.items() if n.startswith("Conv "))
+    return dict(batch=int(x.shape[0]), node_seconds=total, conv_seconds=conv_s, other_seconds=total - conv_s,
+                kinds=dict(sorted(kinds.items(), key=lambda kv: -kv[1]["s"])),
+                layers=sorted(layers, key=lambda r: -r["s"]))
+
+
 def _bare(engine, windows: int, batch: int, shape) -> float:
     xb = torch.randn(batch, *shape)
     t0 = time.perf_counter()
@@ -114,32 +178,66 @@ def test_bench_cpu_engine(benchmark, tmp_path):
     overlap = _env_int("MSFF_BENCH_OVERLAP", 64)
     h, w = map(int, os.environ.get("MSFF_BENCH_SCENE", "1856x1856").lower().split("x"))
     model = build_model("cpu", in_channels=3).eval()
+    batch = 4  # predict's default: windows per forward pass
     engines = {"nchw": make_engine(model, "nchw"), "torch": make_engine(model, "torch"), "onnx": make_engine(model, "onnx")}
+    runs = {k: (e, 1) for k, e in engines.items()}
+    runs["onnx_b4"] = (engines["onnx"], batch)
+    compile_s = None
+    if os.environ.get("MSFF_BENCH_COMPILE", "1") == "1":  # torch's best CPU path: inductor with frozen weights
+        import torch._inductor.config as inductor_config
 
-    gemm = gemm_rate(tuple(int(v) for v in os.environ.get("MSFF_BENCH_GEMM", "1024,2048,3072").split(",")))
+        inductor_config.freezing = True
+        compiled = torch.compile(engines["torch"].model)
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            compiled(torch.randn(1, 3, TILE, TILE).contiguous(memory_format=torch.channels_last))
+        compile_s = time.perf_counter() - t0
+        runs["torch_compile"] = (lambda x: compiled(x.contiguous(memory_format=torch.channels_last)), 1)
+
+    gemm_sizes = tuple(int(v) for v in os.environ.get("MSFF_BENCH_GEMM", "1024,2048,3072").split(","))
+    gemm = gemm_rate(gemm_sizes)
     gflop = model_gflop(model, (1, 3, TILE, TILE))
 
-    # --- engines on one tile, alternating ---
-    x = torch.randn(1, 3, TILE, TILE)
-    times = {k: [] for k in engines}
+    # --- engines on one tile (and onnx on a batch of 4), alternating; the GEMM rate is measured
+    # again in every round, so each round gives a ratio taken under the same load ---
+    xs = {1: torch.randn(1, 3, TILE, TILE), batch: torch.randn(batch, 3, TILE, TILE)}
+    times = {k: [] for k in runs}
+    ratios = {k: [] for k in runs}
+    gemm_rounds = []
     with torch.inference_mode():
-        for e in engines.values():
-            e(x)
+        for f, b in runs.values():
+            f(xs[b])
         for r in range(rounds + 2):
-            order = list(engines) if r % 2 == 0 else list(reversed(engines))
+            g = gemm_rate(gemm_sizes[-2:], reps=2)["best_gflops"]
+            gemm_rounds.append(g)
+            order = list(runs) if r % 2 == 0 else list(reversed(runs))
             for k in order:
-                times[k].append(_timed(lambda k=k: engines[k](x)))
+                f, b = runs[k]
+                t = _timed(lambda f=f, b=b: f(xs[b])) / b
+                times[k].append(t)
+                ratios[k].append(gflop / t / g)
+    best_gemm = max([gemm["best_gflops"], *gemm_rounds])
     tile_s = {k: float(np.median(v)) for k, v in times.items()}
     eng_rows = {
-        k: dict(s_per_tile=s, gflops=gflop / s, of_gemm=gflop / s / gemm["best_gflops"], vs_nchw=tile_s["nchw"] / s)
+        k: dict(batch=runs[k][1], s_per_tile=s, gflops=gflop / s, of_gemm=gflop / s / best_gemm,
+                of_gemm_same_round_median=float(np.median(ratios[k])), vs_nchw=tile_s["nchw"] / s)
         for k, s in tile_s.items()
     }
+    # where the onnx engine's time goes (onnxruntime's profiler, same graph, batch 4)
+    g_prof = gemm_rate(gemm_sizes[-2:], reps=2)["best_gflops"]  # the load of the profiling minute
+    profile = ort_profile(engines["onnx"].path, xs[batch].numpy(), engines["onnx"].threads)
+    # Even with every convolution at the GEMM rate, the other nodes' time stays: the ceiling of the
+    # engine's fraction of the GEMM rate is F / (F + G * t_other) per tile.
+    t_other = profile["other_seconds"] / batch
+    ceiling = gflop / (gflop + g_prof * t_other)
+    profile.update(gemm_gflops_at_profile=g_prof,
+                   conv_gflops=sum(k["gflop"] for n, k in profile["kinds"].items() if n.startswith("Conv "))
+                   / max(profile["conv_seconds"], 1e-9))
 
     # --- pipeline vs bare engine (same tile, overlap, windows, batch); vs today's NCHW grid ---
     src = _scene(tmp_path / "scene.tif", h, w)
     grid = TileGrid(h, w, TILE, overlap)
     today = TileGrid(h, w, TILE, 128)
-    batch = 4
     counter = iter(range(10**6))
 
     def pipeline():
@@ -182,8 +280,11 @@ def test_bench_cpu_engine(benchmark, tmp_path):
                      torch_threads=torch.get_num_threads(), torch=torch.__version__,
                      onnxruntime=__import__("onnxruntime").__version__,
                      note="shared machine; run under flock /tmp/msff-heavy.lock; alternating rounds, medians"),
-        gemm=gemm, model="MSFFNet cpu preset (width x0.25), 3 bands, eval, fp32", tile=TILE,
-        gflop_per_tile=gflop, engines=eng_rows, rounds=rounds,
+        gemm=dict(gemm, per_round_gflops=gemm_rounds, best_in_run=best_gemm),
+        model="MSFFNet cpu preset (width x0.25), 3 bands, eval, fp32", tile=TILE,
+        gflop_per_tile=gflop, engines=eng_rows, rounds=rounds, torch_compile_cold_s=compile_s,
+        onnx_profile=dict(profile, of_gemm_ceiling_if_convs_ran_at_gemm_rate=ceiling,
+                          layers=profile["layers"][:20]),
         scene=dict(size=f"{h}x{w}x3 uint16", megapixels=mp, overlap=overlap, windows=len(grid), batch=batch,
                    today_windows=len(today), pipeline_s=pipe, pipeline_mp_s=mp / pipe, bare_onnx_s=bare,
                    bare_onnx_mp_s=mp / bare, pipeline_of_bare=bare / pipe, bare_nchw_today_grid_s=nchw_today,
@@ -195,9 +296,11 @@ def test_bench_cpu_engine(benchmark, tmp_path):
     )
     benchmark.extra_info.update(gflop_per_tile=gflop, gemm_best_gflops=gemm["best_gflops"],
                                 **{f"{k}_gflops": v["gflops"] for k, v in eng_rows.items()},
-                                pipeline_of_bare=bare / pipe, end_to_end_speedup=nchw_today / pipe)
+                                pipeline_of_bare=bare / pipe, end_to_end_speedup=nchw_today / pipe,
+                                onnx_of_gemm_ceiling=ceiling)
     RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"cpu_engine_overlap{overlap}.json"
+    isa = doc["machine"]["cpu"].rsplit("(", 1)[-1].rstrip(")")
+    out = RESULTS / f"cpu_engine_{isa}_overlap{overlap}.json"
     tmp = out.with_suffix(".tmp")
     tmp.write_text(json.dumps(doc, indent=2))
     os.replace(tmp, out)
