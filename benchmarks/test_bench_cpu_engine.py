@@ -16,6 +16,8 @@ machine's speed swings 3-5x between minutes):
 * where onnxruntime's time goes (its profiler, by op kind, convolution GFLOP/s per layer) and the
   ceiling that puts on the fraction of the GEMM rate: with every convolution at the GEMM rate the
   other nodes still take their time, so the fraction is at most ``F / (F + G·t_other)``;
+* one convolution (3×3 and 1×15, Conv+ReLU) at equal FLOPs and 16…128 channels: how the layer width
+  sets onnxruntime's convolution efficiency (MSFFNet's full-resolution layers have 16 channels);
 * on a synthetic uint16 scene: the whole pipeline (:func:`predict_scene`: reads, domain check,
   normalisation, blending, COG writing) against the bare engine over the same windows at the same
   tile and overlap (MP/s both), and against the bare NCHW model over today's default grid
@@ -160,6 +162,47 @@ def ort_profile(path, x: np.ndarray, threads: int, runs: int = 4) -> dict:
                 layers=sorted(layers, key=lambda r: -r["s"]))
 
 
+def conv_sweep(threads=2, gflop_target=2.0, reps=6, channels=(16, 32, 64, 128), kernels=((3, 3), (1, 15))):
+    """GFLOP/s of one Conv+ReLU node (onnxruntime's own profiler, NCHWc reorders excluded) at equal
+    FLOPs and channel counts 16..128: how the width of the layer sets the efficiency."""
+    import tempfile
+
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    rows = []
+    for kh, kw in kernels:
+        for c in channels:
+            hw = max(16, int(round((gflop_target * 1e9 / (2 * c * c * kh * kw)) ** 0.5 / 16) * 16))
+            w = numpy_helper.from_array(np.random.default_rng(0).normal(size=(c, c, kh, kw)).astype(np.float32) * 0.05, "w")
+            nodes = [helper.make_node("Conv", ["x", "w"], ["y"], pads=[kh // 2, kw // 2, kh // 2, kw // 2]),
+                     helper.make_node("Relu", ["y"], ["z"])]
+            g = helper.make_graph(nodes, "c", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, c, hw, hw])],
+                                  [helper.make_tensor_value_info("z", TensorProto.FLOAT, [1, c, hw, hw])], [w])
+            m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+            so = ort.SessionOptions()
+            so.intra_op_num_threads = threads
+            so.inter_op_num_threads = 1
+            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+            so.log_severity_level = 3
+            so.enable_profiling = True
+            so.profile_file_prefix = os.path.join(tempfile.gettempdir(), f"msff-convsweep-{os.getpid()}")
+            s = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
+            x = np.random.default_rng(1).normal(size=(1, c, hw, hw)).astype(np.float32)
+            for _ in range(reps + 1):
+                s.run(None, {"x": x})
+            prof = s.end_profiling()
+            with open(prof) as f:
+                ev = json.load(f)
+            os.unlink(prof)
+            d = [e["dur"] / 1e6 for e in ev if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")
+                 and e["args"].get("op_name") in ("Conv", "FusedConv")][1:]
+            gf = 2 * c * c * kh * kw * hw * hw / 1e9
+            t = float(np.median(d))
+            rows.append(dict(kernel=f"{kh}x{kw}", channels=c, hw=hw, gflop=gf, s=t, gflops=gf / t))
+    return rows
+
+
 def _bare(engine, windows: int, batch: int, shape) -> float:
     xb = torch.randn(batch, *shape)
     t0 = time.perf_counter()
@@ -230,6 +273,8 @@ def test_bench_cpu_engine(benchmark, tmp_path):
     # engine's fraction of the GEMM rate is F / (F + G * t_other) per tile.
     t_other = profile["other_seconds"] / batch
     ceiling = gflop / (gflop + g_prof * t_other)
+    g_sweep = gemm_rate(gemm_sizes[-2:], reps=2)["best_gflops"]
+    sweep = [dict(r, of_gemm=r["gflops"] / g_sweep) for r in conv_sweep(engines["onnx"].threads)]
     profile.update(gemm_gflops_at_profile=g_prof,
                    conv_gflops=sum(k["gflop"] for n, k in profile["kinds"].items() if n.startswith("Conv "))
                    / max(profile["conv_seconds"], 1e-9))
@@ -283,6 +328,8 @@ def test_bench_cpu_engine(benchmark, tmp_path):
         gemm=dict(gemm, per_round_gflops=gemm_rounds, best_in_run=best_gemm),
         model="MSFFNet cpu preset (width x0.25), 3 bands, eval, fp32", tile=TILE,
         gflop_per_tile=gflop, engines=eng_rows, rounds=rounds, torch_compile_cold_s=compile_s,
+        conv_width_sweep=dict(gemm_gflops=g_sweep, rows=sweep,
+                              what="one Conv+ReLU node, equal FLOPs, onnxruntime profiler time (reorders excluded)"),
         onnx_profile=dict(profile, of_gemm_ceiling_if_convs_ran_at_gemm_rate=ceiling,
                           layers=profile["layers"][:20]),
         scene=dict(size=f"{h}x{w}x3 uint16", megapixels=mp, overlap=overlap, windows=len(grid), batch=batch,
