@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "cuda/line_conv_plan.h"
+#include "cuda/pointwise_plan.h"
 #include "msff_cuda.h"
 
 namespace msff {
@@ -112,6 +113,13 @@ MutView4 no_mview() { return MutView4{nullptr, 0, 0, 0, 0}; }
 
 const float* fptr(const optional<Tensor>& t) { return t.has_value() ? t->data_ptr<float>() : nullptr; }
 
+// fp64 scratch of the pointwise kernels' per-CTA partials: `reductions` x pw_plan(...).partial_elems.
+Tensor pw_partials(const Tensor& ref, int64_t reductions, int64_t N, int64_t C, int64_t H, int64_t W) {
+  const PwPlan pl = pw_plan(static_cast<int>(N), static_cast<int>(C), static_cast<int>(H), static_cast<int>(W));
+  return at::empty({reductions * pl.partial_elems}, ref.options().dtype(at::kDouble));
+}
+double* dptr(const Tensor& t) { return t.numel() > 0 ? t.data_ptr<double>() : nullptr; }
+
 void check_launch(cudaError_t err, const char* what) {
   TORCH_CHECK(err == cudaSuccess, "msff CUDA kernel ", what, " failed to launch: ", cudaGetErrorString(err));
 }
@@ -138,15 +146,17 @@ int num_sms(int device) {
 }
 
 // MSFF_CUDA_CONV picks the forward / input-gradient kernels: "generic" (default; csrc/cuda/
-// line_conv.cu), "tc" (the tensor-core pipeline of this GPU where the shape allows: wgmma on
-// sm_90a builds on Hopper, mma.sync on sm_80+; csrc/cuda/line_conv_tc.cu) or "sm80" (the mma.sync
-// pipeline even on Hopper). Read at every call so that tests can switch it.
+// line_conv.cu), "tc" (the tensor-core pipeline of this GPU where the shape allows: on sm_90a
+// builds on Hopper wgmma fed by TMA + mbarriers, mma.sync on sm_80+; csrc/cuda/line_conv_tc.cu),
+// "tc-cpasync" (on Hopper the wgmma pipeline with cp.async staging instead of TMA) or "sm80"
+// (the mma.sync pipeline even on Hopper). Read at every call so that tests can switch it.
 ConvRequest conv_request() {
   const char* v = std::getenv("MSFF_CUDA_CONV");
   if (v == nullptr || *v == '\0' || std::strcmp(v, "generic") == 0) return ConvRequest::kGeneric;
   if (std::strcmp(v, "tc") == 0) return ConvRequest::kBest;
+  if (std::strcmp(v, "tc-cpasync") == 0) return ConvRequest::kCpAsync;
   if (std::strcmp(v, "sm80") == 0) return ConvRequest::kSm80;
-  TORCH_CHECK(false, "MSFF_CUDA_CONV must be one of generic, tc, sm80, got '", v, "'");
+  TORCH_CHECK(false, "MSFF_CUDA_CONV must be one of generic, tc, tc-cpasync, sm80, got '", v, "'");
   return ConvRequest::kGeneric;
 }
 
@@ -307,6 +317,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lk_conv_backward_cuda
     q.g_r = need_gr ? mview4(g_r) : no_mview();
     q.grad_add = want_add ? mview4(grad_add) : no_mview();
     q.grad_bias = want_b ? gb.data_ptr<double>() : nullptr;
+    const Tensor q_part = want_b ? pw_partials(x, 1, N, Cout, H, W) : Tensor();
+    q.partials = want_b ? dptr(q_part) : nullptr;
     q.N = static_cast<int>(N);
     q.C = static_cast<int>(Cout);
     q.H = static_cast<int>(H);
@@ -450,13 +462,15 @@ std::tuple<Tensor, Tensor> lkam_se_cuda(const Tensor& fa, const optional<Tensor>
   const int N = static_cast<int>(s.N), C = static_cast<int>(s.C), H = static_cast<int>(s.H),
             W = static_cast<int>(s.W), Hid = static_cast<int>(s.Hid);
 
-  check_launch(se_pool(SePoolParams{f, pooled.data_ptr<float>(), N, C, H, W, dt}, stream), "lkam_se pool");
+  const Tensor pool_part = pw_partials(fa, 1, s.N, s.C, s.H, s.W);
+  check_launch(se_pool(SePoolParams{f, pooled.data_ptr<float>(), N, C, H, W, dt, dptr(pool_part), 0, 0}, stream),
+               "lkam_se pool");
   check_launch(se_excite(SeExciteParams{pooled.data_ptr<float>(), w1.data_ptr<float>(), b1.data_ptr<float>(),
                                         w2.data_ptr<float>(), b2.data_ptr<float>(), z.data_ptr<float>(), N, C, Hid},
                          stream),
                "lkam_se excite");
   check_launch(se_apply(SeApplyParams{f, z.data_ptr<float>(), view4(residual), fptr(res_scale), fptr(res_shift),
-                                      mview4(out), N, C, H, W, dt},
+                                      mview4(out), N, C, H, W, dt, 0, 0},
                         stream),
                "lkam_se scale + residual");
   return {out, pooled};
@@ -502,6 +516,8 @@ lkam_se_backward_cuda(const Tensor& grad_out, const optional<Tensor>& grad_poole
   r.H = H;
   r.W = W;
   r.dtype = dt;
+  const Tensor r_part = pw_partials(fa, res_bn ? 3 : 1, s.N, s.C, s.H, s.W);
+  r.partials = dptr(r_part);
   check_launch(se_bwd_reduce(r, stream), "lkam_se backward (reduce)");
 
   // 2) the SE MLP backward.
@@ -526,6 +542,8 @@ lkam_se_backward_cuda(const Tensor& grad_out, const optional<Tensor>& grad_poole
   m.N = N;
   m.C = C;
   m.Hid = Hid;
+  Tensor mlp_scratch = at::empty({s.N * (s.C + 2 * s.Hid)}, f32);
+  m.scratch = mlp_scratch.data_ptr<float>();
   check_launch(se_mlp_bwd(m, stream), "lkam_se backward (SE MLP)");
 
   // 3) gF = grad_out * z + gp / HW, through each branch's BN-affine + ReLU. z is recomputed
@@ -556,6 +574,8 @@ lkam_se_backward_cuda(const Tensor& grad_out, const optional<Tensor>& grad_poole
   a.H = H;
   a.W = W;
   a.dtype = dt;
+  const Tensor a_part = (bn_a || bn_b) ? pw_partials(fa, 4, s.N, s.C, s.H, s.W) : Tensor();
+  a.partials = (bn_a || bn_b) ? dptr(a_part) : nullptr;
   check_launch(se_bwd_apply(a, stream), "lkam_se backward (apply)");
 
   Tensor e = empty_grad(fa);

@@ -46,14 +46,16 @@ enum class Epilogue : int { kConv = 0, kGate = 1 };
 // Which forward/input-gradient kernel runs (csrc/cuda/line_conv.cu is kGeneric, every layout and
 // dtype; csrc/cuda/line_conv_tc.cu holds the tensor-core pipelines for bf16/fp16 channels_last
 // with Cin, Cout multiples of 8): kSm80 = mma.sync fed by ldmatrix from cp.async (sm_80 and up),
-// kSm90a = wgmma (sm_90a builds on a compute-capability 9.0 GPU).
-enum class ConvKernel : int { kGeneric = 0, kSm80 = 1, kSm90a = 2 };
+// kSm90a = wgmma with the halo staged by cp.async (sm_90a builds on a compute-capability 9.0 GPU),
+// kSm90aTma = wgmma with the halo staged by TMA in an mbarrier pipeline fed by a producer warp.
+enum class ConvKernel : int { kGeneric = 0, kSm80 = 1, kSm90a = 2, kSm90aTma = 3 };
 
 // What the caller asks for (the MSFF_CUDA_CONV environment variable, read by the torch glue):
 // kGeneric (the default until a GPU validation record says otherwise), kBest (the fastest
-// tensor-core kernel of this GPU where the shape allows it, else generic), kSm80 (the mma.sync
-// kernel even on Hopper, for parity checks).
-enum class ConvRequest : int { kGeneric = 0, kBest = 1, kSm80 = 2 };
+// tensor-core kernel of this GPU where the shape allows it, else generic: on Hopper the TMA
+// pipeline), kSm80 (the mma.sync kernel even on Hopper, for parity checks), kCpAsync (on Hopper
+// the wgmma kernel with cp.async staging instead of TMA: the fallback, and a parity check).
+enum class ConvRequest : int { kGeneric = 0, kBest = 1, kSm80 = 2, kCpAsync = 3 };
 
 struct LineConvParams {
   View4 x;
@@ -78,6 +80,7 @@ struct LineConvParams {
   const void* w_nk;      // the weight packed (K, Cout, Cin) contiguous, 16-byte aligned
   double* partials;      // (2, num_sms, Cout) fp64 scratch of the deterministic statistics
   int num_sms;
+  int smem_optin;        // filled by the launcher: the budget the TMA kernel's stages were planned in
 };
 
 // The kernel that line_conv_forward would run for p (reads p's shapes, strides, dtype and the
@@ -108,13 +111,17 @@ struct LineConvWgradParams {
 ConvKernel line_conv_wgrad_choose(const LineConvWgradParams& p, ConvRequest request);
 
 // ---- pointwise + channel-reduction kernels (csrc/cuda/pointwise.cu) -------------------------
-// All walk a (N, C, H, W) domain in tiles of 32 channels × 64 pixels of one image, coalescing
-// along the first tensor's contiguous axis. Per-channel sums are fp64 (C,), per-(n, c) sums fp32
-// (N, C); all are accumulated with atomics into buffers the caller zeroed.
+// All walk a (N, C, H, W) domain in CTA tiles of 64 channels x `span` pixels of one image
+// (csrc/cuda/pointwise_plan.h), with 16-byte vectors along the first tensor's contiguous axis
+// where the layouts allow. Per-channel sums are fp64 (C,), per-(n, c) sums fp32 (N, C); both are
+// WRITTEN (not accumulated) from per-CTA fp64 partials summed in a fixed order: deterministic,
+// no atomics. `partials` is caller-provided scratch of (number of reductions) x
+// pw_plan(N, C, H, W).partial_elems doubles; `span` and `partial_elems` are filled by the
+// launcher (callers leave them 0).
 
 // Backward prologue of lk_conv's epilogue (SPEC.md, _lk_conv_backward):
 //   g = grad_y + grad_sum[c] + 2 * y * grad_sumsq[c];  grad_add = g
-//   g_r = relu ? g * (y - add > 0) : g;                 grad_bias[c] += sum g_r
+//   g_r = relu ? g * (y - add > 0) : g;                 grad_bias[c] = sum g_r
 struct LkConvBwdPrepParams {
   View4 grad_y;
   const float* grad_sum;  // nullptr: absent
@@ -127,6 +134,9 @@ struct LkConvBwdPrepParams {
   double* grad_bias;  // nullptr: not reduced
   int N, C, H, W;
   DType dtype;
+  double* partials;      // scratch (see above); nullptr only when nothing is reduced
+  int span;              // filled by the launcher
+  int64_t partial_elems; // filled by the launcher
 };
 
 // Branch pair of lkam_se: F = act(fa, scale_a, shift_a) + act(fb, scale_b, shift_b), with
@@ -140,12 +150,15 @@ struct BranchPair {
   const float* shift_b;
 };
 
-// pooled[n, c] += sum_{h,w} F / (H * W)
+// pooled[n, c] = sum_{h,w} F / (H * W)
 struct SePoolParams {
   BranchPair f;
   float* pooled;
   int N, C, H, W;
   DType dtype;
+  double* partials;      // scratch (see above); nullptr only when nothing is reduced
+  int span;              // filled by the launcher
+  int64_t partial_elems; // filled by the launcher
 };
 
 // z[n, c] = sigmoid(relu(pooled @ w1.T + b1) @ w2.T + b2); w1 (Hid, C), w2 (C, Hid) fp32.
@@ -169,11 +182,13 @@ struct SeApplyParams {
   MutView4 out;
   int N, C, H, W;
   DType dtype;
+  int span;              // filled by the launcher
+  int64_t partial_elems; // filled by the launcher
 };
 
 // First backward pass of lkam_se:
-//   gz[n, c] += sum_{h,w} grad_out * F;  grad_residual = grad_out * res_scale[c] (or grad_out)
-//   grad_res_scale[c] += sum grad_out * residual;  grad_res_shift[c] += sum grad_out
+//   gz[n, c] = sum_{h,w} grad_out * F;  grad_residual = grad_out * res_scale[c] (or grad_out)
+//   grad_res_scale[c] = sum grad_out * residual;  grad_res_shift[c] = sum grad_out
 struct SeBwdReduceParams {
   View4 grad_out;
   BranchPair f;
@@ -185,11 +200,15 @@ struct SeBwdReduceParams {
   double* grad_res_shift;
   int N, C, H, W;
   DType dtype;
+  double* partials;      // scratch (see above); nullptr only when nothing is reduced
+  int span;              // filled by the launcher
+  int64_t partial_elems; // filled by the launcher
 };
 
 // The SE MLP backward, one block per image (SPEC.md, _lkam_se_backward):
 //   gq = gz * z * (1 - z); gu = (gq @ w2) * (u > 0); gp = gu @ w1 + grad_pooled
-//   grad_b2 += gq; grad_w2 += gq^T v; grad_b1 += gu; grad_w1 += gu^T pooled   (fp32 atomics)
+//   grad_b2 = sum_n gq; grad_w2 = gq^T v; grad_b1 = sum_n gu; grad_w1 = gu^T pooled (written, summed
+//   over images in image order by a second kernel: deterministic, no atomics)
 struct SeMlpBwdParams {
   const float* pooled;
   const float* gz;
@@ -204,11 +223,12 @@ struct SeMlpBwdParams {
   float* grad_w2;
   float* grad_b2;
   int N, C, Hid;
+  float* scratch;  // N * (C + 2 * Hid) fp32: per-image gq, relu(u), gu rows
 };
 
 // Second backward pass of lkam_se: gF = grad_out * z[n, c] + gp[n, c] / (H * W); per branch
-// with a scale: m = (t * s + h > 0), grad_t = gF * m * s, grad_s[c] += sum gF * m * t,
-// grad_h[c] += sum gF * m; without: grad_t = gF.
+// with a scale: m = (t * s + h > 0), grad_t = gF * m * s, grad_s[c] = sum gF * m * t,
+// grad_h[c] = sum gF * m; without: grad_t = gF.
 struct SeBwdApplyParams {
   View4 grad_out;
   BranchPair f;
@@ -222,6 +242,9 @@ struct SeBwdApplyParams {
   double* grad_shift_b;
   int N, C, H, W;
   DType dtype;
+  double* partials;      // scratch (see above); nullptr only when nothing is reduced
+  int span;              // filled by the launcher
+  int64_t partial_elems; // filled by the launcher
 };
 
 cudaError_t lk_conv_bwd_prep(const LkConvBwdPrepParams& p, cudaStream_t stream);

@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "cuda/line_conv_plan.h"
+#include "cuda/pointwise_plan.h"
 
 namespace {
 
@@ -31,6 +32,39 @@ std::vector<int64_t> lk_conv_cuda_plan(int64_t N, int64_t Cin, int64_t Cout, int
                                       static_cast<int>(axis), static_cast<int>(num_sms));
   return {TC_BM, f.bn, TC_THREADS, f.smem, f.grid_x, f.grid_y, WG_CO, WG_CI, WG_S, WG_THREADS,
           w.smem, w.co_tiles, w.ci_tiles, w.splits, WG_KMAX};
+}
+
+// The launch plan of the pointwise / SE kernels (csrc/cuda/pointwise.cu) for an (N, C, H, W)
+// activation: [channels_per_cta, pixels_per_subtile, threads, grid_x (pixel blocks per image),
+// grid_y (channel tiles), grid_z (N), span (pixels per CTA), partial_elems (fp64 partials per
+// reduced quantity), vector_elems_bf16, vector_elems_fp32].
+std::vector<int64_t> pointwise_cuda_plan(int64_t N, int64_t C, int64_t H, int64_t W) {
+  using namespace msff;
+  const PwPlan p = pw_plan(static_cast<int>(N), static_cast<int>(C), static_cast<int>(H), static_cast<int>(W));
+  return {PW_TC, PW_TP, PW_THREADS, p.pblocks, p.ctiles, p.ctiles > 0 ? N : 0, p.span, p.partial_elems,
+          pw_vec_width(2), pw_vec_width(4)};
+}
+
+// The sm_90a TMA forward's halo tensor map and pipeline for one activation (the same functions
+// the launcher encodes and plans with; csrc/cuda/line_conv_plan.h). Strides in elements.
+// Returns [dims[4] (innermost first: C, L, lines, N), strides_bytes[3], box[4], chunks, box_bytes,
+// chunk_bytes, ok, stages, smem_bytes, stage_bytes, threads] for the channel tile bn.
+std::vector<int64_t> lk_conv_cuda_tma_plan(int64_t N, int64_t C, int64_t H, int64_t W, int64_t sn, int64_t sc,
+                                           int64_t sh, int64_t sw, int64_t K, int64_t axis, int64_t bn,
+                                           int64_t smem_optin) {
+  using namespace msff;
+  const TmaHaloDesc d = tma_halo_desc(static_cast<int>(N), static_cast<int>(C), static_cast<int>(H),
+                                      static_cast<int>(W), sn, sc, sh, sw, static_cast<int>(K), static_cast<int>(axis),
+                                      2, 0);
+  const TmaGeo g = tma_geometry(static_cast<int>(C), static_cast<int>(K), static_cast<int>(bn),
+                                static_cast<int>(smem_optin));
+  std::vector<int64_t> v;
+  for (uint64_t x : d.dims) v.push_back(static_cast<int64_t>(x));
+  for (uint64_t x : d.strides) v.push_back(static_cast<int64_t>(x));
+  for (uint32_t x : d.box) v.push_back(x);
+  v.insert(v.end(), {d.chunks, d.box_bytes, d.chunk_bytes, d.ok ? 1 : 0, g.stages, g.total, g.stage_bytes,
+                     TMA_THREADS});
+  return v;
 }
 
 }  // namespace
@@ -59,6 +93,11 @@ TORCH_LIBRARY(msff, m) {
       "_lk_conv_cuda_plan(int N, int Cin, int Cout, int H, int W, int K, int axis, int smem_optin, "
       "int num_sms) -> int[]",
       &lk_conv_cuda_plan);
+  m.def("_pointwise_cuda_plan(int N, int C, int H, int W) -> int[]", &pointwise_cuda_plan);
+  m.def(
+      "_lk_conv_cuda_tma_plan(int N, int C, int H, int W, int sn, int sc, int sh, int sw, int K, int axis, "
+      "int bn, int smem_optin) -> int[]",
+      &lk_conv_cuda_tma_plan);
 }
 
 // `import msff._C` loads this library (and so runs the registrations above). The module carries

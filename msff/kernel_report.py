@@ -265,6 +265,8 @@ def sass_counts(sass: str) -> dict:
             keys.append("atomics")
         elif op.startswith("LDSM"):
             keys.append("ldsm")
+        elif op.startswith("SYNCS"):
+            keys.append("syncs")  # mbarrier arrive / expect-tx / phase test (Hopper)
         return keys
 
     total: dict = {}

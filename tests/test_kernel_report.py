@@ -31,6 +31,10 @@ CUDA_RULES_XFAIL: dict[str, str] = {
 }
 #: CUDA kernels held to the conv main-loop rules (the rest: no spills only)
 CUDA_CONV = re.compile(r"^line_conv_(?!.*reduce)")
+#: CUDA pointwise kernels (csrc/cuda/pointwise.cu, issue 12) held to the vector rules: their
+#: 16-byte-vector instantiations (template argument V > 1) load with LDG.E.128, never load 2-byte
+#: scalars in a loop, spill nothing; no kernel of pointwise.cu uses atomics (deterministic sums)
+CUDA_POINTWISE = re.compile(r"^(se_pool|se_apply|se_bwd_reduce|se_bwd_apply|lk_conv_bwd_prep)_kernel$")
 
 TRITON_KERNELS = sorted({
     m.group(1)
@@ -151,6 +155,60 @@ def test_cuda_kernel_rules_sm90a(report, kernel):
     assert not fails, "\n".join(sorted(set(fails))[:20])
 
 
+def _vector_width(short: str) -> int:
+    """``se_pool_kernel<__nv_bfloat16, 8>`` -> 8 (the last template argument), 0 without one."""
+    m = re.search(r",\s*(\d+)>$", short)
+    return int(m.group(1)) if m else 0
+
+
+@pytest.mark.skipif(not (shutil.which("nvcc") or Path("/usr/local/cuda/bin/nvcc").exists()),
+                    reason="nvcc not found")
+@pytest.mark.parametrize("kernel", [k for k in CUDA_KERNELS
+                                    if CUDA_POINTWISE.match(k.split(":")[1])])
+def test_cuda_pointwise_vector_rules_sm90a(report, kernel):
+    file, name = kernel.split(":")
+    rows = [r for r in report["cuda"] if r.get("arch") == "sm_90a" and r.get("status") == "ok"
+            and r["file"] == file and r["short"].split("<")[0] == name]
+    vec = [r for r in rows if _vector_width(r["short"]) > 1]
+    assert {_vector_width(r["short"]) for r in vec} == {4, 8}, [r["short"] for r in rows]
+    fails = []
+    for r in vec:
+        t, loop = r["sass"]["total"], r["sass"]["in_loop"]
+        if r["spill_stores"] or r["spill_loads"]:
+            fails.append(f"{r['short']}: {r['spill_stores']} B spill stores")
+        if not t.get("ldg_128", 0):
+            fails.append(f"{r['short']}: no LDG.E.128")
+        if loop.get("ldg_16", 0) or loop.get("ldg_8", 0):
+            fails.append(f"{r['short']}: {loop.get('ldg_16', 0)} LDG.E.U16 in a loop")
+    assert not fails, "\n".join(fails)
+
+
+@pytest.mark.skipif(not (shutil.which("nvcc") or Path("/usr/local/cuda/bin/nvcc").exists()),
+                    reason="nvcc not found")
+def test_cuda_pointwise_kernels_use_no_atomics(report):
+    rows = [r for r in report["cuda"] if r.get("arch") == "sm_90a" and r.get("status") == "ok"
+            and r["file"] == "pointwise.cu"]
+    assert len(rows) >= 30, len(rows)
+    bad = [(r["short"], r["sass"]["total"]["atomics"]) for r in rows
+           if r["sass"]["total"].get("atomics", 0)]
+    assert not bad, bad
+
+
+@pytest.mark.skipif(not (shutil.which("nvcc") or Path("/usr/local/cuda/bin/nvcc").exists()),
+                    reason="nvcc not found")
+def test_cuda_tma_kernel_rules_sm90a(report):
+    # issue 12: the sm_90a forward stages its halo by TMA (UTMALDG) in an mbarrier pipeline
+    # (SYNCS) feeding wgmma (HGMMA), without spills
+    rows = [r for r in report["cuda"] if r.get("arch") == "sm_90a" and r.get("status") == "ok"
+            and r["short"].startswith("line_conv_tma_kernel")]
+    assert len(rows) == 6, [r["short"] for r in rows]
+    for r in rows:
+        t = r["sass"]["total"]
+        assert t.get("tma_load", 0) and t.get("syncs", 0) and t.get("hgmma", 0), (r["short"], t)
+        assert not (r["spill_stores"] or r["spill_loads"]), r["short"]
+        assert not r["sass"]["in_loop"].get("ldg_16", 0), r["short"]
+
+
 # ---- the parsing and arithmetic, on synthetic input (no compiler) ---------------------------
 def test_sass_counts_finds_loops_and_load_widths():
     from msff.kernel_report import sass_counts
@@ -172,6 +230,21 @@ def test_sass_counts_finds_loops_and_load_widths():
     assert c["total"] == {"ldg_16": 2, "ldg_128": 1, "ldgsts": 1, "ldgsts_128": 1, "hgmma": 1,
                           "atomics": 1, "stg_16": 1, "ldg_32": 1}
     assert c["in_loop"] == {"ldgsts": 1, "ldgsts_128": 1, "ldg_16": 1, "hgmma": 1}
+
+
+def test_sass_counts_finds_tma_and_mbarriers():
+    from msff.kernel_report import sass_counts
+
+    sass = """
+        /*0000*/                   UTMALDG.4D [UR8], [UR4] ;
+        /*0010*/                   SYNCS.ARRIVE.TRANS64.A1T0 RZ, [UR6], RZ ;
+        /*0020*/                   SYNCS.PHASECHK.TRANS64.TRYWAIT P0, [UR6], R3 ;
+        /*0030*/              @!P0 BRA 0x20 ;
+        /*0040*/                   EXIT ;
+    """
+    c = sass_counts(sass)
+    assert c["total"] == {"tma_load": 1, "syncs": 2}
+    assert c["in_loop"] == {"syncs": 1}  # the try-wait spin loop
 
 
 def test_occupancy_limits():

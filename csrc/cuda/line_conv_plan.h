@@ -83,6 +83,93 @@ inline TcFwdPlan tc_fwd_plan(int N, int Cin, int Cout, int H, int W, int K, int 
   return pl;
 }
 
+// ---- sm_90a forward / input gradient with TMA (line_conv_tma_kernel) -------------------------
+// The halo of a tile is loaded by the Tensor Memory Accelerator from a 4-D tensor map of the
+// channels_last activation: dims (innermost first) {C, L, lines, N}, L = the convolution axis
+// (W for axis 1, H for axis 0), lines = the other spatial axis. A box is TMA_BC channels x
+// (TC_BM + K - 1) rows x 1 x 1 at coordinates {chunk * TMA_BC, pos0 - K/2, line, n}; everything
+// outside the tensor (rows before 0 / past L, channels past C) is zero-filled by the hardware,
+// which is exactly the "same" padding and the channel tail. 128-byte swizzle: a row is 128 bytes
+// (64 bf16 channels), its 16-byte unit u lands at unit u ^ (row & 7), so ldmatrix of 8 rows is
+// bank-conflict free.
+constexpr int TMA_BC = 64;               // channels per box (128 bytes of bf16/fp16)
+constexpr int TMA_SWIZZLE = 128;         // CU_TENSOR_MAP_SWIZZLE_128B
+constexpr int TMA_MAX_STAGES = 4;
+constexpr int TMA_CONSUMERS = 256;       // two consumer warpgroups (wgmma)
+constexpr int TMA_THREADS = TMA_CONSUMERS + 32;  // + one producer warp
+
+struct TmaHaloDesc {
+  uint64_t dims[4];     // elements, innermost first: C, L, lines, N
+  uint64_t strides[3];  // bytes of dims 1..3 (dim 0 is contiguous)
+  uint32_t box[4];      // TMA_BC, rows, 1, 1
+  int chunks;           // boxes per halo tile: ceil(C / TMA_BC)
+  int box_bytes;        // bytes one box writes (zero-filled parts included): the expect-tx count
+  int chunk_bytes;      // shared-memory footprint of one box, 1024-byte aligned (swizzle atom)
+  bool ok;              // encodable: 16-byte strides and base, channels contiguous, rows <= 256
+};
+
+// Descriptor parameters of the halo tensor map for an activation (N, C, H, W) with element strides
+// (sn, sc, sh, sw), base address `base`, elements of `elem_bytes` bytes.
+inline TmaHaloDesc tma_halo_desc(int N, int C, int H, int W, int64_t sn, int64_t sc, int64_t sh, int64_t sw,
+                                 int K, int axis, int elem_bytes, uint64_t base) {
+  TmaHaloDesc d{};
+  const int64_t s_l = axis == 1 ? sw : sh, s_line = axis == 1 ? sh : sw;
+  d.dims[0] = static_cast<uint64_t>(C);
+  d.dims[1] = static_cast<uint64_t>(axis == 1 ? W : H);
+  d.dims[2] = static_cast<uint64_t>(axis == 1 ? H : W);
+  d.dims[3] = static_cast<uint64_t>(N);
+  d.strides[0] = static_cast<uint64_t>(s_l) * elem_bytes;
+  d.strides[1] = static_cast<uint64_t>(s_line) * elem_bytes;
+  d.strides[2] = static_cast<uint64_t>(sn) * elem_bytes;
+  const int rows = TC_BM + K - 1;
+  d.box[0] = TMA_BC;
+  d.box[1] = static_cast<uint32_t>(rows);
+  d.box[2] = 1;
+  d.box[3] = 1;
+  d.chunks = (C + TMA_BC - 1) / TMA_BC;
+  d.box_bytes = TMA_BC * rows * elem_bytes;
+  d.chunk_bytes = round_up(d.box_bytes, 1024);
+  bool ok = sc == 1 && elem_bytes * TMA_BC == TMA_SWIZZLE && rows <= 256 && base % 16 == 0 && N > 0 && C > 0 &&
+            H > 0 && W > 0;
+  for (int i = 0; i < 3; ++i) {
+    const int64_t s = i == 0 ? s_l : (i == 1 ? s_line : sn);
+    ok = ok && s > 0 && d.strides[i] % 16 == 0 && d.strides[i] < (uint64_t(1) << 40);
+  }
+  d.ok = ok;
+  return d;
+}
+
+// Shared memory of line_conv_tma_kernel: resident weights (as tc_geometry), then `stages` halo
+// stages of `chunks` swizzled boxes, the prologue parameters, the statistics scratch and the
+// 2 x stages mbarriers, plus 1 KB to align the stages to 1024 bytes.
+struct TmaGeo {
+  int stages, stage_bytes, stages_off, prm_off, scratch_off, bar_off, total;
+};
+
+MSFF_HD inline TmaGeo tma_geometry(int Cin, int K, int bn, int smem_optin) {
+  const TcGeo g = tc_geometry(Cin, K, bn);
+  TmaGeo t{};
+  const int chunks = (Cin + TMA_BC - 1) / TMA_BC;
+  t.stage_bytes = chunks * round_up(TMA_BC * (TC_BM + K - 1) * 2, 1024);
+  for (int s = TMA_MAX_STAGES; s >= 2; --s) {
+    const int stages_off = round_up(g.w_bytes, 1024);
+    const int prm_off = stages_off + s * t.stage_bytes;
+    const int scratch_off = prm_off + g.prm_bytes;
+    const int bar_off = scratch_off + 2 * 8 * bn * 4;
+    const int total = bar_off + 2 * s * 8 + 1024;
+    if (total <= smem_optin) {
+      t.stages = s;
+      t.stages_off = stages_off;
+      t.prm_off = prm_off;
+      t.scratch_off = scratch_off;
+      t.bar_off = bar_off;
+      t.total = total;
+      return t;
+    }
+  }
+  return t;  // stages == 0: does not fit, the cp.async kernel runs
+}
+
 // Weight gradient: CTA (co tile, ci tile, split) reduces the pixel segments of its split into a
 // WG_CO x (K * WG_CI) fp32 tile written to its own slice of the partials buffer
 // (splits, Cout, Cin, K); a second kernel sums the slices in split order (deterministic).

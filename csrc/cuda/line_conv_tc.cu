@@ -22,6 +22,9 @@
 //   prologue's backward gate (kGate), paired 4-byte stores; BN statistics as per-CTA fp64
 //   partials (fp32 per tile, fixed-order reductions) summed in CTA order by a second kernel,
 //   so the statistics are deterministic.
+#include <cuda.h>  // CUtensorMap (types only: the encoder is reached through cudaGetDriverEntryPoint*)
+#include <cudaTypedefs.h>
+
 #include "common.cuh"
 #include "line_conv_plan.h"
 
@@ -514,6 +517,269 @@ __device__ __forceinline__ void line_conv_tc_body(const LineConvParams& p, unsig
   }
 }
 
+// ---- sm_90a: TMA-fed, warp-specialised forward / input gradient (line_conv_tma_kernel) ---------
+// Warps 0-7 (two warpgroups) consume, warp 8 produces. The producer's elected lane walks the
+// CTA's tiles ahead of the consumers: it waits until a stage is free (empty[s] mbarrier), arms
+// full[s] with the byte count of the halo boxes (mbarrier.arrive.expect_tx) and issues one
+// cp.async.bulk.tensor.4d per 64-channel box from the host-encoded tensor map (out-of-bounds
+// rows and channels arrive as zeros: the "same" padding). The consumers wait on full[s], apply
+// the pending BN + ReLU in place once per staged element (padding stays zero), run the same
+// wgmma main loop as line_conv_sm90a_kernel on the swizzled stage, release the stage (one arrive
+// per consumer warp on empty[s]) and run the epilogue while the producer refills it. Stages:
+// tma_geometry() (up to 4). Weights: resident, staged once by the consumers with cp.async.
+#ifdef MSFF_SM90A_DEVICE
+__device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive_expect_tx(uint32_t bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
+  asm volatile(
+      "{\n.reg .pred P1;\nLAB_WAIT:\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 P1, [%0], %1;\n"
+      "@P1 bra DONE;\nbra LAB_WAIT;\nDONE:\n}\n" ::"r"(bar),
+      "r"(parity)
+      : "memory");
+}
+__device__ __forceinline__ void tma_load_4d(uint32_t dst, const void* tmap, uint32_t bar, int c0, int c1, int c2,
+                                            int c3) {
+  asm volatile(
+      "cp.async.bulk.tensor.4d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%3, %4, %5, %6}], "
+      "[%2];\n" ::"r"(dst),
+      "l"(reinterpret_cast<uint64_t>(tmap)), "r"(bar), "r"(c0), "r"(c1), "r"(c2), "r"(c3)
+      : "memory");
+}
+// Named barrier of the 256 consumer threads (barrier 0 is __syncthreads, which the producer
+// never reaches after the role split).
+__device__ __forceinline__ void consumers_sync() { asm volatile("bar.sync 1, %0;\n" ::"n"(TMA_CONSUMERS) : "memory"); }
+#endif
+
+// Byte address of 16-byte unit u (channels 8u .. 8u + 7, u < 8) of row r in a 128-byte-swizzled
+// box that starts at a 1024-byte aligned address.
+__device__ __forceinline__ uint32_t swz(uint32_t box, int r, int u) {
+  return box + static_cast<uint32_t>(r) * 128u + ((static_cast<uint32_t>(u) ^ (r & 7)) << 4);
+}
+
+template <typename T, int BN>
+__device__ __forceinline__ void line_conv_tma_body(const CUtensorMap* tmap, const LineConvParams& p,
+                                                   unsigned char* smem_raw) {
+#ifdef MSFF_SM90A_DEVICE
+  using Tr = TcTraits<T, BN, 90>;
+  constexpr int NJ = Tr::NJ;
+  const TcGeo g = tc_geometry(p.Cin, p.K, BN);
+  // 1024-byte aligned base (the swizzle pattern is a function of address bits 7-9)
+  const uint32_t raw = smem_u32(smem_raw);
+  const uint32_t base = (raw + 1023u) & ~1023u;
+  unsigned char* smem = smem_raw + (base - raw);
+  // the same plan as the host's (same budget): stages and offsets
+  const TmaGeo tg = tma_geometry(p.Cin, p.K, BN, p.smem_optin);
+  const int S = tg.stages;
+  const int chunks = (p.Cin + TMA_BC - 1) / TMA_BC;
+  const uint32_t chunk_bytes = static_cast<uint32_t>(tg.stage_bytes / chunks);
+  T* wsm = reinterpret_cast<T*>(smem);
+  const uint32_t stages = base + tg.stages_off;
+  float* prm = reinterpret_cast<float*>(smem + tg.prm_off);
+  float* scratch = reinterpret_cast<float*>(smem + tg.scratch_off);  // [2][8][BN]
+  const uint32_t full = base + tg.bar_off, empty = full + 8 * S;
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int L = p.axis == 1 ? p.W : p.H;
+  const int lines = p.axis == 1 ? p.H : p.W;
+  const int segs = (L + TC_BM - 1) / TC_BM;
+  const int64_t tiles = static_cast<int64_t>(p.N) * lines * segs;
+  const int co0 = blockIdx.y * BN;
+  const int pad = p.K / 2;
+  const int ksteps = g.cin_pad / 16;
+  const bool prologue = p.in_scale != nullptr;
+  auto decode = [&](int64_t tile, int& n, int& line, int& pos0) {
+    const int seg = static_cast<int>(tile % segs);
+    line = static_cast<int>((tile / segs) % lines);
+    n = static_cast<int>(tile / (static_cast<int64_t>(segs) * lines));
+    pos0 = seg * TC_BM;
+  };
+
+  if (tid == 0) {
+    for (int s = 0; s < S; ++s) {
+      mbar_init(full + 8 * s, 1);                        // the producer's arrive.expect_tx
+      mbar_init(empty + 8 * s, TMA_CONSUMERS / 32);      // one arrive per consumer warp
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+  }
+  __syncthreads();  // the last CTA-wide barrier: roles split below
+
+  if (warp == TMA_CONSUMERS / 32) {
+    // ---- producer warp: one elected lane issues every TMA load ----
+    if (lane == 0) {
+      int it = 0;
+      for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x, ++it) {
+        const int s = it % S;
+        if (it >= S) mbar_wait(empty + 8 * s, ((it / S) & 1) ^ 1);  // the consumers freed stage s
+        int n, line, pos0;
+        decode(tile, n, line, pos0);
+        mbar_arrive_expect_tx(full + 8 * s, static_cast<uint32_t>(chunks * TMA_BC * g.rows * 2));
+        for (int kc = 0; kc < chunks; ++kc)
+          tma_load_4d(stages + s * tg.stage_bytes + kc * chunk_bytes, tmap, full + 8 * s, kc * TMA_BC,
+                      pos0 - pad, line, n);
+      }
+    }
+    return;
+  }
+
+  // ---- consumers ----
+  if (prologue) {
+    for (int i = tid; i < g.cin_pad; i += TMA_CONSUMERS) {
+      prm[i] = i < p.Cin ? p.in_scale[i] : 0.0f;
+      prm[g.cin_pad + i] = i < p.Cin ? p.in_shift[i] : 0.0f;
+    }
+  }
+  {
+    const int c8n = g.cin_pad / 8;
+    const T* wnk = static_cast<const T*>(p.w_nk);
+    const uint32_t wbase = smem_u32(wsm);
+    const int n_chunks = p.K * BN * c8n;
+    for (int idx = tid; idx < n_chunks; idx += TMA_CONSUMERS) {
+      const int c8 = idx % c8n;
+      const int co_l = (idx / c8n) % BN;
+      const int t = idx / (c8n * BN);
+      const int co = co0 + co_l;
+      const bool ok = co < p.Cout && c8 * 8 < p.Cin;
+      const T* src = ok ? wnk + (static_cast<int64_t>(t) * p.Cout + co) * p.Cin + c8 * 8 : wnk;
+      cp_async16(wbase + t * g.tap_bytes + (co_l >> 3) * g.sbo + c8 * 128 + (co_l & 7) * 16, src, ok);
+    }
+    cp_async_commit();
+    cp_async_wait<0>();
+    fence_proxy_async();  // the weights are read by wgmma (async proxy)
+    consumers_sync();
+  }
+
+  EpiCtx e;
+  e.L = L;
+  e.gate = p.epilogue == Epilogue::kGate;
+  const bool stats = p.stat0 != nullptr;
+  double cta_s0 = 0.0, cta_s1 = 0.0;
+  const int g8 = lane >> 2, t4 = lane & 3;
+  const int a_row = warp * 16 + (lane & 15), a_unit = lane >> 4;
+  const uint32_t w_base = smem_u32(wsm);
+  const int steps = p.K * ksteps;
+  int it = 0;
+  for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x, ++it) {
+    const int s = it % S;
+    const uint32_t cur = stages + s * tg.stage_bytes;
+    mbar_wait(full + 8 * s, (it / S) & 1);  // the TMA bytes of this tile have landed
+    decode(tile, e.n, e.line, e.pos0);
+    if (prologue) {
+      // relu(x * scale + shift), once per staged element; padding rows and channels stay zero.
+      const int units = chunks * (TMA_BC / 8);
+      unsigned char* cur_g = smem + tg.stages_off + s * tg.stage_bytes;
+      for (int idx = tid; idx < g.rows * units; idx += TMA_CONSUMERS) {
+        const int r = idx / units, u = idx % units;
+        const int pos = e.pos0 - pad + r;
+        const int c8 = u;  // channels 8u .. 8u + 7
+        if (pos < 0 || pos >= L || c8 * 8 >= p.Cin) continue;
+        uint4* q = reinterpret_cast<uint4*>(cur_g + (u >> 3) * chunk_bytes + (swz(0, r, u & 7)));
+        uint4 v = *q;
+        typename Pair<T>::type* h2 = reinterpret_cast<typename Pair<T>::type*>(&v);
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          const int ci = c8 * 8 + 2 * j;
+          const float2 f = Pair<T>::to_float2(h2[j]);
+          h2[j] = Pair<T>::from_float2(fmaxf(f.x * prm[ci] + prm[g.cin_pad + ci], 0.0f),
+                                       fmaxf(f.y * prm[ci + 1] + prm[g.cin_pad + ci + 1], 0.0f));
+        }
+        *q = v;
+      }
+      consumers_sync();
+    }
+
+    float acc[Tr::ACC];
+#pragma unroll
+    for (int i = 0; i < Tr::ACC; ++i) acc[i] = 0.0f;
+    uint32_t a0[4], a1[4];
+    auto step = [&](int st, uint32_t* a) {
+      const int t = st / ksteps, ks = st - t * ksteps;
+      const int r = a_row + t;
+      const int u = (ks & 3) * 2 + a_unit;  // 16-byte unit inside the 64-channel box
+      ldmatrix_x4(a, swz(cur + (ks >> 2) * chunk_bytes, r, u));
+      wgmma_fence();
+      wgmma_rs<BN, T>(acc, a, wgmma_desc(w_base + t * g.tap_bytes + ks * 256, 128, g.sbo));
+      wgmma_commit();
+      wgmma_wait<1>();
+    };
+    for (int st = 0; st < steps; st += 2) {
+      step(st, a0);
+      if (st + 1 < steps) step(st + 1, a1);
+    }
+    wgmma_wait<0>();
+    // this warp is done with stage s: the producer may refill it
+    if (prologue) fence_proxy_async();  // generic-proxy writes before the next async-proxy write
+    __syncwarp();
+    if (lane == 0) mbar_arrive(empty + 8 * s);
+
+    const int row_base = warp * 16 + g8, col_base = 2 * t4;
+    float s0[NJ][2], s1[NJ][2];
+#pragma unroll
+    for (int j = 0; j < NJ; ++j) s0[j][0] = s0[j][1] = s1[j][0] = s1[j][1] = 0.0f;
+#pragma unroll
+    for (int j = 0; j < NJ; ++j)
+#pragma unroll
+      for (int hh = 0; hh < 2; ++hh) {
+        const float* c = &acc[j * 4 + 2 * hh];
+        epi_pair<T>(p, e, row_base + 8 * hh, co0 + col_base + 8 * j, c[0], c[1], s0[j], s1[j]);
+      }
+    if (stats) {
+#pragma unroll
+      for (int j = 0; j < NJ; ++j)
+#pragma unroll
+        for (int q = 0; q < 2; ++q) {
+          float a = s0[j][q], b = s1[j][q];
+#pragma unroll
+          for (int off = 4; off < 32; off <<= 1) {
+            a += __shfl_xor_sync(0xffffffffu, a, off);
+            b += __shfl_xor_sync(0xffffffffu, b, off);
+          }
+          if (g8 == 0) {
+            const int col = col_base + 8 * j + q;
+            scratch[warp * BN + col] = a;
+            scratch[(8 + warp) * BN + col] = b;
+          }
+        }
+      consumers_sync();
+      if (tid < BN) {
+        float a = 0.0f, b = 0.0f;
+#pragma unroll
+        for (int r = 0; r < 8; ++r) {
+          a += scratch[r * BN + tid];
+          b += scratch[(8 + r) * BN + tid];
+        }
+        cta_s0 += a;
+        cta_s1 += b;
+      }
+      consumers_sync();
+    }
+  }
+  if (stats && tid < BN && co0 + tid < p.Cout) {
+    const int64_t P = gridDim.x;
+    p.partials[blockIdx.x * static_cast<int64_t>(p.Cout) + co0 + tid] = cta_s0;
+    p.partials[(P + blockIdx.x) * static_cast<int64_t>(p.Cout) + co0 + tid] = cta_s1;
+  }
+#endif
+}
+
+template <typename T, int BN>
+__global__ void __launch_bounds__(TMA_THREADS, 1)
+    line_conv_tma_kernel(const __grid_constant__ CUtensorMap tmap, const LineConvParams p) {
+  extern __shared__ __align__(1024) unsigned char tma_smem[];
+#if defined(MSFF_SM90A_DEVICE)
+  line_conv_tma_body<T, BN>(&tmap, p, tma_smem);
+#elif defined(__CUDA_ARCH__)
+  __trap();  // compiled without sm_90a: the host only launches it from an sm_90a build on a 9.0 GPU
+#endif
+}
+
 template <typename T, int BN>
 __global__ void __launch_bounds__(TC_THREADS, 1) line_conv_sm80_kernel(LineConvParams p) {
   extern __shared__ __align__(128) unsigned char tc_smem[];
@@ -799,8 +1065,49 @@ DeviceFacts device_facts() {
   return f;
 }
 
+// cuTensorMapEncodeTiled from the driver the runtime already loaded (no -lcuda at link time).
+PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
+  static PFN_cuTensorMapEncodeTiled_v12000 fn = [] {
+    void* f = nullptr;
+    cudaDriverEntryPointQueryResult q{};
+#if CUDART_VERSION >= 12050
+    const cudaError_t err = cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &f, 12000, cudaEnableDefault, &q);
+#else
+    const cudaError_t err = cudaGetDriverEntryPoint("cuTensorMapEncodeTiled", &f, cudaEnableDefault, &q);
+#endif
+    if (err != cudaSuccess || q != cudaDriverEntryPointSuccess) {
+      (void)cudaGetLastError();
+      f = nullptr;
+    }
+    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(f);
+  }();
+  return fn;
+}
+
+TmaHaloDesc halo_desc_of(const LineConvParams& p) {
+  return tma_halo_desc(p.N, p.Cin, p.H, p.W, p.x.sn, p.x.sc, p.x.sh, p.x.sw, p.K, p.axis, 2,
+                       reinterpret_cast<uintptr_t>(p.x.ptr));
+}
+
+// The 4-D halo tensor map of p.x (tma_halo_desc), 128-byte swizzle, zero fill out of bounds.
+bool encode_halo_map(const LineConvParams& p, CUtensorMap* map) {
+  const PFN_cuTensorMapEncodeTiled_v12000 encode = tensor_map_encoder();
+  const TmaHaloDesc d = halo_desc_of(p);
+  if (encode == nullptr || !d.ok) return false;
+  const cuuint64_t dims[4] = {d.dims[0], d.dims[1], d.dims[2], d.dims[3]};
+  const cuuint64_t strides[3] = {d.strides[0], d.strides[1], d.strides[2]};
+  const cuuint32_t box[4] = {d.box[0], d.box[1], d.box[2], d.box[3]};
+  const cuuint32_t estr[4] = {1, 1, 1, 1};
+  const CUresult r = encode(map, p.dtype == DType::kBFloat16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16,
+                            4, const_cast<void*>(p.x.ptr), dims, strides, box, estr, CU_TENSOR_MAP_INTERLEAVE_NONE,
+                            CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                            CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);  // NONE = zeros (NAN_REQUEST_ZERO_FMA: NaN)
+  return r == CUDA_SUCCESS;
+}
+
 template <typename T, int BN>
-cudaError_t launch_tc_bn(const LineConvParams& p, cudaStream_t stream) {
+cudaError_t launch_tc_bn(const LineConvParams& p_in, cudaStream_t stream) {
+  LineConvParams p = p_in;
   TcFwdPlan pl{};
   tc_fwd_grid(p.N, p.Cout, p.H, p.W, p.axis, BN, p.num_sms, &pl);
   if (pl.tiles == 0) return cudaSuccess;  // empty batch or image: nothing to do, statistics stay 0
@@ -808,7 +1115,15 @@ cudaError_t launch_tc_bn(const LineConvParams& p, cudaStream_t stream) {
   const int64_t ctas = pl.grid_x;
   const dim3 grid(static_cast<unsigned>(pl.grid_x), pl.grid_y);
   cudaError_t err;
-  if (p.kernel == ConvKernel::kSm90a) {
+  if (p.kernel == ConvKernel::kSm90aTma) {
+    CUtensorMap map;
+    if (!encode_halo_map(p, &map)) return cudaErrorInvalidValue;
+    const TmaGeo tg = tma_geometry(p.Cin, p.K, BN, p.smem_optin);
+    if (tg.stages < 2) return cudaErrorInvalidValue;
+    err = cudaFuncSetAttribute(line_conv_tma_kernel<T, BN>, cudaFuncAttributeMaxDynamicSharedMemorySize, tg.total);
+    if (err != cudaSuccess) return err;
+    line_conv_tma_kernel<T, BN><<<grid, TMA_THREADS, tg.total, stream>>>(map, p);
+  } else if (p.kernel == ConvKernel::kSm90a) {
     err = cudaFuncSetAttribute(line_conv_sm90a_kernel<T, BN>, cudaFuncAttributeMaxDynamicSharedMemorySize, g.total);
     if (err != cudaSuccess) return err;
     line_conv_sm90a_kernel<T, BN><<<grid, TC_THREADS, g.total, stream>>>(p);
@@ -825,8 +1140,10 @@ cudaError_t launch_tc_bn(const LineConvParams& p, cudaStream_t stream) {
 }
 
 template <typename T>
-cudaError_t launch_tc(const LineConvParams& p, cudaStream_t stream) {
+cudaError_t launch_tc(const LineConvParams& p_in, cudaStream_t stream) {
   const DeviceFacts f = device_facts();
+  LineConvParams p = p_in;
+  p.smem_optin = f.smem_optin;
   switch (tc_pick_bn(p.Cin, p.Cout, p.K, f.smem_optin)) {
     case 64:
       return launch_tc_bn<T, 64>(p, stream);
@@ -872,7 +1189,8 @@ ConvKernel line_conv_wgrad_choose(const LineConvWgradParams& p, ConvRequest requ
   const DeviceFacts f = device_facts();
   if (f.cc < 80 || tc_wgrad_geometry(p.K).total > f.smem_optin) return ConvKernel::kGeneric;
 #ifdef MSFF_HAVE_SM90A
-  if (request == ConvRequest::kBest && f.cc == 90) return ConvKernel::kSm90a;
+  // the wgmma weight gradient stages with cp.async under both Hopper requests
+  if ((request == ConvRequest::kBest || request == ConvRequest::kCpAsync) && f.cc == 90) return ConvKernel::kSm90a;
 #endif
   return ConvKernel::kSm80;
 }
@@ -897,9 +1215,16 @@ ConvKernel line_conv_choose(const LineConvParams& p, ConvRequest request) {
   if (!cp_async_ok(p.x)) return ConvKernel::kGeneric;
   if (!pair_ok(p.y) || !pair_ok(p.add) || !pair_ok(p.gate_x)) return ConvKernel::kGeneric;
   const DeviceFacts f = device_facts();
-  if (f.cc < 80 || tc_pick_bn(p.Cin, p.Cout, p.K, f.smem_optin) == 0) return ConvKernel::kGeneric;
+  const int bn = tc_pick_bn(p.Cin, p.Cout, p.K, f.smem_optin);
+  if (f.cc < 80 || bn == 0) return ConvKernel::kGeneric;
 #ifdef MSFF_HAVE_SM90A
-  if (request == ConvRequest::kBest && f.cc == 90) return ConvKernel::kSm90a;
+  if (f.cc == 90 && request == ConvRequest::kCpAsync) return ConvKernel::kSm90a;
+  if (f.cc == 90 && request == ConvRequest::kBest) {
+    // TMA where the tensor map can describe x and the stages fit; else the cp.async pipeline
+    const bool tma = halo_desc_of(p).ok && tma_geometry(p.Cin, p.K, bn, f.smem_optin).stages >= 2 &&
+                     tensor_map_encoder() != nullptr;
+    return tma ? ConvKernel::kSm90aTma : ConvKernel::kSm90a;
+  }
 #endif
   return ConvKernel::kSm80;
 }

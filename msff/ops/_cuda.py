@@ -45,6 +45,10 @@ _PLAN_KEYS = (
     "wgrad_bm", "wgrad_bn", "wgrad_pixels", "wgrad_threads", "wgrad_smem_bytes",
     "wgrad_grid_x", "wgrad_grid_y", "wgrad_splits", "wgrad_kmax",
 )
+_PW_PLAN_KEYS = (
+    "channels_per_cta", "pixels_per_subtile", "threads", "grid_x", "grid_y", "grid_z", "span",
+    "partial_elems", "vector_elems_bf16", "vector_elems_fp32",
+)
 
 #: public op name -> the compiled op implementing it
 CUDA_OPS = {
@@ -145,6 +149,59 @@ def conv_plan(n: int, cin: int, cout: int, h: int, w: int, k: int, axis: int = 1
         raise RuntimeError(extension_error())
     vals = torch.ops.msff._lk_conv_cuda_plan(n, cin, cout, h, w, k, axis, smem_optin, num_sms)
     return dict(zip(_PLAN_KEYS, (int(v) for v in vals), strict=True))
+
+
+def pointwise_plan(n: int, c: int, h: int, w: int) -> dict:
+    """The launch plan of the pointwise / SE kernels (csrc/cuda/pointwise.cu) for an (N, C, H, W)
+    activation, computed by the C++ function their launchers call (csrc/cuda/pointwise_plan.h);
+    needs ``msff._C``, not a GPU.
+
+    A CTA of ``threads`` threads owns ``channels_per_cta`` channels x ``span`` pixels of one image
+    (walked in sub-tiles of ``pixels_per_subtile``), moving 16-byte vectors of
+    ``vector_elems_bf16`` / ``vector_elems_fp32`` elements; each reduced quantity leaves
+    ``partial_elems`` fp64 per-CTA partials that a second kernel sums in a fixed order.
+
+    Example:
+        >>> plan = pointwise_plan(32, 64, 512, 512)
+        >>> plan["span"], plan["grid_x"], plan["grid_x"] * plan["grid_z"]
+        (4096, 64, 2048)
+    """
+    if _C is None:
+        raise RuntimeError(extension_error())
+    vals = torch.ops.msff._pointwise_cuda_plan(n, c, h, w)
+    return dict(zip(_PW_PLAN_KEYS, (int(v) for v in vals), strict=True))
+
+
+_TMA_KEYS = ("dims", "strides_bytes", "box", "chunks", "box_bytes", "chunk_bytes", "ok", "stages",
+             "smem_bytes", "stage_bytes", "threads")
+
+
+def tma_plan(n: int, c: int, h: int, w: int, strides: tuple, k: int, axis: int = 1, bn: int = 64,
+             smem_optin: int = 232448) -> dict:
+    """The halo tensor map and the pipeline of the sm_90a TMA forward (``line_conv_tma_kernel``)
+    for an (N, C, H, W) bf16/fp16 activation with element ``strides`` (sn, sc, sh, sw), computed by
+    the C++ functions its launcher encodes and plans with (csrc/cuda/line_conv_plan.h); needs
+    ``msff._C``, not a GPU.
+
+    ``dims`` / ``strides_bytes`` / ``box`` are what ``cuTensorMapEncodeTiled`` receives (innermost
+    first: channels, the convolution axis, the other spatial axis, batch); ``ok`` says whether TMA
+    can describe the tensor (else the cp.async kernel runs); ``stages`` halo stages of
+    ``stage_bytes`` fit in ``smem_bytes`` with the resident weights of ``bn`` channels.
+
+    Example:
+        >>> p = tma_plan(32, 64, 512, 512, (64 * 512 * 512, 1, 512 * 64, 64), 15)
+        >>> p["dims"], p["box"], p["stages"]
+        ([64, 512, 512, 32], [64, 142, 1, 1], 4)
+    """
+    if _C is None:
+        raise RuntimeError(extension_error())
+    sn, sc, sh, sw = strides
+    v = [int(x) for x in torch.ops.msff._lk_conv_cuda_tma_plan(n, c, h, w, sn, sc, sh, sw, k, axis,
+                                                                 bn, smem_optin)]
+    out = dict(dims=v[0:4], strides_bytes=v[4:7], box=v[7:11])
+    out.update(zip(_TMA_KEYS[3:], v[11:], strict=True))
+    out["ok"] = bool(out["ok"])
+    return out
 
 
 # ---- fake (meta) implementations and autograd of the compiled ops ---------------------------

@@ -254,11 +254,14 @@ TC_CASES = [
     (1, 32, 16, 70, 3, 31, "h", "all", "channels_last"),
     (2, 8, 16, 7, 7, 1, "w", "pro_stats", "channels_last"),
 ]
-TC_KERNELS = {"tc": ("line_conv_sm90a_kernel", "line_conv_sm80_kernel"), "sm80": ("line_conv_sm80_kernel",)}
+TC_KERNELS = {"tc": ("line_conv_tma_kernel", "line_conv_sm80_kernel"),
+              "tc-cpasync": ("line_conv_sm90a_kernel", "line_conv_sm80_kernel"),
+              "sm80": ("line_conv_sm80_kernel",)}
+TC_VARIANTS = ["tc", "tc-cpasync", "sm80"]
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("variant", ["tc", "sm80"])
+@pytest.mark.parametrize("variant", TC_VARIANTS)
 @pytest.mark.parametrize("case", TC_CASES, ids=lambda c: "-".join(map(str, c)))
 def test_lk_conv_tensor_core_kernels_match_reference(case, variant, dtype, monkeypatch):
     monkeypatch.setenv("MSFF_CUDA_CONV", variant)
@@ -266,7 +269,7 @@ def test_lk_conv_tensor_core_kernels_match_reference(case, variant, dtype, monke
     _lowp(x, w, kw, "cuda")
 
 
-@pytest.mark.parametrize("variant", ["tc", "sm80"])
+@pytest.mark.parametrize("variant", TC_VARIANTS)
 def test_lk_conv_tensor_core_kernels_match_generic_and_triton(variant, monkeypatch):
     x, w, kw = lk_make(*TC_CASES[0][:-1], TC_CASES[0][-1], torch.bfloat16)
     monkeypatch.setenv("MSFF_CUDA_CONV", "generic")
@@ -285,7 +288,7 @@ def test_lk_conv_tensor_core_kernels_match_generic_and_triton(variant, monkeypat
             assert_close_lowp(a, r, o, f"grad {i}")
 
 
-@pytest.mark.parametrize("variant", ["tc", "sm80"])
+@pytest.mark.parametrize("variant", TC_VARIANTS)
 def test_lk_conv_tensor_core_kernels_run_and_are_deterministic(variant, monkeypatch):
     monkeypatch.setenv("MSFF_CUDA_CONV", variant)
     x, w, kw = lk_make(*TC_CASES[3][:-1], TC_CASES[3][-1], torch.bfloat16)
@@ -297,7 +300,11 @@ def test_lk_conv_tensor_core_kernels_run_and_are_deterministic(variant, monkeypa
     names = " ".join(e.name for e in prof.events())
     assert any(k in names for k in TC_KERNELS[variant]), names[:2000]
     if variant == "tc" and torch.cuda.get_device_capability() == (9, 0):
-        assert "line_conv_sm90a_kernel" in names and "line_conv_wgrad_sm90a_kernel" in names
+        # Hopper: the TMA + mbarrier forward / input gradient, the wgmma weight gradient
+        assert "line_conv_tma_kernel" in names and "line_conv_wgrad_sm90a_kernel" in names
+    elif variant == "tc-cpasync" and torch.cuda.get_device_capability() == (9, 0):
+        assert "line_conv_sm90a_kernel" in names and "line_conv_tma_kernel" not in names
+        assert "line_conv_wgrad_sm90a_kernel" in names
     else:
         assert "line_conv_wgrad_tc_kernel" in names
     second = lk_run(x, w, kw, "cuda")
@@ -306,3 +313,55 @@ def test_lk_conv_tensor_core_kernels_run_and_are_deterministic(variant, monkeypa
     (_, s2, q2), g2 = second
     assert torch.equal(s1, s2) and torch.equal(q1, q2)
     assert torch.equal(g1[1], g2[1])
+
+
+# ---- the pointwise / SE kernels (csrc/cuda/pointwise.cu): 16-byte vector and scalar paths -----
+# The vector path runs when every tensor is dense with the lead's contiguous axis and that axis'
+# length is a multiple of the vector (8 bf16/fp16, 4 fp32); the scalar path otherwise. Shapes
+# span several 64-channel tiles (with a tail), several 256-pixel sub-tiles, NCHW (pixels
+# contiguous) and channels_last, and one CTA walking more than one sub-tile (E1-like batch).
+PW_CASES = [
+    (2, 64, 33, 40, 8, "train_proj", "channels_last"),   # vector along channels
+    (2, 72, 16, 16, 8, "train", "contiguous"),           # vector along pixels, 2 channel tiles
+    (1, 136, 70, 37, 8, "train_proj", "channels_last"),  # 3 channel tiles, an 8-channel tail
+    (2, 20, 9, 7, 4, "train", "contiguous"),             # H*W = 63: scalar path
+    (1, 12, 64, 65, 3, "train_proj", "channels_last"),   # 12 channels: scalar (bf16) / vector (fp32)
+    (2, 16, 6, 5, 4, "eval", "strided"),                 # strided views: scalar path
+    (32, 64, 128, 256, 8, "train_proj", "channels_last"),  # span 512: two sub-tiles per CTA
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", PW_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_pointwise_kernels_vector_and_scalar_paths(case, dtype):
+    args = se_make(*case, dtype)
+    (out, pooled), grads = se_run(args, "cuda")
+    if dtype == torch.float32:
+        (outr, pooledr), grads_r = se_run(args, "reference")
+        assert_close(out, outr, "out")
+        assert_close(pooled, pooledr, "pooled")
+        for i, (g, gr) in enumerate(zip(grads, grads_r, strict=True)):
+            assert_close(g, gr, f"grad {i}")
+        return
+    args64 = [a.detach().double().requires_grad_() if a is not None else None for a in args]
+    (out64, p64), g64 = se_run(args64, "reference")
+    (outlp, plp), glp = se_run(args, "reference")
+    assert_close_lowp(out, out64, outlp, "out")
+    assert_close_lowp(pooled, p64, plp, "pooled")
+    for i, (g, gr, gl) in enumerate(zip(grads, g64, glp, strict=True)):
+        assert_close_lowp(g, gr, gl, f"grad {i}")
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "contiguous"])
+def test_pointwise_reductions_are_bitwise_reproducible(layout):
+    # per-CTA fp64 partials summed in a fixed order, no atomics: same bits run to run
+    args = se_make(4, 64, 64, 72, 8, "train_proj", layout, torch.bfloat16)
+    (o1, p1), g1 = se_run(args, "cuda")
+    (o2, p2), g2 = se_run(args, "cuda")
+    assert torch.equal(o1, o2) and torch.equal(p1, p2)
+    for a, b in zip(g1, g2, strict=True):
+        assert torch.equal(a, b)
+    x, w, kw = lk_make(2, 64, 64, 9, 150, 15, "w", "all", "channels_last", torch.bfloat16)
+    (_, _, _), ga = lk_run(x, w, kw, "cuda")
+    (_, _, _), gb = lk_run(x, w, kw, "cuda")
+    assert torch.equal(ga[2], gb[2])  # grad_bias: lk_conv_bwd_prep's reduction

@@ -24,6 +24,7 @@ import pytest
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 SRC = os.path.join(ROOT, "csrc", "cuda", "line_conv_tc.cu")
+PW_SRC = os.path.join(ROOT, "csrc", "cuda", "pointwise.cu")
 THREADS = 256
 REGS_PER_SM = 65536
 
@@ -56,16 +57,18 @@ def _nvcc():
 SERIALIZED: dict[str, list[str]] = {}  # ptxas notes "wgmma ... serialized" per arch
 
 
-def _compile(arch, out_dir):
+def _compile(arch, out_dir, src=SRC, defines=()):
     """(kernel name -> {regs, spill}) from ptxas -v, (kernel name -> opcode Counter) from SASS."""
     nvcc, cuobjdump = _nvcc(), _tool("cuobjdump")
     if nvcc is None or cuobjdump is None:
         pytest.skip("needs nvcc and cuobjdump (CUDA toolkit or the triton wheel's bin/)")
-    cubin = os.path.join(out_dir, f"line_conv_tc.{arch}.cubin")
+    cubin = os.path.join(out_dir, f"{os.path.basename(src)}.{arch}.cubin")
     r = subprocess.run([nvcc, f"-arch={arch}", "-O3", "-std=c++17", "-I" + os.path.join(ROOT, "csrc"),
-                        "-Xptxas", "-v", "-cubin", SRC, "-o", cubin], capture_output=True, text=True, timeout=600)
+                        *defines, "-Xptxas", "-v", "-cubin", src, "-o", cubin],
+                       capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    SERIALIZED[arch] = [ln for ln in r.stderr.splitlines() if "serialized" in ln]
+    if src == SRC:
+        SERIALIZED[arch] = [ln for ln in r.stderr.splitlines() if "serialized" in ln]
     info, cur = {}, None
     for line in r.stderr.splitlines():
         m = re.search(r"Compiling entry function '(\w+)'", line)
@@ -143,8 +146,33 @@ def test_sm80_kernels_issue_mma_sync_fed_by_cp_async(sm90a, sm80):
 
 def test_sm90a_kernels_are_only_a_trap_outside_sm90a(sm80):
     info, ops = sm80
-    for name in _kernels(info, "sm90a_kernel"):
+    for name in _kernels(info, "sm90a_kernel") + _kernels(info, "line_conv_tma_kernel"):
         assert _count(ops[name], "HGMMA") == 0 and _count(ops[name], "BPT.TRAP") > 0, dict(ops[name])
+        assert _count(ops[name], "UTMALDG") == 0, name
+
+
+TMA_THREADS = 288  # two consumer warpgroups + one producer warp
+
+
+def test_sm90a_tma_kernel_is_a_warp_specialised_mbarrier_pipeline(sm90a):
+    info, ops = sm90a
+    names = _kernels(info, "line_conv_tma_kernel")
+    assert len(names) == 6  # bf16, fp16 x BN 16, 32, 64
+    for name in names:
+        o = ops[name]
+        assert info[name]["spill"] == 0, f"{name} spills {info[name]['spill']} bytes"
+        assert info[name]["regs"] * TMA_THREADS <= REGS_PER_SM, (name, info[name]["regs"])
+        assert _count(o, "UTMALDG.4D") > 0, f"{name}: the halo is not loaded by TMA: {dict(o)}"
+        # mbarriers: expect-tx arrive (producer), plain arrive (consumers), phase-parity wait (both)
+        assert _count(o, "SYNCS.ARRIVE.TRANS64.A1T0") > 0 and _count(o, "SYNCS.ARRIVE.TRANS64") > 0, dict(o)
+        assert _count(o, "SYNCS.PHASECHK") > 0, dict(o)
+        assert _count(o, "HGMMA") > 0 and _count(o, "WARPGROUP.ARRIVE") > 0, dict(o)
+        assert _count(o, "LDSM") > 0, f"{name}: A fragments not loaded by ldmatrix"
+        scalar = {op: n for op, n in o.items() if re.match(r"LDG\.E\.(U|S)(8|16)$", op)}
+        assert not scalar, f"{name}: 2-byte/1-byte scalar global loads {scalar}"
+        assert _count(o, "ATOM") + _count(o, "RED") == 0, name
+        # the consumers synchronise among themselves (named barrier 1), the producer never joins
+        assert _count(o, "BAR.SYNC") > 0, dict(o)
 
 
 def test_reductions_walk_partials_in_a_fixed_order(sm90a):
@@ -152,6 +180,126 @@ def test_reductions_walk_partials_in_a_fixed_order(sm90a):
     for part in ("reduce_partials_kernel", "reduce_wgrad_kernel"):
         for name in _kernels(info, part):
             assert _count(ops[name], "ATOM") + _count(ops[name], "RED") == 0, name
+
+
+# ---- pointwise / SE kernels (csrc/cuda/pointwise.cu) ---------------------------------------------
+PW_KERNELS = ("se_pool_kernel", "se_apply_kernel", "se_bwd_reduce_kernel", "se_bwd_apply_kernel",
+              "lk_conv_bwd_prep_kernel")
+PW_MIN_BLOCKS = 3  # __launch_bounds__(256, 3): three CTAs of 8 warps per SM
+
+
+@pytest.fixture(scope="module", params=["sm_90a", "sm_80"])
+def pointwise(request, tmp_path_factory):
+    return _compile(request.param, str(tmp_path_factory.mktemp("pw")), src=PW_SRC)
+
+
+def test_pointwise_vector_kernels_move_16_bytes_without_spills_or_atomics(pointwise):
+    info, ops = pointwise
+    vec_seen = collections.Counter()
+    for name in info:
+        o = ops[name]
+        assert info[name]["spill"] == 0, f"{name} spills {info[name]['spill']} bytes"
+        assert _count(o, "ATOM") + _count(o, "RED") == 0, f"{name}: atomics (sums must be deterministic)"
+        kern = next((k for k in PW_KERNELS if k in name), None)
+        if kern is None:
+            continue
+        assert info[name]["regs"] * THREADS * PW_MIN_BLOCKS <= REGS_PER_SM, (name, info[name]["regs"])
+        # the vector instantiations: <bf16|fp16, 8> and <float, 4> (mangled Li8E / Li4E)
+        if re.search(r"Li[48]E", name):
+            vec_seen[kern] += 1
+            assert _count(o, "LDG.E.128") > 0, f"{name}: no 16-byte loads in {dict(o)}"
+            scalar = {op: n for op, n in o.items() if re.match(r"LDG\.E\.(U|S)(8|16)", op)}
+            assert not scalar, f"{name}: 2-byte/1-byte scalar global loads {scalar}"
+            if "se_pool" not in name:  # every other kernel writes an activation
+                assert _count(o, "STG.E.128") > 0, f"{name}: no 16-byte stores in {dict(o)}"
+            narrow = {op: n for op, n in o.items() if op in ("STG.E", "STG.E.U16")}
+            assert not narrow, f"{name}: activation stores split into narrow stores {narrow}"
+    assert vec_seen == {k: 3 for k in PW_KERNELS}, vec_seen  # bf16, fp16, fp32
+
+
+def test_pointwise_bf16_math_packs_pairs(pointwise):
+    # bf16x2 / half2 conversions: one F2FP...PACK_AB per pair of outputs, no per-element F2F
+    info, ops = pointwise
+    for name in info:
+        if "se_apply_kernel" in name and "Li8E" in name:
+            assert _count(ops[name], "F2FP") > 0, dict(ops[name])
+
+
+def _pw_plan(*shape):
+    pytest.importorskip("msff._C", reason="the compiled extension msff._C is not built")
+    from msff.ops._cuda import pointwise_plan
+
+    return pointwise_plan(*shape)
+
+
+@pytest.mark.parametrize("shape", [(32, 64, 512, 512), (32, 128, 256, 256), (1, 3, 5, 7), (2, 40, 37, 53),
+                                   (4, 256, 64, 64), (1, 64, 1, 1)])
+def test_pointwise_plan_tiles_cover_each_image_once(shape):
+    n, c, h, w = shape
+    p = _pw_plan(*shape)
+    assert (p["channels_per_cta"], p["pixels_per_subtile"], p["threads"]) == (64, 256, 256)
+    assert (p["vector_elems_bf16"], p["vector_elems_fp32"]) == (8, 4)  # 16-byte vectors
+    assert p["grid_y"] == -(-c // 64) and p["grid_z"] == n
+    assert p["span"] % 256 == 0
+    assert (p["grid_x"] - 1) * p["span"] < h * w <= p["grid_x"] * p["span"]  # no empty CTA, no gap
+    assert p["partial_elems"] == n * p["grid_x"] * c
+    ctas = p["grid_x"] * p["grid_y"] * p["grid_z"]
+    assert ctas >= 2048 or p["span"] == 256  # the grid fills the GPU unless the images are tiny
+
+
+def test_pointwise_plan_at_the_paper_shapes():
+    p = _pw_plan(32, 64, 512, 512)  # E1
+    assert (p["span"], p["grid_x"]) == (4096, 64)  # 16 sub-tiles per CTA, 2048 CTAs
+    assert p["partial_elems"] * 8 < 32 * 64 * 512 * 512 * 2 / 100  # partials < 1 % of the activation
+
+
+# ---- TMA descriptor and pipeline plan (msff::_lk_conv_cuda_tma_plan) ------------------------------
+def _tma(n, c, h, w, k, axis=1, layout="channels_last", bn=64, smem_optin=H100["smem_optin"]):
+    pytest.importorskip("msff._C", reason="the compiled extension msff._C is not built")
+    from msff.ops._cuda import tma_plan
+
+    if isinstance(layout, tuple):
+        strides = layout
+    else:
+        strides = {"channels_last": (h * w * c, 1, w * c, c), "contiguous": (c * h * w, h * w, w, 1)}[layout]
+    return tma_plan(n, c, h, w, strides, k, axis, bn, smem_optin)
+
+
+@pytest.mark.parametrize("axis", [1, 0])
+def test_tma_descriptor_of_a_channels_last_activation(axis):
+    n, c, h, w, k = 32, 64, 300, 512, 15
+    p = _tma(n, c, h, w, k, axis)
+    assert p["ok"]
+    length, lines = (w, h) if axis == 1 else (h, w)
+    s_len, s_line = (c, w * c) if axis == 1 else (w * c, c)
+    assert p["dims"] == [c, length, lines, n]  # innermost first
+    assert p["strides_bytes"] == [2 * s_len, 2 * s_line, 2 * h * w * c]
+    assert p["box"] == [64, 128 + k - 1, 1, 1]  # 64 channels x the halo'd 128-pixel tile
+    assert p["chunks"] == 1 and p["box_bytes"] == 64 * 142 * 2  # the expect-tx byte count
+    assert p["chunk_bytes"] % 1024 == 0 and p["chunk_bytes"] >= p["box_bytes"]  # 128-B swizzle atoms
+
+
+@pytest.mark.parametrize("shape,bn,stages", [(E1, 64, 4), (E2, 32, 2), ((2, 24, 24, 40, 40, 31), 32, 4)],
+                         ids=["E1", "E2", "odd"])
+def test_tma_pipeline_plan_fits_hopper_shared_memory(shape, bn, stages):
+    n, cin, cout, h, w, k = shape
+    p = _tma(n, cin, h, w, k, 1, bn=bn)
+    assert p["ok"] and p["threads"] == TMA_THREADS
+    assert p["stages"] == stages
+    assert p["chunks"] == -(-cin // 64) and p["stage_bytes"] == p["chunks"] * p["chunk_bytes"]
+    weights = k * (-(-cin // 16) * 16) * bn * 2
+    assert p["smem_bytes"] >= weights + p["stages"] * p["stage_bytes"]
+    assert p["smem_bytes"] <= H100["smem_optin"]
+    # the same BN the forward plan picks on H100 (weights resident)
+    assert _plan(shape, H100)["fwd_bn"] == bn
+
+
+def test_tma_refuses_what_a_tensor_map_cannot_describe():
+    assert not _tma(2, 64, 32, 32, 15, layout="contiguous")["ok"]  # channels not contiguous
+    # a pixel stride of 12 bf16 = 24 bytes is not a multiple of 16
+    assert not _tma(2, 12, 32, 32, 15, layout=(32 * 32 * 12, 1, 32 * 12, 12))["ok"]
+    assert _tma(2, 16, 32, 32, 15)["ok"]  # 16 channels: the box's 48 tail channels are zero-filled
+    assert _tma(1, 1024, 8, 8, 31, bn=16, smem_optin=H100["smem_optin"])["stages"] == 0  # no room
 
 
 # ---- launch plans --------------------------------------------------------------------------------
