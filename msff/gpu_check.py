@@ -182,6 +182,9 @@ class GpuCheck:
         else:
             env.update(capability="0.0", sm_count=0)
         env["sources"] = {b: kernel_sources_hash(b) for b in FUSED}
+        # which CUDA conv kernels the "cuda" rows measured (csrc/cuda_ops.cpp: generic, tc,
+        # tc-cpasync, sm80): a record of `generic` says nothing about the tensor-core kernels
+        env["cuda_conv"] = os.environ.get("MSFF_CUDA_CONV") or "generic"
         return env
 
     def backends(self) -> list[str]:

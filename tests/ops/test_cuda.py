@@ -189,3 +189,17 @@ def test_build_script_decisions():
     assert rc == 0 and any("without CUDA kernels" in ln for ln in lines), lines
     rc, lines = _setup_decision(MSFF_BUILD_CUDA="maybe")
     assert rc != 0 and any("MSFF_BUILD_CUDA" in ln for ln in lines), lines
+
+
+@pytest.mark.parametrize("value,want", [(None, "generic"), ("tc", "tc"), ("tc-cpasync", "tc-cpasync")])
+def test_gpu_check_records_which_cuda_conv_kernels_ran(tmp_path, monkeypatch, value, want):
+    # issue 12: a validation record must say which MSFF_CUDA_CONV variant its "cuda" rows measured
+    from msff.gpu_check import GpuCheck
+
+    if value is None:
+        monkeypatch.delenv("MSFF_CUDA_CONV", raising=False)
+    else:
+        monkeypatch.setenv("MSFF_CUDA_CONV", value)
+    chk = GpuCheck(tmp_path, dry_run=True, budget_s=1.0, reps=1, record_dir=None,
+                   dtypes=("float32",), autotune=False)
+    assert chk.doc["environment"]["cuda_conv"] == want
