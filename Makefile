@@ -30,7 +30,7 @@ demo: install
 	$(BIN)/msff demo --out demo_out --overwrite
 
 test: install
-	$(BIN)/python -m pytest tests --durations=15 $(PYTEST_ARGS)
+	$(BIN)/python -m pytest tests msff --durations=15 $(PYTEST_ARGS)
 
 test-gpu: install
 	$(BIN)/python -m pytest tests -m gpu $(PYTEST_ARGS)

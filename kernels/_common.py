@@ -5,7 +5,7 @@ import torch
 import triton
 import triton.language as tl
 
-from msff.backend import triton_interpret
+from msff._triton_env import triton_interpret
 
 
 @triton.jit

@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from msff.backend import triton_interpret
+from msff._triton_env import triton_interpret
 from msff.kernels._common import fix_bf16, rtne_bf16
 
 __all__ = ["lk_conv_fwd", "lk_conv_wgrad", "lk_conv_grad_out", "lk_conv_prologue", "nhwc",

@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from msff.backend import triton_interpret
+from msff._triton_env import triton_interpret
 from msff.kernels._common import fix_bf16, rtne_bf16
 from msff.kernels.lk_conv import reduce_partials
 

@@ -6,10 +6,9 @@ Example:
     >>> MSFFNet(width_multiplier=0.125)(torch.randn(1, 3, 64, 64)).shape
     torch.Size([1, 1, 64, 64])
 """
+from msff._version import __version__
 from msff.backend import BackendUnavailableError, backend_status, use_backend
 from msff.models import PRESETS, CheckpointError, MSFFNet, build_model
-
-__version__ = "0.1.0"
 
 
 def fuse_for_inference(model):

@@ -1,63 +1,83 @@
-"""The one place that decides which kernel backend runs.
+"""The one place to ask which kernel backend runs: the public face of the backend policy.
 
-Backends:
-
-* ``reference``: pure PyTorch (cuDNN on GPU). Always available; the specification.
-* ``triton``: fused Triton kernels (``msff.kernels``). Needs CUDA tensors, or CPU tensors with
-  ``TRITON_INTERPRET=1`` set before Triton is imported (that is how CI verifies them).
-* ``cuda``: fused CUDA C++ kernels from the compiled extension ``msff._C``. Needs CUDA tensors
-  and an extension built with CUDA.
-* ``auto`` (default): ``reference`` unless a **GPU validation record** shipped with the package
-  (``msff/validation/*.json``, written by ``make gpu-check`` on a real GPU) shows that a fused
-  backend matched the reference and was faster on this GPU family (compute capability), dtype
-  and mode (``train``: gradients enabled; ``eval``: no gradients), for the kernel sources
-  installed here; then the fastest such backend that can run. A kernel nobody has run on a GPU
-  is never a default. Non-CUDA tensors always get ``reference`` (auto never picks the Triton
-  interpreter). A corrupt record is ignored with a warning. ``MSFF_VALIDATION_DIR`` (paths
-  separated by ``os.pathsep``) adds record folders; ``python -m msff.env`` says which record
-  applies and why.
+Backends: ``reference`` (pure PyTorch, cuDNN on GPU; always available, the specification),
+``triton`` (fused Triton kernels), ``cuda`` (fused CUDA C++ kernels of ``msff._C``) and ``auto``
+(default: ``reference`` unless a GPU validation record shipped with the package shows a fused
+backend correct and faster on this GPU family, dtype and mode; see :mod:`msff.ops.dispatch`).
 
 Choose per model (``MSFFNet(..., backend="triton")``), per scope (``with msff.use_backend("cuda"):``)
 or per process (``MSFF_BACKEND=reference``). Precedence: an explicit per-model choice other than
 ``auto`` wins, then the innermost ``use_backend`` scope, then ``MSFF_BACKEND``, then ``auto``.
-
 An explicitly requested backend that cannot run raises :class:`BackendUnavailableError` saying why.
 Export (torch.export / ONNX) and ``torch.use_deterministic_algorithms(True)`` always use
 ``reference``.
+
+Where things live (the imports run one way, request <- ops <- this module):
+
+* :mod:`msff.backend_request`: the request (argument, scope, environment); a leaf module.
+* :mod:`msff.ops.dispatch`: probing, resolution, GPU validation records; next to the ops, which
+  register their availability probes there.
+* :mod:`msff._triton_env`: :func:`triton_interpret`; a leaf the Triton kernels import.
+
+This module only re-exports their public names (importing it imports :mod:`msff.ops`).
+
+Example:
+    >>> import torch
+    >>> from msff.backend import resolve_backend, use_backend
+    >>> with use_backend("reference"):
+    ...     resolve_backend(None, torch.randn(1, 3, 8, 8))
+    'reference'
 """
 from __future__ import annotations
 
-import contextlib
-import functools
-import hashlib
-import json
-import logging
-import math
-import os
-import threading
-import warnings
-from pathlib import Path
-from typing import Callable, Iterator, Optional
+from msff._triton_env import triton_interpret
+from msff.backend_request import (
+    BACKEND_ENV,
+    BACKENDS,
+    CHOICES,
+    BackendUnavailableError,
+    check_backend_name,
+    current_backend,
+    use_backend,
+)
+from msff.ops.dispatch import (
+    _PROBES,  # noqa: F401 - the probe table (the same dict), for tests that replace a probe
+    MIN_SPEEDUP,
+    MODES,
+    RECORD_SCHEMA,
+    STRICT_ENV,
+    auto_decision,
+    backend_status,
+    kernel_sources_hash,
+    load_validation_records,
+    register_backend_probe,
+    reload_validation_records,
+    resolve_backend,
+    strict_probes,
+    validate_record,
+    validation_dirs,
+)
 
-import torch
-
-log = logging.getLogger("msff.backend")
-
-BACKENDS = ("reference", "triton", "cuda")
-CHOICES = ("auto",) + BACKENDS
+#: the pre-split private name, still imported by msff.models.msffnet
+_check_name = check_backend_name
 
 __all__ = [
     "BACKENDS",
+    "BACKEND_ENV",
     "CHOICES",
     "BackendUnavailableError",
     "use_backend",
     "current_backend",
+    "check_backend_name",
     "resolve_backend",
     "backend_status",
     "register_backend_probe",
+    "triton_interpret",
     "MODES",
     "MIN_SPEEDUP",
     "RECORD_SCHEMA",
+    "STRICT_ENV",
+    "strict_probes",
     "validation_dirs",
     "load_validation_records",
     "validate_record",
@@ -65,487 +85,3 @@ __all__ = [
     "auto_decision",
     "reload_validation_records",
 ]
-
-
-class BackendUnavailableError(RuntimeError):
-    """An explicitly requested backend cannot run for the given inputs."""
-
-
-_local = threading.local()
-
-
-def _stack() -> list:
-    if not hasattr(_local, "stack"):
-        _local.stack = []
-    return _local.stack
-
-
-def _check_name(name: str) -> str:
-    if not isinstance(name, str):
-        raise TypeError(f"backend must be a string, one of {CHOICES}; got {type(name).__name__}")
-    name = name.strip().lower()
-    if name not in CHOICES:
-        raise ValueError(f"unknown backend {name!r}; expected one of {', '.join(CHOICES)}")
-    return name
-
-
-@contextlib.contextmanager
-def use_backend(name: str) -> Iterator[str]:
-    """Run the enclosed code with ``name`` as the default backend.
-
-    Args:
-        name: one of ``auto``, ``reference``, ``triton``, ``cuda``.
-
-    Example:
-        >>> import torch, msff
-        >>> model = msff.MSFFNet(width_multiplier=0.125).eval()
-        >>> with msff.use_backend("reference"):
-        ...     y = model(torch.randn(1, 3, 64, 64))
-    """
-    name = _check_name(name)
-    _stack().append(name)
-    try:
-        yield name
-    finally:
-        _stack().pop()
-
-
-def current_backend() -> str:
-    """The backend requested by the innermost scope or ``MSFF_BACKEND`` (may be ``auto``)."""
-    stack = _stack()
-    if stack:
-        return stack[-1]
-    env = os.environ.get("MSFF_BACKEND", "").strip()
-    if env:
-        try:
-            return _check_name(env)
-        except ValueError as e:
-            raise ValueError(f"MSFF_BACKEND: {e}") from None
-    return "auto"
-
-
-# ---- availability probes --------------------------------------------------------------------
-# A probe takes the input tensor and returns None when the backend can run on it, or a string
-# saying why not. ops modules register richer probes (e.g. "extension built without CUDA").
-_PROBES: dict[str, Callable[[Optional[torch.Tensor]], Optional[str]]] = {}
-
-
-def register_backend_probe(name: str, probe: Callable[[Optional[torch.Tensor]], Optional[str]]):
-    """Install the availability check for backend ``name`` (used by msff.ops)."""
-    if name not in BACKENDS:
-        raise ValueError(f"unknown backend {name!r}")
-    _PROBES[name] = probe
-
-
-def triton_interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-@functools.lru_cache(maxsize=None)
-def _triton_import_error() -> Optional[str]:
-    try:
-        import triton  # noqa: F401
-    except Exception as e:  # pragma: no cover - depends on the environment
-        return f"triton is not importable ({type(e).__name__}: {e})"
-    return None
-
-
-def _default_triton_probe(x: Optional[torch.Tensor]) -> Optional[str]:
-    err = _triton_import_error()
-    if err:
-        return err
-    if x is not None and not x.is_cuda and not triton_interpret():
-        return (
-            f"the input is on {x.device.type}; Triton kernels need CUDA tensors "
-            "(or TRITON_INTERPRET=1 set before import to interpret them on CPU)"
-        )
-    if x is None and not torch.cuda.is_available() and not triton_interpret():
-        return "no CUDA GPU and TRITON_INTERPRET is not set"
-    return "the Triton ops are not registered (msff.ops did not load its Triton kernels)"
-
-
-def _default_cuda_probe(x: Optional[torch.Tensor]) -> Optional[str]:
-    return "the msff._C extension was not built with CUDA kernels"
-
-
-def _probe(name: str, x: Optional[torch.Tensor]) -> Optional[str]:
-    if name == "reference":
-        return None
-    _load_ops()
-    probe = _PROBES.get(name)
-    if probe is None:
-        probe = _default_triton_probe if name == "triton" else _default_cuda_probe
-    return probe(x)
-
-
-_ops_loaded = False
-
-
-def _load_ops() -> None:
-    # msff.ops registers the probes of the backends it provides; import lazily to avoid a cycle.
-    # A plain flag, not lru_cache: Dynamo traces through this under torch.compile.
-    global _ops_loaded
-    if _ops_loaded:
-        return
-    _ops_loaded = True
-    try:
-        import msff.ops  # noqa: F401
-    except Exception as e:  # pragma: no cover
-        log.debug("msff.ops failed to import: %s", e)
-
-
-def _forced_reference() -> Optional[str]:
-    try:
-        if torch.compiler.is_exporting():
-            return "torch.export is tracing"
-    except AttributeError:  # pragma: no cover - older torch
-        pass
-    if torch.onnx.is_in_onnx_export():
-        return "ONNX export is running"
-    if torch.are_deterministic_algorithms_enabled():
-        return "deterministic algorithms are enabled"
-    return None
-
-
-def resolve_backend(requested: Optional[str] = None, x: Optional[torch.Tensor] = None,
-                    mode: Optional[str] = None) -> str:
-    """Decide the backend that runs for input ``x``.
-
-    Args:
-        requested: a per-call/per-model choice (``None`` or ``"auto"`` defers to the scope and
-            ``MSFF_BACKEND``).
-        x: the input tensor the op will see (device decides availability; its dtype, or the
-            autocast dtype, selects the validation entry).
-        mode: ``"train"`` or ``"eval"`` for the validation lookup; default ``"train"`` when
-            gradients are enabled, ``"eval"`` otherwise.
-
-    Returns:
-        One of ``reference``, ``triton``, ``cuda``.
-
-    Raises:
-        BackendUnavailableError: an explicitly requested backend cannot run on ``x``.
-
-    Example:
-        >>> resolve_backend("auto", torch.randn(1, 3, 8, 8))  # CPU tensor
-        'reference'
-    """
-    name = _check_name(requested) if requested is not None else "auto"
-    if name == "auto":
-        name = current_backend()
-    forced = _forced_reference()
-    if forced:
-        if name not in ("auto", "reference"):
-            log.debug("backend %s replaced by reference: %s", name, forced)
-        return "reference"
-    if name != "auto":
-        why = _probe(name, x)
-        if why is not None:
-            raise BackendUnavailableError(f"backend {name!r} cannot run: {why}")
-        return name
-    if x is not None and not x.is_cuda:
-        # auto never picks the interpreter: it is a verification tool, not a fast path.
-        _log_fallback_once(x, "not a CUDA tensor")
-        return "reference"
-    index = -1 if x is None else (x.device.index if x.device.index is not None else -1)
-    dtype = _compute_dtype(x)
-    mode = _check_mode(mode) if mode is not None else _current_mode()
-    for candidate in _validated_ranking(index, dtype, mode):
-        if _probe(candidate, x) is None:
-            return candidate
-    _log_fallback_once(x, "no validated fused backend (python -m msff.env says why)")
-    return "reference"
-
-
-@torch.compiler.assume_constant_result
-def _validated_ranking(index: int, dtype: str, mode: str) -> tuple:
-    """The validated fused backends, fastest first, for CUDA device ``index`` (-1: current).
-    A constant for torch.compile: the records are read once, never traced."""
-    if index < 0:
-        if not torch.cuda.is_available():
-            return ()
-        index = torch.cuda.current_device()
-    return tuple(_decide(_gpu_info(index), dtype, mode)["ranked"])
-
-
-# ---- GPU validation records ------------------------------------------------------------------
-RECORD_SCHEMA = "msff-validation/1"
-MODES = ("train", "eval")
-#: a fused backend must beat the reference by this factor to become a default: smaller gains are
-#: within run-to-run noise and not worth a less exercised code path.
-MIN_SPEEDUP = 1.05
-_DTYPES = ("float32", "float16", "bfloat16")
-_PACKAGE_RECORDS = Path(__file__).resolve().parent / "validation"
-
-
-def _check_mode(mode: str) -> str:
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    return mode
-
-
-def _current_mode() -> str:
-    return "train" if torch.is_grad_enabled() else "eval"
-
-
-def _compute_dtype(x: Optional[torch.Tensor]) -> str:
-    dev = x.device.type if x is not None else "cuda"
-    if torch.is_autocast_enabled(dev):
-        return str(torch.get_autocast_dtype(dev)).replace("torch.", "")
-    return str(x.dtype).replace("torch.", "") if x is not None else "float32"
-
-
-def _current_gpu() -> Optional[tuple[str, str]]:
-    """(name, compute capability "major.minor") of the current CUDA device, or None."""
-    if not torch.cuda.is_available():
-        return None
-    return _gpu_info(torch.cuda.current_device())
-
-
-_GPU_INFO: dict = {}
-
-
-def _gpu_info(index: int) -> tuple[str, str]:
-    """(name, "major.minor") of CUDA device ``index``; tests replace this to mock a GPU."""
-    if index not in _GPU_INFO:
-        major, minor = torch.cuda.get_device_capability(index)
-        _GPU_INFO[index] = (torch.cuda.get_device_name(index), f"{major}.{minor}")
-    return _GPU_INFO[index]
-
-
-def validation_dirs() -> list[Path]:
-    """Folders searched for records: the package's ``msff/validation`` then ``MSFF_VALIDATION_DIR``."""
-    dirs = [_PACKAGE_RECORDS]
-    extra = os.environ.get("MSFF_VALIDATION_DIR", "")
-    dirs += [Path(p) for p in extra.split(os.pathsep) if p.strip()]
-    return dirs
-
-
-def validate_record(rec) -> Optional[str]:
-    """None if ``rec`` (parsed JSON) is a well-formed validation record, else what is wrong."""
-    if not isinstance(rec, dict):
-        return f"top level must be an object, got {type(rec).__name__}"
-    if rec.get("schema") != RECORD_SCHEMA:
-        return f"schema must be {RECORD_SCHEMA!r}, got {rec.get('schema')!r}"
-    gpu = rec.get("gpu")
-    if not isinstance(gpu, dict) or not isinstance(gpu.get("name"), str) \
-            or not isinstance(gpu.get("capability"), str) or "." not in gpu["capability"]:
-        return 'gpu must be {"name": str, "capability": "major.minor", ...}'
-    if not isinstance(rec.get("versions"), dict) or not isinstance(rec.get("sources"), dict):
-        return "versions and sources must be objects"
-    entries = rec.get("entries")
-    if not isinstance(entries, list):
-        return "entries must be a list"
-    for i, e in enumerate(entries):
-        if not isinstance(e, dict):
-            return f"entries[{i}] must be an object"
-        if e.get("backend") not in ("triton", "cuda"):
-            return f"entries[{i}].backend must be 'triton' or 'cuda', got {e.get('backend')!r}"
-        if e.get("dtype") not in _DTYPES:
-            return f"entries[{i}].dtype must be one of {_DTYPES}, got {e.get('dtype')!r}"
-        if e.get("mode") not in MODES:
-            return f"entries[{i}].mode must be one of {MODES}, got {e.get('mode')!r}"
-        if not isinstance(e.get("parity"), bool):
-            return f"entries[{i}].parity must be true or false"
-        sp = e.get("speedup")
-        if sp is not None and (isinstance(sp, bool) or not isinstance(sp, (int, float))
-                               or not math.isfinite(sp) or sp <= 0):
-            return f"entries[{i}].speedup must be a positive number or null, got {sp!r}"
-    return None
-
-
-_RECORDS: dict = {}  # "records" -> list[(path, record)], filled once; see reload_validation_records
-_WARNED: set = set()
-
-
-def load_validation_records(dirs=None) -> list[tuple[Path, dict]]:
-    """Every well-formed record (``*.json``) in ``dirs`` (default :func:`validation_dirs`), as
-    (path, record), sorted by path. A file that is not valid JSON or not a record is skipped
-    with one warning naming the file and the problem."""
-    out = []
-    for d in (validation_dirs() if dirs is None else dirs):
-        d = Path(d)
-        if not d.is_dir():
-            continue
-        for path in sorted(d.glob("*.json")):
-            try:
-                rec = json.loads(path.read_text(encoding="utf-8"))
-                why = validate_record(rec)
-            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-                why = f"{type(e).__name__}: {e}"
-            if why is not None:
-                if str(path) not in _WARNED:
-                    _WARNED.add(str(path))
-                    warnings.warn(f"{path}: ignored, not a valid msff validation record ({why})",
-                                  RuntimeWarning, stacklevel=2)
-                continue
-            out.append((path, rec))
-    return out
-
-
-def _records() -> list[tuple[Path, dict]]:
-    if "records" not in _RECORDS:
-        _RECORDS["records"] = load_validation_records()
-    return _RECORDS["records"]
-
-
-def reload_validation_records() -> None:
-    """Forget the cached records and decisions (after writing a record, or in tests)."""
-    _RECORDS.clear()
-    _DECISIONS.clear()
-    _WARNED.clear()
-    _SOURCE_HASHES.clear()
-
-
-_SOURCE_HASHES: dict = {}
-
-
-def _source_files(backend: str) -> tuple[Optional[Path], list[Path]]:
-    if backend == "triton":
-        import importlib.util
-
-        spec = importlib.util.find_spec("msff.kernels")
-        locs = list(spec.submodule_search_locations or []) if spec else []
-        if not locs:
-            return None, []
-        root = Path(locs[0])
-        return root, sorted(root.glob("*.py"))
-    csrc = Path(__file__).resolve().parent.parent / "csrc"  # a source checkout / editable install
-    pats = ("*.cpp", "*.h", "cuda/*.cu", "cuda/*.cuh")
-    return csrc, sorted(p for pat in pats for p in csrc.glob(pat))
-
-
-def kernel_sources_hash(backend: str) -> Optional[str]:
-    """sha256 (hex, first 16) over the source files of ``backend``'s kernels (``msff/kernels/*.py``
-    for triton; ``csrc`` for cuda), or None when the sources are not on disk (a wheel without
-    csrc). A record validates the kernels whose hash it carries, and no others."""
-    if backend not in _SOURCE_HASHES:
-        root, files = _source_files(backend)
-        if not files:
-            _SOURCE_HASHES[backend] = None
-        else:
-            h = hashlib.sha256()
-            for f in files:
-                h.update(f.relative_to(root).as_posix().encode())
-                h.update(b"\0")
-                h.update(f.read_bytes())
-            _SOURCE_HASHES[backend] = h.hexdigest()[:16]
-    return _SOURCE_HASHES[backend]
-
-
-def _versions_now() -> dict:
-    import msff
-
-    v = {"msff": msff.__version__, "torch": torch.__version__}
-    try:
-        import triton
-
-        v["triton"] = triton.__version__
-    except ImportError:
-        v["triton"] = None
-    return v
-
-
-def _entry_blocker(path: Path, rec: dict, entry: dict, gpu: tuple[str, str]) -> Optional[str]:
-    """Why ``entry`` of ``rec`` does not make ``entry['backend']`` a default here, or None."""
-    backend = entry["backend"]
-    if rec.get("dry_run"):
-        return f"{path.name}: a --dry-run record (CPU stand-in), not a GPU measurement"
-    if rec["gpu"]["capability"] != gpu[1]:
-        return f"{path.name}: recorded on sm_{rec['gpu']['capability'].replace('.', '')} " \
-               f"({rec['gpu']['name']}), this GPU is sm_{gpu[1].replace('.', '')} ({gpu[0]})"
-    if not entry["parity"]:
-        return f"{path.name}: {backend} failed parity with the reference"
-    sp = entry.get("speedup")
-    if sp is None or sp < MIN_SPEEDUP:
-        return f"{path.name}: {backend} speedup {sp} < {MIN_SPEEDUP} over the reference"
-    want = rec["sources"].get(backend)
-    have = kernel_sources_hash(backend)
-    if have is not None and want != have:
-        return f"{path.name}: {backend} kernels changed since the record (sources {want} != {have})"
-    now = _versions_now()
-    if have is None and rec["versions"].get("msff") != now["msff"]:
-        return f"{path.name}: made with msff {rec['versions'].get('msff')}, this is {now['msff']}"
-    if backend == "triton":
-        rt = str(rec["versions"].get("triton") or "")
-        if rt.split(".")[:2] != str(now["triton"] or "").split(".")[:2]:
-            return f"{path.name}: triton kernels validated with triton {rt}, this is {now['triton']}"
-    return None
-
-
-_DECISIONS: dict = {}
-
-
-def _decide(gpu: tuple[str, str], dtype: str, mode: str) -> dict:
-    key = (gpu, dtype, mode)
-    if key in _DECISIONS:
-        return _DECISIONS[key]
-    best: dict[str, tuple[float, Path]] = {}
-    reasons = []
-    matching = 0
-    for path, rec in _records():
-        for e in rec["entries"]:
-            if e["dtype"] != dtype or e["mode"] != mode:
-                continue
-            matching += 1
-            why = _entry_blocker(path, rec, e, gpu)
-            if why is not None:
-                reasons.append(why)
-                continue
-            if e["backend"] not in best or e["speedup"] > best[e["backend"]][0]:
-                best[e["backend"]] = (float(e["speedup"]), path)
-    ranked = sorted(best, key=lambda b: -best[b][0])
-    if ranked:
-        why = "; ".join(f"{b}: {best[b][0]:.2f}x the reference, parity passed ({best[b][1].name})"
-                        for b in ranked)
-    elif matching == 0:
-        why = (f"no validation record for sm_{gpu[1].replace('.', '')} ({gpu[0]}), {dtype}, "
-               f"{mode} (run `make gpu-check` on this GPU)")
-    else:
-        why = "no record makes a fused backend a default: " + "; ".join(reasons)
-    _DECISIONS[key] = {"ranked": ranked, "why": why,
-                       "records": sorted({str(best[b][1]) for b in ranked})}
-    return _DECISIONS[key]
-
-
-def auto_decision(dtype: str = "bfloat16", mode: str = "train",
-                  gpu: Optional[tuple[str, str]] = None) -> dict:
-    """What ``auto`` does on ``gpu`` (default: this machine's current GPU) for ``dtype`` and
-    ``mode``, and why: ``{"gpu", "dtype", "mode", "ranked": [validated backends, fastest first],
-    "backend": what runs (the first ranked that can run, else "reference"), "why", "records"}``.
-
-    Example:
-        >>> auto_decision("bfloat16", "train", gpu=("NVIDIA H200", "9.0"))["ranked"]  # doctest: +SKIP
-        []
-    """
-    if dtype not in _DTYPES:
-        raise ValueError(f"dtype must be one of {_DTYPES}, got {dtype!r}")
-    _check_mode(mode)
-    gpu = gpu if gpu is not None else _current_gpu()
-    if gpu is None:
-        return {"gpu": None, "dtype": dtype, "mode": mode, "ranked": [], "backend": "reference",
-                "why": "no CUDA GPU: auto runs the reference", "records": []}
-    d = _decide(tuple(gpu), dtype, mode)
-    backend = "reference"
-    if torch.cuda.is_available():
-        x = torch.empty(0, device="cuda")
-        backend = next((b for b in d["ranked"] if _probe(b, x) is None), "reference")
-    return {"gpu": list(gpu), "dtype": dtype, "mode": mode, "ranked": list(d["ranked"]),
-            "backend": backend, "why": d["why"], "records": d["records"]}
-
-
-def _log_fallback_once(x: Optional[torch.Tensor], why: str) -> None:
-    key = (x.device.type if x is not None else "none", why)
-    seen = getattr(_local, "fallback_logged", set())
-    if key not in seen:
-        seen.add(key)
-        _local.fallback_logged = seen
-        log.debug("backend auto -> reference for %s tensors: %s", key[0], why)
-
-
-def backend_status(device: Optional[str] = None) -> dict[str, Optional[str]]:
-    """For each backend, None if it can run on ``device`` (default: cuda if present else cpu),
-    otherwise the reason it cannot."""
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    x = torch.empty(0, device=device) if (device == "cpu" or torch.cuda.is_available()) else None
-    return {name: _probe(name, x) for name in BACKENDS}

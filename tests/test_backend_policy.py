@@ -13,6 +13,7 @@ import torch
 import msff.ops  # noqa: F401 - registers the probes the tests replace
 from msff import backend as B
 from msff.backend import resolve_backend
+from msff.ops import dispatch as D  # the policy's module: tests patch its private state here
 
 H200 = ("NVIDIA H200", "9.0")
 
@@ -25,12 +26,12 @@ def records(tmp_path, monkeypatch):
     pkg.mkdir()
     extra = tmp_path / "extra"
     extra.mkdir()
-    monkeypatch.setattr(B, "_PACKAGE_RECORDS", pkg)
+    monkeypatch.setattr(D, "_PACKAGE_RECORDS", pkg)
     monkeypatch.setenv("MSFF_VALIDATION_DIR", str(extra))
     monkeypatch.delenv("MSFF_BACKEND", raising=False)
-    monkeypatch.setattr(B, "_gpu_info", lambda index: H200)
-    monkeypatch.setitem(B._PROBES, "triton", lambda x: None)
-    monkeypatch.setitem(B._PROBES, "cuda", lambda x: None)
+    monkeypatch.setattr(D, "_gpu_info", lambda index: H200)
+    monkeypatch.setitem(D._PROBES, "triton", lambda x: None)
+    monkeypatch.setitem(D._PROBES, "cuda", lambda x: None)
     B.reload_validation_records()
 
     def write(entries, name="h200.json", capability="9.0", sources=None, **over):
@@ -82,7 +83,7 @@ def test_record_picks_the_recorded_fastest(records):
     # not recorded for fp16: reference
     assert resolve_backend("auto", cuda_x(torch.float16)) == "reference"
     # the fastest cannot run here: the next validated one
-    B._PROBES["cuda"] = lambda x: "extension built without CUDA"
+    D._PROBES["cuda"] = lambda x: "extension built without CUDA"
     assert resolve_backend("auto", cuda_x()) == "triton"
     d = B.auto_decision("bfloat16", "train", gpu=H200)
     assert d["ranked"] == ["cuda", "triton"] and "1.60x" in d["why"]
@@ -174,7 +175,7 @@ def test_public_functions_default_to_auto():
 
 
 def test_shipped_records_are_valid():
-    for path in sorted(B._PACKAGE_RECORDS.glob("*.json")):
+    for path in sorted(D._PACKAGE_RECORDS.glob("*.json")):
         assert B.validate_record(json.loads(path.read_text())) is None, path
 
 

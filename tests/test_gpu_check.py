@@ -9,6 +9,7 @@ import torch
 
 from msff import backend as B
 from msff import gpu_check as gc
+from msff.ops import dispatch as D  # the policy state the test mocks
 
 
 def test_dry_run_end_to_end(tmp_path, capsys):
@@ -82,10 +83,10 @@ def test_make_record_takes_all_parity_and_the_smallest_speedup():
 
 
 def test_a_written_record_drives_auto(tmp_path, monkeypatch):
-    monkeypatch.setattr(B, "_PACKAGE_RECORDS", tmp_path)
+    monkeypatch.setattr(D, "_PACKAGE_RECORDS", tmp_path)
     monkeypatch.delenv("MSFF_VALIDATION_DIR", raising=False)
     monkeypatch.delenv("MSFF_BACKEND", raising=False)
-    monkeypatch.setattr(B, "_gpu_info", lambda index: ("NVIDIA H200", "9.0"))
+    monkeypatch.setattr(D, "_gpu_info", lambda index: ("NVIDIA H200", "9.0"))
     monkeypatch.setitem(B._PROBES, "triton", lambda x: None)
     monkeypatch.setitem(B._PROBES, "cuda", lambda x: None)
     (tmp_path / "h200.json").write_text(json.dumps(gc.make_record(_doc())))

@@ -1,4 +1,4 @@
-"""Fused ops (torch.library) with their pure-PyTorch references; see msff.backend for dispatch.
+"""Fused ops (torch.library) with their pure-PyTorch references; dispatch in :mod:`msff.ops.dispatch`.
 
 Ops and their contract: ``msff/ops/SPEC.md``.
 
@@ -7,7 +7,7 @@ Ops and their contract: ``msff/ops/SPEC.md``.
 * the LKAM block built from them, and BN folding (:mod:`msff.ops.lkam`)
 
 Backend implementations are registered in :mod:`msff.ops.registry`; the CUDA backend adds itself
-from ``msff.ops._cuda`` when present.
+from ``msff.ops._cuda`` (always imported: a missing extension is reported by its probe).
 """
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ from typing import Optional
 
 import torch
 
-from msff.backend import register_backend_probe, triton_interpret
+from msff._triton_env import triton_interpret
+from msff.ops.dispatch import is_missing_module, probe_failure, register_backend_probe
 from msff.ops.lk_conv import lk_conv, lk_conv_ref
 from msff.ops.lkam import fuse_for_inference, lkam_block
 from msff.ops.lkam_se import lkam_se, lkam_se_ref
@@ -28,18 +29,39 @@ log = logging.getLogger("msff.ops")
 OPS = ("lk_conv", "_lk_conv_backward", "lkam_se", "_lkam_se_backward")
 
 
-_KERNELS_IMPORT: list = []  # [error or None] once tried (not lru_cache: Dynamo warns on it)
+_KERNELS_IMPORT: list = []  # [error or None] once known (not lru_cache: Dynamo warns on it)
+
+
+def _import_triton_kernels() -> Optional[str]:
+    """Import the Triton kernels; None on success, else why the triton backend cannot run.
+
+    Only a missing triton (or a triton without a module the kernels use) is an expected failure;
+    anything else is a bug or an incompatible triton and goes through ``probe_failure`` (raised
+    under MSFF_STRICT_BACKEND=1, else logged with its traceback and warned).
+    """
+    try:
+        import triton  # noqa: F401
+    except ImportError as e:  # not installed, or an install missing one of its own modules
+        log.debug("triton backend unavailable: triton is not importable: %s", e)
+        return f"triton is not importable ({e})"
+    except Exception as e:  # triton's own import-time code (driver discovery) raises its own types
+        return probe_failure("triton", "importing triton", e)
+    try:
+        import msff.kernels.lk_conv  # noqa: F401
+        import msff.kernels.lkam_se  # noqa: F401
+    except ImportError as e:
+        if not is_missing_module(e, "triton"):  # e.g. a typo in msff.kernels: a bug, not a setup
+            return probe_failure("triton", "importing msff.kernels", e)
+        log.debug("triton backend unavailable: %s", e)
+        return f"the Triton kernels need a triton with {e.name!r} ({e})"
+    except Exception as e:  # a bug in msff.kernels, or a triton API change that breaks @jit
+        return probe_failure("triton", "importing msff.kernels", e)
+    return None
 
 
 def _triton_kernels_error() -> Optional[str]:
     if not _KERNELS_IMPORT:
-        try:
-            import msff.kernels.lk_conv  # noqa: F401
-            import msff.kernels.lkam_se  # noqa: F401
-
-            _KERNELS_IMPORT.append(None)
-        except Exception as e:  # pragma: no cover - depends on the environment
-            _KERNELS_IMPORT.append(f"the Triton kernels failed to import ({type(e).__name__}: {e})")
+        _KERNELS_IMPORT.append(_import_triton_kernels())  # raises under MSFF_STRICT_BACKEND=1
     return _KERNELS_IMPORT[0]
 
 
@@ -66,11 +88,9 @@ def _triton_probe(x: Optional[torch.Tensor]) -> Optional[str]:
 
 register_backend_probe("triton", _triton_probe)
 
-try:  # the CUDA backend (issue 4) registers its implementations and probe here
-    import msff.ops._cuda  # noqa: F401
-except ImportError as e:
-    log.debug("msff.ops._cuda not loaded: %s", e)
-
+# The CUDA backend registers its implementations and probe; it handles a missing or CPU-only
+# msff._C itself (the probe says why), so any error importing it is a bug and propagates.
+import msff.ops._cuda  # noqa: E402, F401
 
 __all__ = [
     "OPS",

@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from msff.backend import resolve_backend
+from msff.ops.dispatch import resolve_backend
 from msff.ops.registry import empty_grad, empty_like_layout, get_impl, register_impl
 
 __all__ = ["acc_dtype", "lk_conv", "lk_conv_ref", "lk_conv_backward_ref", "check_lk_conv_args"]

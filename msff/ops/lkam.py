@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from msff.backend import resolve_backend
+from msff.ops.dispatch import resolve_backend
 from msff.ops.lk_conv import acc_dtype, lk_conv
 from msff.ops.lkam_se import lkam_se
 

@@ -10,7 +10,7 @@ from typing import Optional
 
 import torch
 
-from msff.backend import resolve_backend
+from msff.ops.dispatch import resolve_backend
 from msff.ops.lk_conv import acc_dtype
 from msff.ops.registry import empty_grad, empty_like_layout, get_impl, register_impl
 

@@ -7,9 +7,9 @@ import time, so a new backend only adds a module:
 
 Example:
     >>> from msff.ops.registry import register_impl, get_impl, has_impl
-    >>> register_impl("my_op", "reference", lambda x: x + 1)
-    >>> get_impl("my_op", "reference")(1)
-    2
+    >>> add_one = register_impl("my_op", "reference", lambda x: x + 1)  # returns the function
+    >>> get_impl("my_op", "reference")(1), has_impl("my_op", "reference")
+    (2, True)
 """
 from __future__ import annotations
 
