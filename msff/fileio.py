@@ -205,7 +205,7 @@ def disk_full_guard(path: str | os.PathLike, needed: Optional[int] = None) -> It
         yield
     except DiskFullError:
         raise
-    except Exception as e:
+    except Exception as e:  # a full disk shows as OSError, GDAL or numpy errors; all others re-raised below
         free = free_bytes(path)
         if _is_full(e) or (free is not None and free < max(needed or 0, 1 << 20)):
             raise DiskFullError(path, needed, free) from e

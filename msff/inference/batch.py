@@ -161,7 +161,7 @@ def _record_from_report(scene: str, plan: dict) -> SceneRecord:
     try:
         px = pixel_area_m2(out)
         rec.landslide_area_m2 = None if px is None or rec.landslide_pixels is None else px * rec.landslide_pixels
-    except Exception:  # noqa: BLE001
+    except Exception:  # noqa: BLE001 - rasterio/pyproj on an odd CRS; the area is optional in a resumed record
         pass
     return rec
 

@@ -311,7 +311,7 @@ class SceneWriter:
         for ds in self._ds.values():
             try:
                 ds.close()
-            except Exception:
+            except Exception:  # best-effort cleanup while another error propagates; GDAL raises any type
                 pass
         self._ds = {}
         for tmp in self._tmp.values():
