@@ -87,6 +87,15 @@ def find_pairs(
             mask without an image (named, with the count), ambiguous numbers.
 
     Example:
+        >>> import tempfile
+        >>> from msff.data.synthetic import write_scene_dataset
+        >>> with tempfile.TemporaryDirectory() as d:
+        ...     pairs = find_pairs(write_scene_dataset(d, n=2, size=32))
+        ...     len(pairs), pairs[0].image.name, pairs[0].mask.name
+        (2, 'scene_0000.png', 'scene_0000.png')
+
+        A real dataset (on disk), whose image and mask names differ by more than the folder:
+
         >>> pairs = find_pairs("/data/sichuan_landslide")   # doctest: +SKIP
         >>> pairs[0].image.name, pairs[0].mask.name         # doctest: +SKIP
         ('Landslide003.png', 'LandslideLabel003.png')

@@ -178,7 +178,13 @@ def read_image(
             declared nodata.
 
     Example:
-        >>> img, valid = read_image("scene.tif", bands=[3, 2, 1])  # doctest: +SKIP
+        >>> import tempfile
+        >>> from msff.data.synthetic import write_scene_dataset
+        >>> with tempfile.TemporaryDirectory() as d:
+        ...     root = write_scene_dataset(d, n=1, size=32)
+        ...     img, valid = read_image(root / "images" / "scene_0000.png", bands=[3, 2, 1])
+        >>> img.shape, img.dtype, valid
+        ((3, 32, 32), dtype('uint8'), None)
     """
     path = Path(path)
     nodata = None

@@ -103,7 +103,11 @@ def write_scene_dataset(root: str | os.PathLike, n: int, size: int = 128, seed: 
         ``root``.
 
     Example:
-        >>> write_scene_dataset("/tmp/scenes", n=4, size=64)  # doctest: +SKIP
+        >>> import tempfile
+        >>> with tempfile.TemporaryDirectory() as d:
+        ...     root = write_scene_dataset(d, n=4, size=64)
+        ...     sorted(p.name for p in (root / "images").iterdir())[:2]
+        ['scene_0000.png', 'scene_0001.png']
     """
     import warnings
 
