@@ -12,7 +12,7 @@ def collect() -> dict:
     import torch
 
     import msff
-    from msff.backend import backend_status, triton_interpret
+    from msff.backend import backend_status, strict_probes, triton_interpret
 
     info: dict = {
         "msff": msff.__version__,
@@ -26,17 +26,18 @@ def collect() -> dict:
         "tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
         "tf32_cudnn": torch.backends.cudnn.allow_tf32,
         "triton_interpret": triton_interpret(),
+        "strict_backend": strict_probes(),  # MSFF_STRICT_BACKEND=1: probe errors raise
     }
     for mod in ("triton", "numpy", "rasterio"):
         try:
             info[mod] = importlib.import_module(mod).__version__
-        except Exception as e:  # report, never fail
+        except Exception as e:  # third-party import-time code raises its own types; a report never fails
             info[mod] = f"not available ({type(e).__name__})"
     try:
         ext = importlib.import_module("msff._C")
         info["extension"] = getattr(ext, "__file__", "loaded")
         info["extension_cuda"] = bool(getattr(ext, "WITH_CUDA", 0))
-    except Exception as e:
+    except ImportError as e:  # not built, or unloadable (missing symbol, other torch): ImportError
         info["extension"] = f"not built ({type(e).__name__}: {e})"
     status = backend_status()
     info["backends"] = {k: ("available" if v is None else f"unavailable: {v}") for k, v in status.items()}

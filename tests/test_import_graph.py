@@ -92,10 +92,9 @@ def import_graph() -> tuple[frozenset[tuple[str, str]], frozenset[tuple[str, str
                     sub = f"{base}.{alias.name}"
                     targets.append(sub if sub in mods else base)
             for t in targets:
-                # `import a.b.c` binds a; the module it needs is the deepest first-party one
-                while t and t not in mods:
-                    t = t.rpartition(".")[0]
-                if t and t != name:
+                # a first-party name that is no module here (not yet committed, say) stays a node
+                # of its own: walking up to its package would invent edges
+                if (t == "msff" or t.startswith("msff.")) and t != name:
                     (function_level if in_function else module_level).add((name, t))
     return frozenset(module_level), frozenset(function_level - module_level)
 
