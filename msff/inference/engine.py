@@ -15,8 +15,10 @@ Three ways to run the same weights, all behind one ``nn.Module`` interface (``en
 
 ``auto`` (the default) picks, for an MSFFNet on the CPU, ``onnx`` when onnxruntime is
 importable, else ``torch``; on CUDA, and for any other network (not measured), it keeps ``nchw``
-(the fused kernels and cuDNN run NCHW; no GPU measurement says otherwise). The choice is what ``benchmarks/test_bench_cpu_engine.py`` measured on a 2-core
-AVX2 CPU: onnxruntime ~2x, channels_last ~1.3-1.5x the NCHW eager model (see README).
+(the fused kernels and cuDNN run NCHW; no GPU measurement says otherwise). The choice is what
+``benchmarks/test_bench_cpu_engine.py`` measured on 2-core AVX2 and AVX-512 CPUs: onnxruntime
+1.8-3.8x, channels_last 1.3-1.4x, channels_last + ``torch.compile`` with frozen weights ~1.9x the
+NCHW eager model (see README).
 
 Example:
     >>> import torch
