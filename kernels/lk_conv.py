@@ -12,8 +12,8 @@ Design (v2, issue 11), built for sm_90a and checked offline by the kernel report
   so Triton's software pipeline reaches a steady state. The tap and channel chunk of an iteration
   are scalars: the A tile is a shifted row block whose out-of-range rows are masked to zero ("same"
   padding); the weights are packed once per call into a zero-padded ``[k·Cin_p, Cout_p]`` matrix, so
-  B loads need no mask at all. Epilogue: bias, ReLU, residual add, per-CTA partial Σy/Σy²
-  (no atomics), or (backward-data mode) the backward of the *input's* BN+ReLU with per-CTA
+  B loads need no mask at all. Epilogue: bias, ReLU, residual add, per-CTA partial Σy and
+  Σ(y - ȳ_tile)² (no atomics; combined by ``_stats_combine_kernel`` with Chan's formula in fp64), or (backward-data mode) the backward of the *input's* BN+ReLU with per-CTA
   partial Σ for its scale/shift gradients.
 * The input prologue relu(x·s + t) is materialised once per element by ``_lk_conv_prologue_kernel``
   (one vectorised pass) instead of being recomputed for each of the k taps in the main loop: see
@@ -22,7 +22,7 @@ Design (v2, issue 11), built for sm_90a and checked offline by the kernel report
   im2col(xin)[M, k·Cin]`` (N = k·Cin): a program owns ``TAPS`` taps × ``BLOCK_C`` channels of the N
   axis, so g is read k/TAPS times, not k times; the pixel axis is split over programs and each
   writes an fp32 partial; ``_reduce_rows_kernel`` sums partials deterministically in fp64.
-* ``_reduce_rows_kernel``: the second, small kernel of every reduction (BN statistics, bias / BN
+* ``_reduce_rows_kernel``: the second, small kernel of every other reduction (bias / BN
   gradients, weight-gradient split-K): fixed order, fp64 accumulation, no atomics.
 """
 from __future__ import annotations
@@ -36,6 +36,7 @@ from msff.kernels._common import fix_bf16, rtne_bf16
 
 __all__ = ["lk_conv_fwd", "lk_conv_wgrad", "lk_conv_grad_out", "lk_conv_prologue", "nhwc",
            "conv_operand", "padded_channels", "fwd_config", "wgrad_config", "reduce_partials",
+           "combine_stats",
            "PROLOGUE_ROOFLINE"]
 
 #: Why the prologue is materialised in one pass (bf16, H100: 3.35 TB/s HBM, ~31 T fp32 lane-op/s,
@@ -70,13 +71,13 @@ def _pixels(offs, H, W, ALONG_W: tl.constexpr):
 
 @triton.jit
 def _lk_conv_fwd_kernel(
-    x_ptr, w_ptr, bias_ptr, add_ptr, y_ptr, part_ptr, px_ptr, pscale_ptr, pshift_ptr,
-    M, H, W, COUT, COUT_P, TS, NUM_M_TILES,
+    x_ptr, w_ptr, bias_ptr, add_ptr, y_ptr, part_ptr, px_ptr, pscale_ptr, pshift_ptr, pool_ptr,
+    M, H, W, COUT, COUT_P, TS, NUM_M_TILES, HW, POOL_J,
     stride_an, stride_ac, stride_ah, stride_aw,
     stride_yn, stride_yc, stride_yh, stride_yw,
     CIN: tl.constexpr, KT: tl.constexpr, ALONG_W: tl.constexpr,
     HAS_BIAS: tl.constexpr, RELU: tl.constexpr, HAS_ADD: tl.constexpr, STATS: tl.constexpr,
-    PRO_BWD: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    POOL: tl.constexpr, PRO_BWD: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
     FIX_OUT: tl.constexpr, A_VEC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -137,10 +138,17 @@ def _lk_conv_fwd_kernel(
         addv = tl.load(add_ptr + a_off[:, None] + offs_n[None, :] * stride_ac, mask=mask2, other=0.0)
         acc += addv.to(tl.float32)
     if STATS:
-        accm = tl.where(mask2, acc, 0.0)
+        # this tile's statistics as (K, D, M2): K the rough fp32 tile mean, D = Σ(y - K), M2 =
+        # Σ(y - K)² - D²/n. Shifted by K, D and M2 are sums of small numbers (no cancellation at
+        # any mean; the exact tile mean is K + D/n). _stats_combine_kernel merges tiles (Chan).
+        n_t = tl.minimum(M - pid_m * BLOCK_M, BLOCK_M).to(tl.float32)
+        kmean = tl.sum(tl.where(mask2, acc, 0.0), axis=0) / n_t
+        dev = tl.where(mask2, acc - kmean[None, :], 0.0)
+        dsum = tl.sum(dev, axis=0)
         prow = part_ptr + pid_m * COUT_P + offs_n
-        tl.store(prow, tl.sum(accm, axis=0))
-        tl.store(prow + NUM_M_TILES * COUT_P, tl.sum(accm * accm, axis=0))
+        tl.store(prow, kmean)
+        tl.store(prow + NUM_M_TILES * COUT_P, dsum)
+        tl.store(prow + 2 * NUM_M_TILES * COUT_P, tl.sum(dev * dev, axis=0) - dsum * dsum / n_t)
     if PRO_BWD:
         # acc is d(loss)/d(xin) of the producer's prologue xin = relu(px*s + t): chain it to px.
         # px is dense NHWC with COUT channels (the launcher passes nhwc(x))
@@ -155,9 +163,20 @@ def _lk_conv_fwd_kernel(
         tl.store(prow, tl.sum(gm * pxv, axis=0))
         tl.store(prow + NUM_M_TILES * COUT_P, tl.sum(gm, axis=0))
         acc = gm * ps[None, :]
+    yout = rtne_bf16(acc, FIX_OUT).to(y_ptr.dtype.element_ty)
+    if POOL:
+        # per-image Σ_{h,w} y of the stored y (the SE squeeze of the next op): GEMM rows are
+        # image-major in both row orders, so this tile meets images n0 .. n0 + POOL_J - 1; one
+        # partial row per (tile, image slot), gathered by _pool_gather_kernel (no atomics)
+        yq = tl.where(mask2, yout.to(tl.float32), 0.0)
+        img = offs_m // HW
+        n0 = (pid_m * BLOCK_M) // HW
+        for j in range(0, POOL_J):
+            sel = (img == n0 + j)[:, None]
+            tl.store(pool_ptr + (pid_m * POOL_J + j).to(tl.int64) * COUT_P + offs_n,
+                     tl.sum(tl.where(sel, yq, 0.0), axis=0))
     y_off = n_idx * stride_yn + h_idx * stride_yh + w_idx * stride_yw
-    tl.store(y_ptr + y_off[:, None] + offs_n[None, :] * stride_yc,
-             rtne_bf16(acc, FIX_OUT).to(y_ptr.dtype.element_ty), mask=mask2)
+    tl.store(y_ptr + y_off[:, None] + offs_n[None, :] * stride_yc, yout, mask=mask2)
 
 
 @triton.jit
@@ -324,6 +343,85 @@ def _reduce_rows_kernel(
         tl.store(dst, tot, mask=mask_c)
 
 
+@triton.jit
+def _pool_gather_kernel(
+    part_ptr, out_ptr, C, COUT_P, HW, POOL_J, BM,
+    BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    # out[n, c] = Σ over the M tiles t that meet image n of part[t, n - first image of t, c]:
+    # fixed order, fp64 accumulation
+    n = tl.program_id(0).to(tl.int64)
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_c = offs_c < C
+    t0 = (n * HW) // BM
+    t1 = ((n + 1) * HW - 1) // BM
+    acc = tl.zeros((BLOCK_T, BLOCK_C), dtype=tl.float64)
+    for t in range(t0, t1 + 1, BLOCK_T):
+        offs_t = t + tl.arange(0, BLOCK_T)
+        ok = offs_t <= t1
+        j = n - (offs_t * BM) // HW
+        row = tl.where(ok, offs_t * POOL_J + j, 0)
+        v = tl.load(part_ptr + row[:, None] * COUT_P + offs_c[None, :],
+                    mask=ok[:, None] & mask_c[None, :], other=0.0)
+        acc += v.to(tl.float64)
+    tl.store(out_ptr + n * C + offs_c, tl.sum(acc, axis=0).to(tl.float32), mask=mask_c)
+
+
+@triton.jit
+def _stats_combine_kernel(
+    in_ptr, out_ptr, R, C, M, UNIT, ROWS_PER_PROG, stride_ig, stride_og,
+    OUT_FINAL: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    # Chan's parallel-variance combination, deterministic, in fp64. in: (3, R, C) rows (K, D, M2)
+    # where row r covers n_r = min(UNIT, M - r·UNIT) values of mean K + D/n_r and centred sum of
+    # squares M2. Each program merges ROWS_PER_PROG rows in two passes (their mean, then M2 =
+    # Σ M2_r + Σ n_r·(mean_r - mean)²) and writes (mean, 0, M2) in fp64 for the next level, or,
+    # OUT_FINAL, (Σy, M2) in fp32 as (2, C).
+    pid_c = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_c = offs_c < C
+    r_start = pid_s * ROWS_PER_PROG
+    r_end = tl.minimum(r_start + ROWS_PER_PROG, R)
+    s_acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float64)
+    for r0 in range(r_start, r_end, BLOCK_R):
+        offs_r = r0 + tl.arange(0, BLOCK_R)
+        ok_r = offs_r < r_end
+        mask = ok_r[:, None] & mask_c[None, :]
+        row = offs_r.to(tl.int64)[:, None] * C + offs_c[None, :]
+        kv = tl.load(in_ptr + row, mask=mask, other=0.0).to(tl.float64)
+        dv = tl.load(in_ptr + stride_ig + row, mask=mask, other=0.0).to(tl.float64)
+        n_r = tl.minimum(UNIT, M - offs_r.to(tl.int64) * UNIT)
+        n_r = tl.where(ok_r, n_r, 0).to(tl.float64)[:, None]
+        s_acc += n_r * kv + dv
+    tot = tl.sum(s_acc, axis=0)
+    first = r_start.to(tl.int64) * UNIT
+    n_chunk = tl.minimum(r_end.to(tl.int64) * UNIT, M) - first
+    mean = tot / n_chunk.to(tl.float64)
+    m_acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float64)
+    for r0 in range(r_start, r_end, BLOCK_R):
+        offs_r = r0 + tl.arange(0, BLOCK_R)
+        ok_r = offs_r < r_end
+        mask = ok_r[:, None] & mask_c[None, :]
+        row = offs_r.to(tl.int64)[:, None] * C + offs_c[None, :]
+        kv = tl.load(in_ptr + row, mask=mask, other=0.0).to(tl.float64)
+        dv = tl.load(in_ptr + stride_ig + row, mask=mask, other=0.0).to(tl.float64)
+        m2 = tl.load(in_ptr + 2 * stride_ig + row, mask=mask, other=0.0).to(tl.float64)
+        n_r = tl.minimum(UNIT, M - offs_r.to(tl.int64) * UNIT)
+        n_r = tl.where(ok_r, n_r, 1).to(tl.float64)[:, None]
+        dm = kv + dv / n_r - mean[None, :]
+        m_acc += tl.where(mask, m2 + n_r * dm * dm, 0.0)
+    tm2 = tl.sum(m_acc, axis=0)
+    dst = out_ptr + pid_s.to(tl.int64) * C + offs_c
+    if OUT_FINAL:
+        tl.store(dst, tot.to(tl.float32), mask=mask_c)
+        tl.store(dst + stride_og, tm2.to(tl.float32), mask=mask_c)
+    else:
+        tl.store(dst, mean, mask=mask_c)
+        tl.store(dst + stride_og, tl.zeros_like(mean), mask=mask_c)
+        tl.store(dst + 2 * stride_og, tm2, mask=mask_c)
+
+
 # ---- launch configurations ---------------------------------------------------------------------
 def _next_pow2(v: int) -> int:
     return 1 << max(0, int(v) - 1).bit_length()
@@ -346,42 +444,120 @@ def _upcast(dtype: torch.dtype) -> bool:
     return triton_interpret() and dtype != torch.float32
 
 
+#: GPU candidates of ``_lk_conv_fwd_kernel`` (forward and input gradient), autotuned per shape
+#: key at the first launch (:func:`choose_config`); BLOCK_N / BLOCK_K are clipped to the channel
+#: counts. The first is the default (and what the kernel report compiles). 256 x 128 spilled
+#: (316-320 B with the stats epilogue), so wide N tiles use BLOCK_M = 128. Every candidate runs in
+#: the interpreter (tests/ops/test_launch_configs.py).
+FWD_CANDIDATES = {
+    "m256n64k64w8s3": dict(BLOCK_M=256, BLOCK_N=64, BLOCK_K=64, num_warps=8, num_stages=3),
+    "m128n64k64w4s4": dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=4),
+    "m128n128k64w8s3": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3),
+}
+#: GPU candidates of ``_lk_conv_wgrad_kernel``: the N tile (TAPS x BLOCK_C) and pixel step.
+WGRAD_CANDIDATES = {
+    "n512k32w8": dict(N_TILE=512, BLOCK_K=32),
+    "n256k64w8": dict(N_TILE=256, BLOCK_K=64),
+}
+CONFIG_ENV = "MSFF_TRITON_CONFIG"
+AUTOTUNE_ENV = "MSFF_TRITON_AUTOTUNE"
+_TUNED: dict = {}
+
+
+def config_override(kind: str):
+    """The candidate name pinned for ``kind`` ("fwd" | "wgrad") by ``MSFF_TRITON_CONFIG``
+    (e.g. ``fwd=m128n64k64w4s4,wgrad=n256k64w8``), or None. Pinning makes runs reproducible: the
+    autotuner's timing-based choice can differ between runs and so can the summation order."""
+    import os
+
+    spec = os.environ.get(CONFIG_ENV, "").strip()
+    if not spec:
+        return None
+    table = {"fwd": FWD_CANDIDATES, "wgrad": WGRAD_CANDIDATES}
+    for item in spec.split(","):
+        k, sep, name = item.partition("=")
+        k, name = k.strip(), name.strip()
+        if not sep or k not in table:
+            raise ValueError(f"{CONFIG_ENV}: expected 'fwd=NAME' / 'wgrad=NAME' items, got "
+                             f"{item!r}")
+        if name not in table[k]:
+            raise ValueError(f"{CONFIG_ENV}: unknown {k} config {name!r}; known: "
+                             f"{', '.join(table[k])}")
+        if k == kind:
+            return name
+    return None
+
+
+def autotune_enabled() -> bool:
+    import os
+
+    return os.environ.get(AUTOTUNE_ENV, "1").strip() not in ("0", "false", "no", "off")
+
+
+def choose_config(kind: str, key: tuple, run, candidates) -> str:
+    """The candidate to launch for a shape ``key``: the ``MSFF_TRITON_CONFIG`` pin if any; else,
+    on a GPU with autotuning on (``MSFF_TRITON_AUTOTUNE``, default on), the fastest of
+    ``candidates`` by ``triton.testing.do_bench`` of ``run(name)`` (once per key and process);
+    else the first candidate."""
+    pinned = config_override(kind)
+    if pinned is not None:
+        return pinned
+    names = list(candidates)
+    if triton_interpret() or not autotune_enabled() or len(names) == 1:
+        return names[0]
+    if key not in _TUNED:
+        from triton.testing import do_bench
+
+        times = {n: do_bench(lambda n=n: run(n), warmup=3, rep=10) for n in names}
+        _TUNED[key] = min(names, key=lambda n: times[n])
+    return _TUNED[key]
+
+
 def fwd_config(M: int, cin: int, cout: int, pro_bwd: bool = False,
-               interpret: bool | None = None) -> dict:
+               interpret: bool | None = None, name: str | None = None) -> dict:
     """Launch config of ``_lk_conv_fwd_kernel`` (also the input gradient, with cin/cout swapped
-    and ``pro_bwd``): BLOCK_M/N/K, num_warps, num_stages. Shape-keyed on the channel counts:
-    BLOCK_N = min(64, Cout), BLOCK_K = min(64, Cin) (one tap per K step), BLOCK_M = 256."""
+    and ``pro_bwd``): BLOCK_M/N/K, num_warps, num_stages and ``name``. ``name`` picks a GPU
+    candidate of :data:`FWD_CANDIDATES` (default: the ``MSFF_TRITON_CONFIG`` pin, else the
+    first); BLOCK_N / BLOCK_K are clipped to Cout / Cin. Under the interpreter without a name
+    or pin: few, large programs."""
     interpret = triton_interpret() if interpret is None else interpret
-    bn = min(64, max(16, _next_pow2(cout)))
-    bk = min(64, max(16, _next_pow2(cin)))
-    if interpret:
+    name = name or config_override("fwd")
+    if interpret and name is None:
         # few, large programs: the interpreter's cost grows with the program count
-        return dict(BLOCK_M=min(256, max(16, _next_pow2(M))), BLOCK_N=bn, BLOCK_K=bk,
-                    num_warps=4, num_stages=1)
-    # BLOCK_M = 256 halves the weight re-streaming (each M tile streams the whole k·Cin × BLOCK_N
-    # weight slice from L2) against 128; 256 × 128 spilled (316-320 B with the stats epilogue),
-    # so Cout = 128 runs as two 64-wide N tiles (A is read twice, from L2 ~1.1x thanks to L1).
-    return dict(BLOCK_M=256, BLOCK_N=bn, BLOCK_K=bk, num_warps=8, num_stages=3)
+        return dict(BLOCK_M=min(256, max(16, _next_pow2(M))),
+                    BLOCK_N=min(64, max(16, _next_pow2(cout))),
+                    BLOCK_K=min(64, max(16, _next_pow2(cin))), num_warps=4, num_stages=1,
+                    name="interpret")
+    name = name or next(iter(FWD_CANDIDATES))
+    c = FWD_CANDIDATES[name]
+    return dict(c, BLOCK_N=min(c["BLOCK_N"], max(16, _next_pow2(cout))),
+                BLOCK_K=min(c["BLOCK_K"], max(16, _next_pow2(cin))), name=name)
 
 
 def wgrad_config(M: int, cin: int, cout: int, K: int, sms: int = 132,
-                 interpret: bool | None = None) -> dict:
+                 interpret: bool | None = None, name: str | None = None) -> dict:
     """Launch config of ``_lk_conv_wgrad_kernel``: BLOCK_M (Cout), BLOCK_C (Cin chunk), TAPS (taps
-    per N tile, N tile = TAPS·BLOCK_C), BLOCK_K (pixels per K step), SPLIT (pixel split-K)."""
+    per N tile, N tile = TAPS·BLOCK_C), BLOCK_K (pixels per K step), SPLIT (pixel split-K) and
+    ``name`` (a :data:`WGRAD_CANDIDATES` key; default the pin, else the first)."""
     interpret = triton_interpret() if interpret is None else interpret
+    name = name or config_override("wgrad")
     # L2 traffic of the GEMM ∝ 1/BLOCK_N (g re-read per N tile) + 1/(BLOCK_M·TAPS) (x re-read per
     # M tile, its TAPS shifted copies overlapping): N tile = TAPS·BLOCK_C of 512 (Cout <= 64) or 256.
     bm = min(128, max(16, _next_pow2(cout)))
     bc = min(64, max(16, _next_pow2(cin)))
-    taps = max(1, min(_next_pow2(K), (512 if bm <= 64 else 256) // bc))
-    if interpret:
+    if interpret and name is None:
+        taps = max(1, min(_next_pow2(K), (512 if bm <= 64 else 256) // bc))
         return dict(BLOCK_M=bm, BLOCK_C=bc, TAPS=taps, BLOCK_K=min(256, max(16, _next_pow2(M))),
-                    SPLIT=1, num_warps=4, num_stages=1)
-    bk = 32
+                    SPLIT=1, num_warps=4, num_stages=1, name="interpret")
+    name = name or next(iter(WGRAD_CANDIDATES))
+    c = WGRAD_CANDIDATES[name]
+    n_tile = c["N_TILE"] if bm <= 64 else min(c["N_TILE"], 256)
+    taps = max(1, min(_next_pow2(K), n_tile // bc))
+    bk = c["BLOCK_K"]
     tiles = triton.cdiv(K, taps) * triton.cdiv(cin, bc) * triton.cdiv(cout, bm)
     split = max(1, min(triton.cdiv(M, bk * 16), triton.cdiv(2 * sms, tiles)))
     return dict(BLOCK_M=bm, BLOCK_C=bc, TAPS=taps, BLOCK_K=bk, SPLIT=split,
-                num_warps=8 if bm * taps * bc >= 128 * 128 else 4, num_stages=3)
+                num_warps=8 if bm * taps * bc >= 128 * 128 else 4, num_stages=3, name=name)
 
 
 def _eltwise_blocks(M: int, C: int):
@@ -447,6 +623,34 @@ def reduce_partials(part: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def _combine_block_r(BR: int) -> int:
+    # 8 fp64 rows x 128 channels per step on a GPU: 32 rows (the fp32 reduction's) spilled
+    # (255 registers, 588 B at the fp64 second level, sm_90a)
+    return BR if triton_interpret() else 8
+
+
+def combine_stats(part: torch.Tensor, M: int, unit: int) -> torch.Tensor:
+    """(3, R, C) per-tile statistics (K, D, M2) — row r covers n_r = min(unit, M - r·unit) values
+    with mean K + D/n_r and centred sum of squares M2 — -> (2, C) fp32 (Σy, M2 = Σ(y - ȳ)²) over
+    all M values: Chan's combination in fp64, deterministic (fixed order, two levels when R is
+    large). Used for the BN statistics of the forward's STATS epilogue."""
+    _, R, C = part.shape
+    out = torch.empty((2, C), dtype=torch.float32, device=part.device)
+    if C == 0:
+        return out
+    if R == 0 or M == 0:
+        return out.zero_()
+    src = part.contiguous()
+    for rows, rpp, S, BR, BC, final in _reduce_plan(R, C):
+        dst = out if final else torch.empty((3, S, C), dtype=torch.float64, device=part.device)
+        _stats_combine_kernel[(triton.cdiv(C, BC), S)](
+            src, dst, rows, C, M, unit, rpp, rows * C, S * C,
+            OUT_FINAL=final, BLOCK_R=_combine_block_r(BR), BLOCK_C=BC, num_warps=4,
+        )
+        src, unit = dst, unit * rpp
+    return out
+
+
 def _pack_weight(weight: torch.Tensor, cin_p: int, cout_p: int) -> torch.Tensor:
     """(Cout, Cin, kh, kw) -> zero-padded [k·cin_p, cout_p] with row tap·cin_p + ci."""
     cout, cin, kh, kw = weight.shape
@@ -454,6 +658,21 @@ def _pack_weight(weight: torch.Tensor, cin_p: int, cout_p: int) -> torch.Tensor:
     wp = torch.zeros((K, cin_p, cout_p), dtype=weight.dtype, device=weight.device)
     wp[:, :cin, :cout] = weight.reshape(cout, cin, K).permute(2, 1, 0)
     return wp.view(K * cin_p, cout_p)
+
+
+def packed_weight(weight: torch.Tensor, cin_p: int, cout_p: int) -> torch.Tensor:
+    """:func:`_pack_weight`, reusing the previous pack when ``weight`` carries a pack cache (the
+    BN-folded eval weights of msff.ops.lkam do) and neither its storage nor its version counter
+    changed; other weights (training) are packed per call."""
+    cache = getattr(weight, "_msff_pack_cache", None)
+    if cache is None:
+        return _pack_weight(weight, cin_p, cout_p)
+    key = (weight.data_ptr(), weight._version, cin_p, cout_p)
+    wp = cache.get(key)
+    if wp is None:
+        cache.clear()
+        wp = cache[key] = _pack_weight(weight, cin_p, cout_p)
+    return wp
 
 
 def padded_channels(c: int) -> int:
@@ -495,11 +714,23 @@ def conv_operand(x, in_scale, in_shift):
     return buf.permute(0, 3, 1, 2)
 
 
-def lk_conv_fwd(x, weight, bias, in_scale, in_shift, add, relu, stats, y, pro_bwd=None):
-    """Launch the forward conv into the preallocated ``y``; returns ``(ch_sum, ch_sumsq)`` fp32
-    when ``stats`` (else None). ``weight`` is (Cout, Cin, kh, kw) with kh == 1 or kw == 1, any
-    strides. ``pro_bwd``: None or (px, pscale, pshift) for the backward-data epilogue; then the
-    return value is ``(grad_pscale, grad_pshift)``."""
+def pool_slots(block_m: int, hw: int) -> int:
+    """Images a run of ``block_m`` image-major GEMM rows can meet (images of ``hw`` pixels)."""
+    return triton.cdiv(block_m - 1, hw) + 1
+
+
+def _pool_gather_blocks(C: int):
+    return (64 if triton_interpret() else 16), min(128, max(16, _next_pow2(C)))
+
+
+def lk_conv_fwd(x, weight, bias, in_scale, in_shift, add, relu, stats, y, pro_bwd=None,
+                pool_out=None):
+    """Launch the forward conv into the preallocated ``y``; returns ``(ch_sum, ch_m2)`` fp32
+    (Σy and the centred Σ(y - ȳ)²) when ``stats`` (else None). ``weight`` is (Cout, Cin, kh, kw)
+    with kh == 1 or kw == 1, any strides. The tile config is :func:`choose_config`'s (pinned,
+    autotuned once per shape key on a GPU, or the interpreter's). ``pro_bwd``: None or (px, pscale, pshift) for the backward-data epilogue; then the
+    return value is ``(grad_pscale, grad_pshift)``. ``pool_out``: None or an (N, Cout) fp32 tensor
+    that receives Σ_{h,w} y per image (of the stored y), from the epilogue's partials."""
     N, _, H, W = x.shape
     cout, _, kh, kw = weight.shape
     along_w = kh == 1
@@ -507,31 +738,57 @@ def lk_conv_fwd(x, weight, bias, in_scale, in_shift, add, relu, stats, y, pro_bw
     M = N * H * W
     xin = conv_operand(x, in_scale, in_shift)
     cin = xin.shape[1]  # padded: the extra input channels are zero, so are their weights
-    cfg = fwd_config(M, cin, cout, pro_bwd=pro_bwd is not None)
-    BM, BN, BK = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
-    cin_p = triton.cdiv(cin, BK) * BK
-    cout_p = triton.cdiv(cout, BN) * BN
-    wp = _pack_weight(weight, cin_p, cout_p)
-    n_m = triton.cdiv(M, BM)
-    want_part = bool(stats) or pro_bwd is not None
-    part = torch.empty((2, n_m, cout_p) if want_part else (1,), dtype=torch.float32,
-                       device=x.device)
     a = add if add is not None else y
-    px, ps, pt = pro_bwd if pro_bwd is not None else (y, part, part)
+    px, ps, pt = pro_bwd if pro_bwd is not None else (y, None, None)
     px = nhwc(px)
-    grid = (n_m, triton.cdiv(cout, BN))
-    _lk_conv_fwd_kernel[grid](
-        xin, wp, bias if bias is not None else part, a, y, part, px, ps, pt,
-        M, H, W, cout, cout_p, 1 if along_w else W, n_m,
-        *_strides4(a), *_strides4(y),
-        CIN=cin, KT=K, ALONG_W=along_w,
-        HAS_BIAS=bias is not None, RELU=bool(relu), HAS_ADD=add is not None, STATS=bool(stats),
-        PRO_BWD=pro_bwd is not None, UPCAST=_upcast(x.dtype), DOT_PRECISION=_dot_precision(x.dtype),
-        FIX_OUT=fix_bf16(y.dtype), A_VEC=_a_vec(x.dtype), BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-    )
+    want_part = bool(stats) or pro_bwd is not None
+
+    def launch(name):
+        cfg = fwd_config(M, cin, cout, pro_bwd=pro_bwd is not None, name=name)
+        BM, BN, BK = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
+        cin_p = triton.cdiv(cin, BK) * BK
+        cout_p = triton.cdiv(cout, BN) * BN
+        wp = packed_weight(weight, cin_p, cout_p)
+        n_m = triton.cdiv(M, BM)
+        part = torch.empty(((3 if stats else 2), n_m, cout_p) if want_part else (1,),
+                           dtype=torch.float32, device=x.device)
+        pool_j = pool_slots(BM, H * W) if pool_out is not None else 1
+        ppart = torch.empty((n_m * pool_j, cout_p) if pool_out is not None else (1,),
+                            dtype=torch.float32, device=x.device)
+        _lk_conv_fwd_kernel[(n_m, triton.cdiv(cout, BN))](
+            xin, wp, bias if bias is not None else part, a, y, part, px,
+            ps if ps is not None else part, pt if pt is not None else part, ppart,
+            M, H, W, cout, cout_p, 1 if along_w else W, n_m, H * W, pool_j,
+            *_strides4(a), *_strides4(y),
+            CIN=cin, KT=K, ALONG_W=along_w,
+            HAS_BIAS=bias is not None, RELU=bool(relu), HAS_ADD=add is not None,
+            STATS=bool(stats), POOL=pool_out is not None, PRO_BWD=pro_bwd is not None,
+            UPCAST=_upcast(x.dtype), DOT_PRECISION=_dot_precision(x.dtype),
+            FIX_OUT=fix_bf16(y.dtype), A_VEC=_a_vec(x.dtype), BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK,
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        )
+        return BM, cout_p, part, ppart, pool_j
+
+    if triton_interpret() and config_override("fwd") is None:
+        name = None  # the interpreter's own blocks
+    else:
+        key = ("fwd", x.device.index, x.dtype, M, H * W, cin, cout, K, along_w, bias is not None,
+               bool(relu), add is not None, bool(stats), pool_out is not None, pro_bwd is not None)
+        # 128 x 128 tiles spill with the prologue-backward epilogue (12-24 B, sm_90a): not tried
+        cands = [n for n, c in FWD_CANDIDATES.items() if pro_bwd is None or c["BLOCK_N"] <= 64]
+        name = choose_config("fwd", key, launch, cands)
+    BM, cout_p, part, ppart, pool_j = launch(name)
+    if pool_out is not None:
+        BT, BCg = _pool_gather_blocks(cout)
+        _pool_gather_kernel[(N, triton.cdiv(cout, BCg))](
+            ppart, pool_out, cout, cout_p, H * W, pool_j, BM, BLOCK_T=BT, BLOCK_C=BCg,
+            num_warps=4,
+        )
     if not want_part:
         return None
+    if stats:
+        sums = combine_stats(part, M, BM)[:, :cout]
+        return sums[0].clone(), sums[1].clone()
     sums = reduce_partials(part)[:, :cout]
     return sums[0].clone(), sums[1].clone()  # separate storages (custom ops forbid aliased outputs)
 
@@ -549,22 +806,32 @@ def lk_conv_wgrad(g_r, x, in_scale, in_shift, kernel_shape):
         if x.device.type == "cuda" else 132
     xin = conv_operand(x, in_scale, in_shift)
     cin = xin.shape[1]  # padded with zero channels; their gradient rows are dropped below
-    cfg = wgrad_config(M, cin, cout, K, sms)
     g = nhwc(g_r)
-    BKp = cfg["BLOCK_K"]
-    m_per = triton.cdiv(triton.cdiv(M, cfg["SPLIT"]), BKp) * BKp
-    split = triton.cdiv(M, m_per)
-    part = torch.empty((1, split, cout * K * cin), dtype=torch.float32, device=x.device)
-    grid = (triton.cdiv(K, cfg["TAPS"]) * triton.cdiv(cin, cfg["BLOCK_C"]),
-            triton.cdiv(cout, cfg["BLOCK_M"]), split)
-    _lk_conv_wgrad_kernel[grid](
-        g, xin, part, M, H, W, cout, 1 if along_w else W, m_per,
-        CIN=cin, KT=K, ALONG_W=along_w, TAPS=cfg["TAPS"], EVEN_CO=cout % cfg["BLOCK_M"] == 0,
-        UPCAST=_upcast(x.dtype),
-        DOT_PRECISION=_dot_precision(x.dtype), A_VEC=_a_vec(x.dtype), BLOCK_M=cfg["BLOCK_M"],
-        BLOCK_C=cfg["BLOCK_C"],
-        BLOCK_K=BKp, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-    )
+
+    def launch(name):
+        cfg = wgrad_config(M, cin, cout, K, sms, name=name)
+        BKp = cfg["BLOCK_K"]
+        m_per = triton.cdiv(triton.cdiv(M, cfg["SPLIT"]), BKp) * BKp
+        split = triton.cdiv(M, m_per)
+        part = torch.empty((1, split, cout * K * cin), dtype=torch.float32, device=x.device)
+        grid = (triton.cdiv(K, cfg["TAPS"]) * triton.cdiv(cin, cfg["BLOCK_C"]),
+                triton.cdiv(cout, cfg["BLOCK_M"]), split)
+        _lk_conv_wgrad_kernel[grid](
+            g, xin, part, M, H, W, cout, 1 if along_w else W, m_per,
+            CIN=cin, KT=K, ALONG_W=along_w, TAPS=cfg["TAPS"], EVEN_CO=cout % cfg["BLOCK_M"] == 0,
+            UPCAST=_upcast(x.dtype),
+            DOT_PRECISION=_dot_precision(x.dtype), A_VEC=_a_vec(x.dtype), BLOCK_M=cfg["BLOCK_M"],
+            BLOCK_C=cfg["BLOCK_C"],
+            BLOCK_K=BKp, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        )
+        return part
+
+    if triton_interpret() and config_override("wgrad") is None:
+        name = None
+    else:
+        key = ("wgrad", x.device.index, x.dtype, M, cin, cout, K, along_w)
+        name = choose_config("wgrad", key, launch, WGRAD_CANDIDATES)
+    part = launch(name)
     dw = reduce_partials(part)[0].view(cout, K, cin)[:, :, :cin0]
     return dw.permute(0, 2, 1).reshape(cout, cin0, kh, kw)
 
@@ -670,6 +937,26 @@ def _reduce_specs(name, G, R, C):
     return specs
 
 
+def _combine_specs(name, R, C, M, unit):
+    specs = []
+    for lvl, (r, rpp, S, BR, BC, final) in enumerate(_reduce_plan(R, C)):
+        src = SpecPointer(torch.float32 if lvl == 0 else torch.float64)
+        dst = SpecPointer(torch.float32 if final else torch.float64)
+        vals = dict(in_ptr=src, out_ptr=dst, R=r, C=C, M=M, UNIT=unit, ROWS_PER_PROG=rpp,
+                    stride_ig=r * C, stride_og=S * C)
+        specs.append(_kernel_spec(_stats_combine_kernel, f"{name} stats L{lvl}", "reduction",
+                                  vals, dict(OUT_FINAL=final, BLOCK_R=_combine_block_r(BR),
+                                             BLOCK_C=BC), 4,
+                                  _TRITON_DEFAULT_STAGES, (triton.cdiv(C, BC), S)))
+        # two passes over the rows: K, D in both, M2 in the second (fp32 at level 0, else fp64)
+        nbytes = C * (r * (5 if lvl == 0 else 10) * 4 + S * (8 if final else 24))
+        specs[-1]["traffic"] = dict(hbm_bytes=nbytes, tile_a_bytes=nbytes, tile_b_bytes=0,
+                                    tiling_note=f"3x{r}x{C} (K, D, M2) partials, Chan's "
+                                                "combination in two passes")
+        unit *= rpp
+    return specs
+
+
 def _prologue_spec(name, N, C, H, W, dt, x_cl):
     M = N * H * W
     cp = padded_channels(C)
@@ -689,7 +976,7 @@ def _prologue_spec(name, N, C, H, W, dt, x_cl):
 
 
 def _conv_fwd_spec(name, role, N, cin, cout, H, W, K, along_w, dt, y_cl, bias, relu, add, stats,
-                   pro_bwd):
+                   pro_bwd, pool=False):
     """The forward-kernel launch of :func:`lk_conv_fwd` (x dense NHWC after prologue/nhwc)."""
     M = N * H * W
     cin = padded_channels(cin)  # the launcher's operand buffer
@@ -699,18 +986,20 @@ def _conv_fwd_spec(name, role, N, cin, cout, H, W, K, along_w, dt, y_cl, bias, r
     f32 = torch.float32
     n_m = triton.cdiv(M, BM)
     ys = spec_strides((N, cout, H, W), y_cl)
+    pool_j = pool_slots(BM, H * W) if pool else 1
     vals = dict(x_ptr=P(dt), w_ptr=P(dt), bias_ptr=P(f32), add_ptr=P(dt), y_ptr=P(dt),
                 part_ptr=P(f32), px_ptr=P(dt), pscale_ptr=P(f32), pshift_ptr=P(f32),
-                M=M, H=H, W=W, COUT=cout, COUT_P=triton.cdiv(cout, BN) * BN,
-                TS=1 if along_w else W, NUM_M_TILES=n_m)
+                pool_ptr=P(f32), M=M, H=H, W=W, COUT=cout, COUT_P=triton.cdiv(cout, BN) * BN,
+                TS=1 if along_w else W, NUM_M_TILES=n_m, HW=H * W, POOL_J=pool_j)
     for pre in "ay":
         for dim, v in zip("nchw", ys, strict=True):
             vals[f"stride_{pre}{dim}"] = v
     cx = dict(CIN=cin, KT=K, ALONG_W=along_w, HAS_BIAS=bias, RELU=relu, HAS_ADD=add, STATS=stats,
-              PRO_BWD=pro_bwd, UPCAST=False, DOT_PRECISION=_dot_precision(dt),
+              POOL=pool, PRO_BWD=pro_bwd, UPCAST=False, DOT_PRECISION=_dot_precision(dt),
               FIX_OUT=False, A_VEC=_a_vec(dt), BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK)
     specs = [_kernel_spec(_lk_conv_fwd_kernel, name, role, vals, cx, cfg["num_warps"],
                           cfg["num_stages"], (n_m, triton.cdiv(cout, BN)))]
+    specs[0]["config_name"] = cfg["name"]
     # L2 -> SM traffic of this tiling. A: rows run along the convolved axis and are copied with
     # 8-byte cp.async.ca (L1-allocating), so the k shifted tiles of a channel chunk cost one halo
     # of BLOCK_M + k - 1 rows from L2 (assumption: L1 keeps the <= 2·BLOCK_M·128-byte working set
@@ -726,7 +1015,19 @@ def _conv_fwd_spec(name, role, N, cin, cout, H, W, K, along_w, dt, y_cl, bias, r
         tiling_note=f"x halo ({BM}+{K - 1} rows) from L2 once per channel chunk by each of "
                     f"{triton.cdiv(cout, BN)} n-tiles, the {K} taps' re-reads from L1; packed "
                     f"weight {K * cin_p * BN * e / 1e3:.0f} kB streamed by each of {n_m} m-tiles")
-    if stats or pro_bwd:
+    if stats:
+        specs += _combine_specs(name, n_m, triton.cdiv(cout, BN) * BN, M, BM)
+    if pool:
+        BT, BCg = _pool_gather_blocks(cout)
+        vals = dict(part_ptr=P(f32), out_ptr=P(f32), C=cout, COUT_P=triton.cdiv(cout, BN) * BN,
+                    HW=H * W, POOL_J=pool_j, BM=BM)
+        specs.append(_kernel_spec(_pool_gather_kernel, f"{name} pool", "reduction", vals,
+                                  dict(BLOCK_T=BT, BLOCK_C=BCg), 4, _TRITON_DEFAULT_STAGES,
+                                  (N, triton.cdiv(cout, BCg))))
+        nbytes = (n_m * pool_j * triton.cdiv(cout, BN) * BN + N * cout) * 4
+        specs[-1]["traffic"] = dict(hbm_bytes=nbytes, tile_a_bytes=nbytes, tile_b_bytes=0,
+                                    tiling_note=f"{n_m}x{pool_j} per-image partial rows read once")
+    if pro_bwd:
         specs += _reduce_specs(name, 2, n_m, triton.cdiv(cout, BN) * BN)
     return specs
 
@@ -740,7 +1041,8 @@ def compile_specs(problems):
             W, K`` (ints), ``along_w`` (1×k kernel if True, k×1 if False), ``dtype`` (torch
             dtype of x / weight / y), ``channels_last`` (bool), ``prologue, bias, relu, add,
             stats`` (bools: the op's optional inputs / flags), ``backward`` (bool: also the
-            launches of the Triton backward with every gradient needed), ``sms`` (int, SM count
+            launches of the Triton backward with every gradient needed), ``pool`` (bool: the
+            per-image Σ_hw y epilogue of the SE squeeze, inference), ``sms`` (int, SM count
             of the GPU planned for; 132 = H100/H200 SXM). Optional ``tag`` (str) prefixes names.
 
     Returns:
@@ -766,18 +1068,19 @@ def compile_specs(problems):
     for pb in problems:
         N, cin, cout, H, W, K = (int(pb[k]) for k in ("N", "cin", "cout", "H", "W", "K"))
         along_w, dt, cl = bool(pb["along_w"]), pb["dtype"], bool(pb["channels_last"])
-        pro, bias, relu, add, stats = (bool(pb.get(k, False))
-                                       for k in ("prologue", "bias", "relu", "add", "stats"))
+        pro, bias, relu, add, stats, pool = (
+            bool(pb.get(k, False)) for k in ("prologue", "bias", "relu", "add", "stats", "pool"))
         tag = pb.get("tag", "")
         flags = ",".join(f for f, on in (("pro", pro), ("bias", bias), ("relu", relu),
-                                         ("add", add), ("stats", stats)) if on) or "plain"
+                                         ("add", add), ("stats", stats), ("pool", pool))
+                         if on) or "plain"
         base = f"{tag}{'1xk' if along_w else 'kx1'} {cin}->{cout} k{K} [{flags}]"
         M = N * H * W
         specs = []
         if pro:
             specs.append(_prologue_spec(f"prologue {base}", N, cin, H, W, dt, cl))
         specs += _conv_fwd_spec(f"fwd {base}", "conv_fwd", N, cin, cout, H, W, K, along_w, dt, cl,
-                                bias, relu, add, stats, False)
+                                bias, relu, add, stats, False, pool)
         if pb.get("backward", False):
             BM, BC, warps = _eltwise_blocks(M, cout)
             P = SpecPointer
@@ -800,7 +1103,7 @@ def compile_specs(problems):
             # backward-data: the forward kernel on g_r (dense NHWC) with the tap-flipped,
             # transposed weight packed like any other, the prologue's backward in its epilogue
             specs += _conv_fwd_spec(f"dgrad {base}", "conv_dgrad", N, cout, cin, H, W, K, along_w,
-                                    dt, cl, False, False, False, False, pro)
+                                    dt, cl, False, False, False, False, pro, False)
             if pro:
                 specs.append(_prologue_spec(f"wgrad prologue {base}", N, cin, H, W, dt, cl))
             cin = padded_channels(cin)  # the launcher's operand buffer
@@ -819,6 +1122,7 @@ def compile_specs(problems):
                 (triton.cdiv(K, cfg["TAPS"]) * triton.cdiv(cin, cfg["BLOCK_C"]),
                  triton.cdiv(cout, cfg["BLOCK_M"]), split),
                 notes=f"pixel split-K {split} ways, fp32 partials reduced in fp64"))
+            specs[-1]["config_name"] = cfg["name"]
             e = torch.finfo(dt).bits // 8
             n_j = triton.cdiv(K, cfg["TAPS"]) * triton.cdiv(cin, cfg["BLOCK_C"])
             n_co = triton.cdiv(cout, cfg["BLOCK_M"])

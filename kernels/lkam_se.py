@@ -360,7 +360,8 @@ def compile_specs(problems):
         problems: iterable of dicts: ``N, C, H, W`` (ints), ``dtype`` (torch dtype of the branch
             outputs / residual), ``channels_last`` (bool), ``has_b`` (a second branch tensor),
             ``aff_a``/``aff_b`` (pending BN + ReLU on the branches), ``aff_r`` (pending BN on
-            the residual), ``backward`` (bool: also the backward launches), ``sms`` (int, SM
+            the residual), ``backward`` (bool: also the backward launches), ``pool_given``
+            (bool: the pooled sums come from the last conv's epilogue), ``sms`` (int, SM
             count; 132 = H100/H200 SXM), optional ``tag``.
 
     Returns:
@@ -404,10 +405,11 @@ def compile_specs(problems):
                     hb_ptr=P(f32), part_ptr=P(f32), N=N, C=C, HW=HW, W=W, P_PER_PROG=per,
                     **strides("sa", "sb"))
         cx = dict(HAS_B=has_b, AFF_A=aff_a, AFF_B=aff_b, BLOCK_P=BP, BLOCK_C=BC)
-        specs.append(_kernel_spec(_lkam_se_pool_kernel, f"se_pool {base}", "reduction", vals, cx,
-                                  warps, _TRITON_DEFAULT_STAGES,
-                                  (N, triton.cdiv(C, BC), triton.cdiv(HW, per))))
-        specs += _reduce_specs(f"se_pool {base}", 1, triton.cdiv(HW, per), N * C)
+        if not pb.get("pool_given", False):  # else the last conv's epilogue pooled
+            specs.append(_kernel_spec(_lkam_se_pool_kernel, f"se_pool {base}", "reduction", vals,
+                                      cx, warps, _TRITON_DEFAULT_STAGES,
+                                      (N, triton.cdiv(C, BC), triton.cdiv(HW, per))))
+            specs += _reduce_specs(f"se_pool {base}", 1, triton.cdiv(HW, per), N * C)
         vals = dict(fa_ptr=P(dt), fb_ptr=P(dt), sa_ptr=P(f32), ha_ptr=P(f32), sb_ptr=P(f32),
                     hb_ptr=P(f32), z_ptr=P(f32), r_ptr=P(dt), rs_ptr=P(f32), rh_ptr=P(f32),
                     out_ptr=P(dt), C=C, HW=HW, W=W, P_BLOCKS=pbk,

@@ -99,20 +99,21 @@ def block_problems(stage, N, cin, cout, H, W, dtype, mode, channels_last=True):
         se = [dict(N=N, C=cout, H=H, W=W, dtype=dt, channels_last=channels_last, sms=SMS,
                    has_b=True, aff_a=True, aff_b=True, aff_r=proj, backward=True, tag=tag)]
     else:
-        # eval without gradients: BN folded, bias + ReLU epilogue, branch sum fused into the last
-        # conv's epilogue, then one SE op
+        # eval without gradients: BN folded, bias + ReLU epilogue, branch sum and the SE squeeze
+        # (per-image Σ_hw) fused into the last conv's epilogue, then one SE op (apply only)
         conv = [
             dict(common, cin=cin, cout=cout, along_w=True, bias=True, relu=True),
             dict(common, cin=cin, cout=cout, along_w=False, bias=True, relu=True),
             dict(common, cin=cout, cout=cout, along_w=False, bias=True, relu=True),
-            dict(common, cin=cout, cout=cout, along_w=True, bias=True, relu=True, add=True),
+            dict(common, cin=cout, cout=cout, along_w=True, bias=True, relu=True, add=True,
+                 pool=True),
         ]
         if proj:
             conv.append(dict(common, cin=cin, cout=cout, K=1, along_w=True, bias=True))
         for c in conv:
             c.update(backward=False, tag=tag)
         se = [dict(N=N, C=cout, H=H, W=W, dtype=dt, channels_last=channels_last, sms=SMS,
-                   has_b=False, backward=False, tag=tag)]
+                   has_b=False, backward=False, pool_given=True, tag=tag)]
     return conv, se
 
 
@@ -538,6 +539,8 @@ def _config_of(spec) -> dict:
     cx = spec["constexprs"]
     cfg = {k: v for k, v in cx.items() if k.startswith("BLOCK_")}
     cfg.update(spec["options"])
+    if spec.get("config_name"):  # the autotuner's candidate the report compiled (its default)
+        cfg["name"] = spec["config_name"]
     return cfg
 
 

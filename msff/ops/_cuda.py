@@ -292,7 +292,13 @@ def _register_impls() -> None:
     lkam_se_bwd = ops._lkam_se_backward_cuda
 
     def _lk_conv_cuda(x, weight, bias, in_scale, in_shift, add, relu, stats):
-        return tuple(lk_conv(x, weight, bias, in_scale, in_shift, add, relu, stats))
+        y, s, q = lk_conv(x, weight, bias, in_scale, in_shift, add, relu, stats)
+        if stats:
+            # msff::lk_conv returns M2 = Σ(y - ȳ)² (SPEC.md); lk_conv_cuda still returns Σy²
+            # rounded to fp32 (its fp64 sums could give M2 without this cancellation)
+            n = max(1, x.shape[0] * x.shape[2] * x.shape[3])
+            q = (q.double() - s.double() ** 2 / n).clamp_min(0.0).float()
+        return y, s, q
 
     def _lk_conv_backward_cuda(grad_y, grad_sum, grad_sumsq, x, weight, y, bias, in_scale,
                                in_shift, add, relu, output_mask):

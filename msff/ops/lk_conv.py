@@ -65,20 +65,22 @@ def _pad(weight):
 
 
 def lk_conv_ref(x, weight, bias=None, in_scale=None, in_shift=None, add=None, relu=False,
-                stats=False):
+                stats=False, pool=False):
     """Pure-PyTorch reference of ``msff::lk_conv`` (SPEC.md).
 
     Args:
         x: (N, Cin, H, W). weight: (Cout, Cin, 1, k) or (Cout, Cin, k, 1), x's dtype.
         bias: (Cout,) fp32 or None. in_scale, in_shift: (Cin,) fp32 or None (prologue
             ``relu(x*s + t)``). add: (N, Cout, H, W) or None. relu: ReLU after the bias.
-        stats: also return per-channel Σy, Σy² (fp32).
+        stats: also return per-channel Σy and the centred M2 = Σ(y - ȳ)² (fp32).
+        pool: also return Σ_{h,w} y per image, (N, Cout) fp32, of the stored y.
 
     Returns:
-        (y, ch_sum, ch_sumsq); the sums are empty (0,) tensors when ``stats`` is False.
+        (y, ch_sum, ch_m2, pooled); the sums are empty (0,) tensors when ``stats`` is False,
+        ``pooled`` when ``pool`` is False.
 
     Example:
-        >>> y, _, _ = lk_conv_ref(torch.randn(1, 4, 5, 6), torch.randn(8, 4, 1, 7))
+        >>> y, _, _, _ = lk_conv_ref(torch.randn(1, 4, 5, 6), torch.randn(8, 4, 1, 7))
         >>> y.shape
         torch.Size([1, 8, 5, 6])
     """
@@ -94,10 +96,18 @@ def lk_conv_ref(x, weight, bias=None, in_scale=None, in_shift=None, add=None, re
     y.copy_(acc)
     if stats:
         s = acc.sum(dim=(0, 2, 3))
-        q = (acc * acc).sum(dim=(0, 2, 3))
+        count = max(1, acc.shape[0] * acc.shape[2] * acc.shape[3])
+        q = (acc - (s / count).view(1, -1, 1, 1)).square().sum(dim=(0, 2, 3))
     else:
         s, q = empty_grad(x.device), empty_grad(x.device)
-    return y, s, q
+    return y, s, q, _pooled(y, pool)
+
+
+def _pooled(y, pool):
+    """Σ_{h,w} y per image in fp32 (the SE squeeze), or the empty placeholder."""
+    if not pool:
+        return empty_grad(y.device)
+    return y.to(acc_dtype(y.dtype)).sum(dim=(2, 3))
 
 
 def _grad_out_total(grad_y, grad_sum, grad_sumsq, y, add, relu):
@@ -152,6 +162,7 @@ def _like(ref, value):
     return out
 
 
+lk_conv_ref.epilogue_pool = True
 register_impl("lk_conv", "reference", lk_conv_ref)
 register_impl("_lk_conv_backward", "reference", lk_conv_backward_ref)
 
@@ -165,19 +176,25 @@ register_impl("_lk_conv_backward", "reference", lk_conv_backward_ref)
 def _lk_conv_op(
     x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
     in_scale: Optional[torch.Tensor], in_shift: Optional[torch.Tensor],
-    add: Optional[torch.Tensor], relu: bool, stats: bool, backend: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    add: Optional[torch.Tensor], relu: bool, stats: bool, backend: str, pool: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     check_lk_conv_args(x, weight, bias, in_scale, in_shift, add)
-    return get_impl("lk_conv", backend)(x, weight, bias, in_scale, in_shift, add, relu, stats)
+    impl = get_impl("lk_conv", backend)
+    if getattr(impl, "epilogue_pool", False):  # the backend pools in its epilogue
+        return impl(x, weight, bias, in_scale, in_shift, add, relu, stats, pool)
+    y, s, q = impl(x, weight, bias, in_scale, in_shift, add, relu, stats)
+    return y, s, q, _pooled(y, pool)
 
 
 @_lk_conv_op.register_fake
-def _(x, weight, bias, in_scale, in_shift, add, relu, stats, backend):
+def _(x, weight, bias, in_scale, in_shift, add, relu, stats, backend, pool=False):
     shape = (x.shape[0], weight.shape[0], x.shape[2], x.shape[3])
     y = empty_like_layout(x, shape, x.dtype)
     n = weight.shape[0] if stats else 0
     adt = acc_dtype(x.dtype) if stats else torch.float32
-    return y, x.new_empty((n,), dtype=adt), x.new_empty((n,), dtype=adt)
+    pooled = (x.new_empty((x.shape[0], weight.shape[0]), dtype=acc_dtype(x.dtype)) if pool
+              else x.new_empty((0,), dtype=torch.float32))
+    return y, x.new_empty((n,), dtype=adt), x.new_empty((n,), dtype=adt), pooled
 
 
 @torch.library.custom_op("msff::_lk_conv_backward", mutates_args=())
@@ -208,9 +225,9 @@ def _(grad_y, grad_sum, grad_sumsq, x, weight, y, bias, in_scale, in_shift, add,
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, in_scale, in_shift, add, relu, stats, backend = inputs
-    y = output[0]
-    ctx.save_for_backward(x, weight, y, bias, in_scale, in_shift, add)
+    x, weight, bias, in_scale, in_shift, add, relu, stats, backend = inputs[:9]
+    y, ch_sum = output[0], output[1]
+    ctx.save_for_backward(x, weight, y, bias, in_scale, in_shift, add, ch_sum if stats else None)
     ctx.relu, ctx.stats, ctx.backend = relu, stats, backend
 
 
@@ -218,7 +235,7 @@ def backward_arguments(ctx, grad_y, grad_sum, grad_sumsq):
     """The positional arguments of a ``_lk_conv_backward`` op (without ``backend``) for an autograd
     context saved as ``(x, weight, y, bias, in_scale, in_shift, add)`` with ``ctx.relu`` and
     ``ctx.stats``; shared by the public op and the CUDA backend's own ``*_cuda`` op."""
-    x, weight, y, bias, in_scale, in_shift, add = ctx.saved_tensors
+    x, weight, y, bias, in_scale, in_shift, add = ctx.saved_tensors[:7]
     nig = ctx.needs_input_grad
     mask = [bool(nig[0]), bool(nig[1]), bool(nig[2]) and bias is not None,
             bool(nig[3]) and in_scale is not None, bool(nig[4]) and in_shift is not None,
@@ -230,18 +247,35 @@ def backward_arguments(ctx, grad_y, grad_sum, grad_sumsq):
     return (grad_y, grad_sum, grad_sumsq, x, weight, y, bias, in_scale, in_shift, add, ctx.relu, mask)
 
 
-def _backward(ctx, grad_y, grad_sum, grad_sumsq):
+def _m2_grads(ctx, grad_sum, grad_m2):
+    """The output gradients (grad_sum, grad_sumsq) of the backward op (SPEC: g = grad_y + grad_sum
+    + 2·y·grad_sumsq) for upstream gradients of (Σy, M2): ∂M2/∂y = 2(y - ȳ), so grad_sumsq =
+    grad_m2 and grad_sum gains -2·ȳ·grad_m2."""
+    if not ctx.stats or grad_m2 is None:
+        return grad_sum, grad_m2
+    x, ch_sum = ctx.saved_tensors[0], ctx.saved_tensors[7]
+    count = max(1, x.shape[0] * x.shape[2] * x.shape[3])
+    shift = -2.0 * (ch_sum / count) * grad_m2
+    return (shift if grad_sum is None else grad_sum + shift), grad_m2
+
+
+def _backward(ctx, grad_y, grad_sum, grad_m2, grad_pooled):
+    grad_sum, grad_sumsq = _m2_grads(ctx, grad_sum, grad_m2)
+    if grad_pooled is not None and grad_pooled.numel():  # pooled = Σ_hw y: broadcast back
+        gp = grad_pooled[:, :, None, None]
+        grad_y = gp.expand(*gp.shape[:2], *ctx.saved_tensors[2].shape[2:]) if grad_y is None \
+            else grad_y + gp
     args = backward_arguments(ctx, grad_y, grad_sum, grad_sumsq)
     outs = _lk_conv_backward_op(*args, ctx.backend)
     grads = [o if m else None for o, m in zip(outs, args[-1], strict=True)]
-    return (*grads, None, None, None)
+    return (*grads, None, None, None, None)
 
 
 _lk_conv_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def lk_conv(x, weight, bias=None, in_scale=None, in_shift=None, add=None, relu=False,
-            stats=False, backend="auto"):
+            stats=False, backend="auto", pool=False):
     """Call ``msff::lk_conv`` (SPEC.md) with the given backend.
 
     Args:
@@ -249,13 +283,16 @@ def lk_conv(x, weight, bias=None, in_scale=None, in_shift=None, add=None, relu=F
         weight: (Cout, Cin, 1, k) or (Cout, Cin, k, 1), x's dtype; k odd.
         bias: (Cout,) fp32. in_scale, in_shift: (Cin,) fp32 prologue ``relu(x*s + t)``.
         add: (N, Cout, H, W) added after the ReLU. relu: apply ReLU after the bias.
-        stats: also return per-channel Σy and Σy² (fp32, (Cout,)).
+        stats: also return per-channel Σy and M2 = Σ(y - ȳ)² (fp32, (Cout,); the variance is
+            M2 / (N·H·W), with no E[y²] - E[y]² cancellation).
         backend: ``auto`` (default: :func:`msff.backend.resolve_backend` decides; the reference
             unless a GPU validation record says a fused backend is correct and faster) |
             ``reference`` | ``triton`` | ``cuda``.
+        pool: also return ``pooled`` (N, Cout) fp32 = Σ_{h,w} y per image of the stored y (the
+            SE squeeze of the LKAM block, from the Triton epilogue: no extra pass over y).
 
     Returns:
-        (y (N, Cout, H, W), ch_sum, ch_sumsq).
+        (y (N, Cout, H, W), ch_sum, ch_m2), and ``pooled`` as a fourth element when ``pool``.
 
     Example:
         >>> y, s, q = lk_conv(torch.randn(2, 3, 9, 9), torch.randn(8, 3, 1, 15), stats=True,
@@ -265,7 +302,9 @@ def lk_conv(x, weight, bias=None, in_scale=None, in_shift=None, add=None, relu=F
     """
     if backend == "auto":
         backend = resolve_backend("auto", x)
-    return _lk_conv_op(x, weight, bias, in_scale, in_shift, add, bool(relu), bool(stats), backend)
+    out = _lk_conv_op(x, weight, bias, in_scale, in_shift, add, bool(relu), bool(stats), backend,
+                      bool(pool))
+    return out if pool else out[:3]
 
 
 # ---- triton implementation --------------------------------------------------------------------
@@ -280,7 +319,7 @@ def _no_fp64(t):
         raise ValueError("float64 runs on the reference backend only (it exists for gradcheck)")
 
 
-def _lk_conv_triton(x, weight, bias, in_scale, in_shift, add, relu, stats):
+def _lk_conv_triton(x, weight, bias, in_scale, in_shift, add, relu, stats, pool=False):
     from msff.kernels.lk_conv import lk_conv_fwd
 
     _no_fp64(x)
@@ -291,11 +330,18 @@ def _lk_conv_triton(x, weight, bias, in_scale, in_shift, add, relu, stats):
     if stats:
         s = torch.zeros(weight.shape[0], dtype=torch.float32, device=x.device)
         q = torch.zeros(weight.shape[0], dtype=torch.float32, device=x.device)
+    pooled = empty_grad(x.device)
+    if pool:
+        pooled = torch.zeros((x.shape[0], weight.shape[0]), dtype=torch.float32, device=x.device)
     if y.numel():
-        sums = lk_conv_fwd(x, weight, bias, in_scale, in_shift, add, relu, stats, y)
+        sums = lk_conv_fwd(x, weight, bias, in_scale, in_shift, add, relu, stats, y,
+                           pool_out=pooled if pool else None)
         if stats:
             s, q = sums
-    return y, s, q
+    return y, s, q, pooled
+
+
+_lk_conv_triton.epilogue_pool = True
 
 
 def _lk_conv_backward_triton(grad_y, grad_sum, grad_sumsq, x, weight, y, bias, in_scale,

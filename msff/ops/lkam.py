@@ -10,13 +10,16 @@ block's own parameters and buffers, on any backend that implements the ops (``tr
   affine maps (small (C,) torch ops) into the ops' backward ops, which recompute the activated
   inputs instead of storing them.
 * eval without gradients: BN folded into the weights, bias + ReLU in the epilogue, branch sum
-  fused into the last convolution's epilogue, then one SE op.
+  fused into the last convolution's epilogue, which also emits the SE squeeze (per-image
+  Σ_hw), then one SE op that only applies the attention. The folded (and, for Triton,
+  packed) weights are cached per block until a parameter or buffer changes (``_EVAL_CACHE``).
 * eval with gradients: the training graph with running-statistics BN (γ, β get gradients).
 
 :func:`fuse_for_inference` folds every Conv2d → BatchNorm2d pair of a model for deployment.
 """
 from __future__ import annotations
 
+import weakref
 from typing import Optional
 
 import torch
@@ -37,7 +40,7 @@ def _uses_batch_stats(bn: Optional[nn.BatchNorm2d]) -> bool:
     return bn is not None and (bn.training or (bn.running_mean is None and bn.running_var is None))
 
 
-def bn_affine(conv: nn.Conv2d, bn: Optional[nn.BatchNorm2d], ch_sum, ch_sumsq, count: int,
+def bn_affine(conv: nn.Conv2d, bn: Optional[nn.BatchNorm2d], ch_sum, ch_m2, count: int,
               dtype: torch.dtype = torch.float32):
     """(scale, shift), fp32 (C,), such that ``bn(conv(x)) == t * scale + shift`` where ``t`` is
     the raw convolution output *without* conv's bias. Updates ``bn``'s running statistics
@@ -46,7 +49,8 @@ def bn_affine(conv: nn.Conv2d, bn: Optional[nn.BatchNorm2d], ch_sum, ch_sumsq, c
     Args:
         conv: the convolution feeding the BN (its bias, if any, is accounted for).
         bn: a BatchNorm2d or None (then the map is ``t + conv.bias``).
-        ch_sum, ch_sumsq: per-channel Σt, Σt² (fp32) when bn uses batch statistics.
+        ch_sum, ch_m2: per-channel Σt and M2 = Σ(t - t̄)² (fp32, lk_conv's ``stats``) when bn
+            uses batch statistics; the variance is M2 / count (numerically sound at any mean).
         count: N·H·W, the number of values per channel.
         dtype: of the result (float32; float64 for gradcheck).
 
@@ -68,7 +72,7 @@ def bn_affine(conv: nn.Conv2d, bn: Optional[nn.BatchNorm2d], ch_sum, ch_sumsq, c
                 f"Expected more than 1 value per channel when training, got input size {count}"
             )
         mean_t = ch_sum / count
-        var = (ch_sumsq / count - mean_t * mean_t).clamp_min(0.0)
+        var = (ch_m2 / count).clamp_min(0.0)
         scale = gamma * torch.rsqrt(var + bn.eps)
         shift = beta - mean_t * scale
         _update_running(bn, mean_t, var, cbias, count)
@@ -167,9 +171,9 @@ def _lkam_block(block, x, cdt, backend):
     bns = [bn for _, bn in parts] + ([short[1]] if short is not None else [])
     count = x.shape[0] * x.shape[2] * x.shape[3]
     vdt = acc_dtype(cdt)
-    w1, b1, w2, b2 = _se_weights(block.attention, vdt)
     if not any(_uses_batch_stats(bn) for bn in bns) and not _needs_grad(block, x):
-        return _eval_fused(parts, short, xc, cdt, vdt, (w1, b1, w2, b2), backend)
+        return _eval_fused(_eval_weights(block, parts, short, cdt, vdt), xc, backend)
+    _EVAL_CACHE.pop(block, None)  # training / gradients: the folded copies would only go stale
 
     (ca1, bna1), (ca2, bna2), (cb1, bnb1), (cb2, bnb2) = parts
 
@@ -186,6 +190,7 @@ def _lkam_block(block, x, cdt, backend):
         residual, rs, rh = xc, None, None
     else:
         residual, rs, rh = conv(xc, *short)
+    w1, b1, w2, b2 = _se_weights(block.attention, vdt)
     out, _ = lkam_se(ta2, tb2, sa2, ha2, sb2, hb2, w1, b1, w2, b2, residual, rs, rh,
                      backend=backend)
     return out
@@ -196,18 +201,57 @@ def _folded(c, bn, cdt, vdt):
     return (c.weight.to(vdt) * scale.view(-1, 1, 1, 1)).to(cdt), shift
 
 
-def _eval_fused(parts, short, xc, cdt, vdt, se, backend):
-    (wa1, ba1), (wa2, ba2), (wb1, bb1), (wb2, bb2) = [_folded(c, bn, cdt, vdt) for c, bn in parts]
+#: Folded eval weights per block (weak keys: an entry dies with its block; no module sees
+#: another's). Each entry is (key, weights); the key holds (data_ptr, version counter, dtype,
+#: shape) of every parameter and buffer of the block, so an optimizer step, a load_state_dict,
+#: any in-place update or a ``.data`` swap misses, and so does a change of compute dtype.
+_EVAL_CACHE: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+
+
+def _eval_key(block, cdt):
+    try:
+        tensors = [*block.parameters(), *block.buffers()]
+        key = tuple((t.data_ptr(), t._version, t.dtype, tuple(t.shape)) for t in tensors)
+    except RuntimeError:  # inference-mode tensors have no version counter: no caching
+        return None
+    eps = tuple(float(m.eps) for m in block.modules() if _bn_of(m) is not None)
+    return (cdt, eps, key)
+
+
+def _eval_weights(block, parts, short, cdt, vdt):
+    """The BN-folded weights of the eval path, cached per block while its parameters and buffers
+    are unchanged. The folded weight tensors carry a pack cache (``_msff_pack_cache``) that the
+    Triton launcher fills with its packed GEMM operand, so a repeated eval call neither refolds
+    nor repacks."""
+    key = None if torch.compiler.is_compiling() else _eval_key(block, cdt)
+    hit = _EVAL_CACHE.get(block) if key is not None else None
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    convs = [_folded(c, bn, cdt, vdt) for c, bn in parts]
+    res = _folded(short[0], short[1], cdt, vdt) if short is not None else None
+    se = _se_weights(block.attention, vdt)
+    weights = (convs, res, se)
+    if key is not None:
+        for w, _ in convs + ([res] if res is not None else []):
+            w._msff_pack_cache = {}
+        _EVAL_CACHE[block] = (key, weights)
+    return weights
+
+
+def _eval_fused(weights, xc, backend):
+    convs, res, se = weights
+    (wa1, ba1), (wa2, ba2), (wb1, bb1), (wb2, bb2) = convs
     a1, _, _ = lk_conv(xc, wa1, ba1, relu=True, backend=backend)
     b1, _, _ = lk_conv(xc, wb1, bb1, relu=True, backend=backend)
     a2, _, _ = lk_conv(a1, wa2, ba2, relu=True, backend=backend)
-    f, _, _ = lk_conv(b1, wb2, bb2, relu=True, add=a2, backend=backend)
-    if short is None:
+    # the SE squeeze (Σ_hw f per image) rides in the last conv's epilogue
+    f, _, _, pool_sum = lk_conv(b1, wb2, bb2, relu=True, add=a2, backend=backend, pool=True)
+    if res is None:
         residual = xc
     else:
-        ws, bs = _folded(short[0], short[1], cdt, vdt)
-        residual, _, _ = lk_conv(xc, ws, bs, backend=backend)
-    out, _ = lkam_se(f, None, None, None, None, None, *se, residual, None, None, backend=backend)
+        residual, _, _ = lk_conv(xc, res[0], res[1], backend=backend)
+    out, _ = lkam_se(f, None, None, None, None, None, *se, residual, None, None, backend=backend,
+                     pool_sum=pool_sum)
     return out
 
 

@@ -164,17 +164,31 @@ def _lkam_se_op(
     shift_a: Optional[torch.Tensor], scale_b: Optional[torch.Tensor],
     shift_b: Optional[torch.Tensor], w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor,
     b2: torch.Tensor, residual: torch.Tensor, res_scale: Optional[torch.Tensor],
-    res_shift: Optional[torch.Tensor], backend: str,
+    res_shift: Optional[torch.Tensor], backend: str, pool_sum: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     args = (fa, fb, scale_a, shift_a, scale_b, shift_b, w1, b1, w2, b2, residual, res_scale,
             res_shift)
     _check(*args)
-    return get_impl("lkam_se", backend)(*args)
+    impl = get_impl("lkam_se", backend)
+    if pool_sum is not None:
+        _check_pool_sum(pool_sum, fa, fb, scale_a)
+        if getattr(impl, "accepts_pool_sum", False):
+            return impl(*args, pool_sum=pool_sum)
+    return impl(*args)
+
+
+def _check_pool_sum(pool_sum, fa, fb, scale_a):
+    want = (fa.shape[0], fa.shape[1])
+    if tuple(pool_sum.shape) != want or pool_sum.dtype != acc_dtype(fa.dtype):
+        raise ValueError(f"pool_sum must be {acc_dtype(fa.dtype)} {want}, got {pool_sum.dtype} "
+                         f"{tuple(pool_sum.shape)}")
+    if fb is not None or scale_a is not None:
+        raise ValueError("pool_sum is Σ_hw fa: only without fb and without scale_a/shift_a")
 
 
 @_lkam_se_op.register_fake
 def _(fa, fb, scale_a, shift_a, scale_b, shift_b, w1, b1, w2, b2, residual, res_scale, res_shift,
-      backend):
+      backend, pool_sum=None):
     return empty_like_layout(fa), fa.new_empty((fa.shape[0], fa.shape[1]), dtype=acc_dtype(fa.dtype))
 
 
@@ -215,7 +229,7 @@ def _(grad_out, grad_pooled, pooled, fa, fb, scale_a, shift_a, scale_b, shift_b,
 
 def _setup_context(ctx, inputs, output):
     (fa, fb, scale_a, shift_a, scale_b, shift_b, w1, b1, w2, b2, residual, res_scale,
-     res_shift, backend) = inputs
+     res_shift, backend) = inputs[:14]
     ctx.save_for_backward(output[1], fa, fb, scale_a, shift_a, scale_b, shift_b, w1, b1, w2, b2,
                           residual, res_scale, res_shift)
     ctx.backend = backend
@@ -228,15 +242,19 @@ def _backward(ctx, grad_out, grad_pooled):
         grad_out = torch.zeros_like(fa)
     grads = _lkam_se_backward_op(grad_out, grad_pooled, *saved, ctx.backend)
     out = [g if need else None for g, need in zip(grads, ctx.needs_input_grad[:13], strict=True)]
-    return (*out, None)
+    return (*out, None, None)
 
 
 _lkam_se_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def lkam_se(fa, fb, scale_a, shift_a, scale_b, shift_b, w1, b1, w2, b2, residual,
-            res_scale=None, res_shift=None, backend="auto"):
+            res_scale=None, res_shift=None, backend="auto", pool_sum=None):
     """Call ``msff::lkam_se`` (SPEC.md) with the given backend.
+
+    ``pool_sum`` (inference only): (N, C) fp32 Σ_{h,w} fa, e.g. from ``lk_conv(..., pool=True)``
+    of the conv that produced ``fa``; a backend that accepts it skips its own pooling pass
+    (``fb`` and ``scale_a`` must be None). No gradient flows into it.
 
     Returns:
         (out (N, C, H, W), pooled (N, C) fp32).
@@ -250,12 +268,14 @@ def lkam_se(fa, fb, scale_a, shift_a, scale_b, shift_b, w1, b1, w2, b2, residual
     """
     if backend == "auto":  # msff.backend decides: reference unless a GPU record validates one
         backend = resolve_backend("auto", fa)
+    if pool_sum is not None and torch.is_grad_enabled() and pool_sum.requires_grad:
+        raise ValueError("pool_sum is an inference input: no gradient flows into it")
     return _lkam_se_op(fa, fb, scale_a, shift_a, scale_b, shift_b, w1, b1, w2, b2, residual,
-                       res_scale, res_shift, backend)
+                       res_scale, res_shift, backend, pool_sum)
 
 
 def _lkam_se_triton(fa, fb, scale_a, shift_a, scale_b, shift_b, w1, b1, w2, b2, residual,
-                    res_scale, res_shift):
+                    res_scale, res_shift, pool_sum=None):
     from msff.kernels.lkam_se import se_apply, se_pool
 
     if fa.dtype == torch.float64:
@@ -264,7 +284,9 @@ def _lkam_se_triton(fa, fb, scale_a, shift_a, scale_b, shift_b, w1, b1, w2, b2, 
         v.contiguous() if v is not None else None
         for v in (scale_a, shift_a, scale_b, shift_b, res_scale, res_shift))
     hw = fa.shape[2] * fa.shape[3]
-    pooled = se_pool(fa, fb, scale_a, shift_a, scale_b, shift_b) / max(hw, 1)
+    if pool_sum is None:
+        pool_sum = se_pool(fa, fb, scale_a, shift_a, scale_b, shift_b)
+    pooled = pool_sum / max(hw, 1)
     _, _, z = _excite(pooled, w1, b1, w2, b2)
     out = empty_like_layout(fa)
     se_apply(fa, fb, scale_a, shift_a, scale_b, shift_b, z.contiguous(), residual, res_scale,
@@ -298,5 +320,6 @@ def _lkam_se_backward_triton(grad_out, grad_pooled, pooled, fa, fb, scale_a, shi
             grs if aff_r else empty_grad(dev), grh if aff_r else empty_grad(dev))
 
 
+_lkam_se_triton.accepts_pool_sum = True
 register_impl("lkam_se", "triton", _lkam_se_triton)
 register_impl("_lkam_se_backward", "triton", _lkam_se_backward_triton)

@@ -67,10 +67,10 @@ def test_paper_configs_include_8_warps_and_wide_k():
 def force_gpu_configs(monkeypatch):
     """The launchers choose the GPU configs (with a 3-way weight-gradient split and small
     reduction chunks, so the two-level deterministic reduction runs too)."""
-    monkeypatch.setattr(klc, "fwd_config", lambda M, cin, cout, pro_bwd=False, interpret=None:
-                        _gpu_fwd(M, cin, cout, pro_bwd))
-    monkeypatch.setattr(klc, "wgrad_config", lambda M, cin, cout, K, sms=132, interpret=None:
-                        _gpu_wgrad(M, cin, cout, K, 3))
+    monkeypatch.setattr(klc, "fwd_config", lambda M, cin, cout, pro_bwd=False, interpret=None,
+                        name=None: _gpu_fwd(M, cin, cout, pro_bwd))
+    monkeypatch.setattr(klc, "wgrad_config", lambda M, cin, cout, K, sms=132, interpret=None,
+                        name=None: _gpu_wgrad(M, cin, cout, K, 3))
     monkeypatch.setattr(klc, "_reduce_cfg", lambda R: (16, 16))
 
 
@@ -140,3 +140,80 @@ def test_block_with_forced_launch_config(monkeypatch, force_gpu_configs, cfg, tr
         assert_close(p.grad, pr.grad, f"grad {n}")
     for (n, b), (_, br) in zip(fused.named_buffers(), ref.named_buffers(), strict=True):
         assert_close(b.double(), br.double(), f"buffer {n}")
+
+
+# every autotuning candidate (the 8-warp ones included), pinned through MSFF_TRITON_CONFIG as a
+# user would pin them; C = 128 so the 128-wide N tile is a real tile
+CANDIDATE_CASES = list(zip(klc.FWD_CANDIDATES, list(klc.WGRAD_CANDIDATES) * 2, strict=False))
+
+
+@pytest.mark.parametrize("fwd,wgrad", CANDIDATE_CASES)
+def test_every_autotune_candidate(monkeypatch, fwd, wgrad):
+    assert {f for f, _ in CANDIDATE_CASES} == set(klc.FWD_CANDIDATES)
+    assert {w for _, w in CANDIDATE_CASES} == set(klc.WGRAD_CANDIDATES)
+    monkeypatch.setenv(klc.CONFIG_ENV, f"fwd={fwd},wgrad={wgrad}")
+    monkeypatch.setattr(klc, "_reduce_cfg", lambda R: (16, 16))  # two-level reductions too
+    assert klc.fwd_config(1000, 128, 128)["name"] == fwd
+    assert klc.wgrad_config(1000, 128, 128, 15)["name"] == wgrad
+    N, C, H, W, k = 2, 128, 3, 29, 15
+    g = dict(device=DEVICE, dtype=torch.float32)
+    x = make_layout(torch.randn(N, C, H, W, **g), "channels_last").requires_grad_()
+    w = (torch.randn(C, C, 1, k, **g) / (C * k) ** 0.5).requires_grad_()
+    kw = dict(in_scale=(torch.rand(C, **g) + 0.5).requires_grad_(),
+              in_shift=torch.randn(C, **g).requires_grad_(), stats=True)
+    inputs = [x, w, kw["in_scale"], kw["in_shift"]]
+    res = {}
+    for backend in ("triton", "reference"):
+        y, s, q = lk_conv(x, w, backend=backend, **kw)
+        gen = torch.Generator().manual_seed(1)
+        loss = (y * torch.randn(y.shape, generator=gen).to(y)).sum()
+        loss = loss + (s * torch.randn(s.shape, generator=gen)).sum() + 0.1 * q.sum()
+        res[backend] = (y, s, q, torch.autograd.grad(loss, inputs))
+    (y, s, q, gr), (yr, sr, qr, grr) = res["triton"], res["reference"]
+    assert_close(y, yr, "y")
+    assert_close(s, sr, "ch_sum")
+    assert_close(q, qr, "ch_m2")
+    for i, (a, b) in enumerate(zip(gr, grr, strict=True)):
+        assert_close(a, b, f"grad {i}")
+    # eval: bias + relu + add + the pooled epilogue
+    with torch.no_grad():
+        b, add = torch.randn(C, **g), torch.randn(N, C, H, W, **g)
+        yt, _, _, pt = lk_conv(x, w, b, add=add, relu=True, pool=True, backend="triton")
+        yr, _, _, pr = lk_conv(x, w, b, add=add, relu=True, pool=True, backend="reference")
+    assert_close(yt, yr, "eval y")
+    assert_close(pt, pr, "pooled")
+
+
+def test_config_pin_and_autotune_choice(monkeypatch):
+    import triton.testing
+
+    monkeypatch.setenv(klc.CONFIG_ENV, "fwd=nope")
+    with pytest.raises(ValueError, match="MSFF_TRITON_CONFIG: unknown fwd config 'nope'"):
+        klc.fwd_config(100, 64, 64)
+    monkeypatch.setenv(klc.CONFIG_ENV, "fwd")
+    with pytest.raises(ValueError, match="expected 'fwd=NAME'"):
+        klc.config_override("fwd")
+    monkeypatch.delenv(klc.CONFIG_ENV)
+    # the autotuner (GPU only) times each candidate once per key and keeps the fastest
+    monkeypatch.setattr(klc, "triton_interpret", lambda: False)
+    monkeypatch.setattr(klc, "_TUNED", {})
+    cost = {"m256n64k64w8s3": 3.0, "m128n64k64w4s4": 1.0, "m128n128k64w8s3": 2.0}
+    calls = []
+
+    def fake_bench(fn, warmup=0, rep=0):
+        return fn()
+
+    def run(name):
+        calls.append(name)
+        return cost[name]
+
+    monkeypatch.setattr(triton.testing, "do_bench", fake_bench)
+    key = ("fwd", 0, torch.bfloat16, 10)
+    assert klc.choose_config("fwd", key, run, klc.FWD_CANDIDATES) == "m128n64k64w4s4"
+    assert klc.choose_config("fwd", key, run, klc.FWD_CANDIDATES) == "m128n64k64w4s4"
+    assert len(calls) == 3  # timed once
+    monkeypatch.setenv(klc.AUTOTUNE_ENV, "0")
+    assert klc.choose_config("fwd", ("other",), run, klc.FWD_CANDIDATES) == "m256n64k64w8s3"
+    monkeypatch.setenv(klc.CONFIG_ENV, "fwd=m128n128k64w8s3")
+    assert klc.choose_config("fwd", key, run, klc.FWD_CANDIDATES) == "m128n128k64w8s3"
+    assert len(calls) == 3

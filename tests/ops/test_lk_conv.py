@@ -1,4 +1,4 @@
-"""``msff::lk_conv`` (Triton) against its reference: forward, Σy/Σy², and the gradients of every
+"""``msff::lk_conv`` (Triton) against its reference: forward, Σy / M2 = Σ(y - ȳ)², and the gradients of every
 input, over kernel sizes, both directions, awkward shapes and memory layouts.
 
 Tolerances follow the rule written in ``ops_testing.py``: fp32 ``max|out-ref| <= 1e-5·max|ref| +
@@ -128,6 +128,7 @@ def test_lk_conv_opcheck(backend, features):
     args = (x, w, kw.get("bias"), kw.get("in_scale"), kw.get("in_shift"), kw.get("add"),
             kw.get("relu", False), kw.get("stats", False), backend)
     torch.library.opcheck(_lk_conv_op, args)
+    torch.library.opcheck(_lk_conv_op, (*args, True))  # with the pooled epilogue
 
 
 def test_lk_conv_backward_opcheck():
@@ -190,8 +191,12 @@ def test_lk_conv_torch_compile():
 
     args = (x, w, kw["bias"], kw["in_scale"], kw["in_shift"], kw["add"])
     compiled = torch.compile(f, fullgraph=True)
-    loss_c = compiled(*args)
-    grads_c = torch.autograd.grad(loss_c, args)
+    # no on-disk caches: AOTAutograd's cache key does not cover the op's Python autograd
+    # formula, so a graph compiled before a change of that formula would be reused (seen when
+    # the stats became (Σy, M2))
+    with torch._inductor.config.patch(force_disable_caches=True):
+        loss_c = compiled(*args)
+        grads_c = torch.autograd.grad(loss_c, args)
     loss_e = f(*args)
     grads_e = torch.autograd.grad(loss_e, args)
     assert_close(loss_c, loss_e)
@@ -203,11 +208,82 @@ def test_lk_conv_reference_is_conv2d():
     # the reference itself against plain nn.functional.conv2d + batch-norm style epilogue
     x = torch.randn(2, 3, 6, 5)
     w = torch.randn(4, 3, 7, 1)
-    y, s, q = lk_conv_ref(x, w, stats=True)
+    y, s, q, _ = lk_conv_ref(x, w, stats=True)
     want = torch.nn.functional.conv2d(x, w, padding=(3, 0))
     assert_close(y, want)
     assert_close(s, want.sum(dim=(0, 2, 3)))
-    assert_close(q, (want * want).sum(dim=(0, 2, 3)))
+    assert_close(q, (want - want.mean(dim=(0, 2, 3), keepdim=True)).square().sum(dim=(0, 2, 3)))
+
+
+def _old_formula_var(y):
+    """The variance the kernels computed before (issue 11): per-tile fp32 Σy, Σy² (256-pixel
+    tiles), summed in fp64, rounded to fp32, then E[y²] - E[y]²."""
+    t = y.reshape(-1, 256)
+    s = t.sum(1).double().sum().float().double()
+    q = (t * t).sum(1).double().sum().float().double()
+    n = y.numel()
+    return (q / n - (s / n) ** 2).item()
+
+
+def _tile_partials(y, tile):
+    """What the forward kernel's STATS epilogue writes for one channel, per tile of ``tile``
+    pixels (the last one partial), in fp32: K = the tile's rough mean, D = Σ(y - K), M2 =
+    Σ(y - K)² - D²/n."""
+    n = y.numel()
+    rows = -(-n // tile)
+    pad = torch.zeros(rows * tile, dtype=y.dtype)
+    pad[:n] = y
+    ok = (torch.arange(rows * tile) < n).view(rows, tile)
+    t = pad.view(rows, tile)
+    cnt = ok.sum(1).float()
+    k = t.sum(1) / cnt
+    dev = torch.where(ok, t - k[:, None], 0.0)
+    d = dev.sum(1)
+    m2 = dev.square().sum(1) - d * d / cnt
+    return torch.stack([k, d, m2])[:, :, None]  # (3, R, 1)
+
+
+@pytest.mark.parametrize("plan", ["one-level", "two-level"])
+def test_bn_variance_large_mean_small_std(monkeypatch, plan):
+    """E1-sized channel (32×256×256 pixels) with mean 1e3 and std 1e-2: E[y²] - E[y]² from fp32
+    sums loses every digit of the variance; the per-tile (Σy, M2) partials combined with Chan's
+    formula (the Triton kernels' path) keep it to 1e-4 relative."""
+    import msff.kernels.lk_conv as klc
+
+    if plan == "two-level":
+        monkeypatch.setattr(klc, "_reduce_cfg", lambda R: (256, 1024))
+    gen = torch.Generator().manual_seed(3)
+    n = 32 * 256 * 256 + 77  # + a partial last tile
+    y = (1e3 + 1e-2 * torch.randn(n, generator=gen, dtype=torch.float64)).float()
+    true_var = y.double().var(unbiased=False).item()
+    old = _old_formula_var(y[: n - 77])
+    assert abs(old - y[: n - 77].double().var(unbiased=False).item()) > 0.5 * true_var
+    part = _tile_partials(y, 256)
+    sums = klc.combine_stats(part, n, 256)
+    assert sums.shape == (2, 1) and sums.dtype == torch.float32
+    assert abs(sums[0, 0].item() - y.double().sum().item()) <= 1e-6 * abs(y.double().sum().item())
+    assert abs(sums[1, 0].item() / n - true_var) <= 1e-4 * true_var
+
+
+def test_lk_conv_stats_large_mean_channel():
+    """End to end through the Triton forward (several M tiles): a channel whose outputs sit at
+    1e3 ± 5e-3 gets its variance from (ch_sum, ch_m2) to 1e-4 of the float64 variance of y."""
+    N, C, H, W, k = 2, 4, 24, 40, 7
+    x = torch.randn(N, C, H, W, device=DEVICE)
+    w = torch.randn(3, C, 1, k, device=DEVICE) * 1e-3
+    bias = torch.tensor([1e3, -5e2, 0.0], device=DEVICE)
+    y, s, m2 = lk_conv(x, w, bias, stats=True, backend="triton")
+    # statistics of the values the epilogue produced (fp32 y), computed in float64
+    y64 = y.double()
+    var64 = y64.var(dim=(0, 2, 3), unbiased=False)
+    count = N * H * W
+    assert torch.allclose((m2.double() / count), var64, rtol=1e-4, atol=0)
+    assert torch.allclose(s.double(), y64.sum(dim=(0, 2, 3)), rtol=1e-6, atol=1e-3)
+    # the formula it replaced, from correctly rounded fp32 Σy, Σy², is off by far more
+    q32 = (y64 * y64).sum(dim=(0, 2, 3)).float().double()
+    s32 = y64.sum(dim=(0, 2, 3)).float().double()
+    old = q32 / count - (s32 / count) ** 2
+    assert (old[0] - var64[0]).abs() > 0.5 * var64[0]
 
 
 def test_lk_conv_expanded_output_grads():
@@ -220,3 +296,41 @@ def test_lk_conv_expanded_output_grads():
         res[backend] = torch.autograd.grad(loss, [x, w, kw["bias"], kw["in_scale"], kw["in_shift"], kw["add"]])
     for a, b in zip(res["triton"], res["reference"], strict=True):
         assert_close(a, b)
+
+
+# (N, H, W, k, along): images smaller than, equal to and larger than an M tile, both row orders
+POOL_CASES = [(3, 5, 7, 7, "w"), (2, 16, 16, 5, "h"), (2, 13, 29, 15, "w"), (1, 1, 1, 3, "h")]
+
+
+@pytest.mark.parametrize("case", POOL_CASES, ids=lambda c: "-".join(map(str, c)))
+@pytest.mark.parametrize("block_m", [None, 16, 256])
+def test_lk_conv_pool_epilogue(monkeypatch, case, block_m):
+    """``pool=True``: the per-image Σ_hw y from the epilogue's (tile, image) partials equals the
+    sum of the stored y, for tiles that hold several images, straddle two, or sit inside one."""
+    import msff.kernels.lk_conv as klc
+
+    if block_m is not None:
+        orig = klc.fwd_config
+        monkeypatch.setattr(klc, "fwd_config", lambda *a, **k: dict(orig(*a, **k), BLOCK_M=block_m))
+    N, H, W, k, along = case
+    x = torch.randn(N, 6, H, W, device=DEVICE).to(memory_format=torch.channels_last)
+    w = torch.randn((5, 6, 1, k) if along == "w" else (5, 6, k, 1), device=DEVICE) / (6 * k) ** 0.5
+    b = torch.randn(5, device=DEVICE)
+    add = torch.randn(N, 5, H, W, device=DEVICE)
+    y, _, _, pooled = lk_conv(x, w, b, add=add, relu=True, pool=True, backend="triton")
+    assert pooled.shape == (N, 5) and pooled.dtype == torch.float32
+    assert_close(pooled, y.double().sum(dim=(2, 3)).float(), "pooled")
+    _, _, _, pr = lk_conv(x, w, b, add=add, relu=True, pool=True, backend="reference")
+    assert_close(pooled, pr, "pooled vs reference")
+
+
+def test_lk_conv_pool_gradient():
+    # pooled = Σ_hw y, so its gradient is broadcast back onto y (not used by the model, but the
+    # op's autograd must be right for every output)
+    x, w, kw = _make(1, 2, 3, 3, 4, 3, "w", "plain", "contiguous", torch.float64)
+
+    def f(x, w):
+        y, _, _, p = lk_conv(x, w, pool=True, backend="reference")
+        return y, p
+
+    assert torch.autograd.gradcheck(f, (x, w), atol=1e-6)

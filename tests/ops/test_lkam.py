@@ -120,11 +120,86 @@ def test_lkam_block_momentum_none_and_no_affine():
     assert int(fused.conv.branch_a[0].bn.num_batches_tracked) == 3
 
 
-def test_lkam_block_eval_no_grad_uses_folded_path():
+def test_lkam_block_eval_no_grad_uses_folded_path(monkeypatch):
+    import msff.kernels.lkam_se as kse
+
+    def no_pool(*a, **k):
+        raise AssertionError("the SE pool pass ran: the last conv's epilogue should pool")
+
+    monkeypatch.setattr(kse, "se_pool", no_pool)
     blk = _block(5, 7, 7).eval()
     x = torch.randn(2, 5, 6, 9, device=DEVICE)
     with torch.no_grad():
         assert_close(lkam_block(blk, x, backend="triton"), blk.forward_reference(x))
+
+
+@pytest.fixture
+def count_folds_and_packs(monkeypatch):
+    """Counts BN folds (msff.ops.lkam._folded) and weight packs (kernels' _pack_weight)."""
+    import msff.kernels.lk_conv as klc
+    import msff.ops.lkam as lk
+
+    counts = {"fold": 0, "pack": 0}
+
+    def counted(name, fn):
+        def wrapper(*a, **k):
+            counts[name] += 1
+            return fn(*a, **k)
+        return wrapper
+
+    monkeypatch.setattr(lk, "_folded", counted("fold", lk._folded))
+    monkeypatch.setattr(klc, "_pack_weight", counted("pack", klc._pack_weight))
+    return counts
+
+
+def test_lkam_eval_cache_hits_and_invalidates(count_folds_and_packs):
+    import msff.ops.lkam as lk
+
+    counts = count_folds_and_packs
+    blk = _block(5, 7, 7).eval()  # 4 convs + projection shortcut
+    x = torch.randn(2, 5, 6, 9, device=DEVICE)
+    with torch.no_grad():
+        y1 = lkam_block(blk, x, backend="triton")
+        assert counts == {"fold": 5, "pack": 5}
+        y2 = lkam_block(blk, x, backend="triton")
+        assert counts == {"fold": 5, "pack": 5}, "second eval call refolded or repacked"
+        assert torch.equal(y1, y2)
+        # an in-place update (version counter) and a .data swap both miss
+        conv = blk.conv.branch_a[0][0]
+        conv.weight.mul_(0.5)
+        assert_close(lkam_block(blk, x, backend="triton"), blk.forward_reference(x))
+        assert counts == {"fold": 10, "pack": 10}
+        conv.weight.data = conv.weight.detach().clone() * 2
+        assert_close(lkam_block(blk, x, backend="triton"), blk.forward_reference(x))
+        assert counts == {"fold": 15, "pack": 15}
+    # an optimizer step in train mode (which also drops the entry), then eval again: fresh
+    blk.train()
+    opt = torch.optim.SGD(blk.parameters(), lr=0.1)
+    blk.forward_reference(torch.randn(2, 5, 6, 9, device=DEVICE)).square().mean().backward()
+    lkam_block(blk, torch.randn(2, 5, 6, 9, device=DEVICE), backend="reference")  # train path
+    assert blk not in lk._EVAL_CACHE
+    opt.step()
+    blk.eval()
+    with torch.no_grad():
+        assert_close(lkam_block(blk, x, backend="triton"), blk.forward_reference(x))
+    assert counts == {"fold": 20, "pack": 20}
+
+
+def test_lkam_eval_cache_is_per_module():
+    import gc
+
+    import msff.ops.lkam as lk
+
+    a, b = _block(6, 6, 5).eval(), _block(6, 6, 5).eval()  # same shapes, other weights
+    x = torch.randn(1, 6, 5, 7, device=DEVICE)
+    with torch.no_grad():
+        for blk in (a, b, a, b):
+            assert_close(lkam_block(blk, x, backend="triton"), blk.forward_reference(x))
+    assert a in lk._EVAL_CACHE and b in lk._EVAL_CACHE
+    n = len(lk._EVAL_CACHE)
+    del b, blk
+    gc.collect()
+    assert len(lk._EVAL_CACHE) == n - 1  # the entry died with its block
 
 
 def test_lkam_block_batch_one_pixel_training_raises():

@@ -137,3 +137,33 @@ def test_lkam_se_errors():
         bad = list(args)
         bad[10] = torch.randn(1, 4, 3, 2, device=DEVICE)
         lkam_se(*bad)
+
+
+def test_lkam_se_pool_sum_skips_the_pool_pass(monkeypatch):
+    """Inference with the squeeze precomputed (by the last conv's epilogue): the Triton op runs
+    no pool kernel and gives the output it gives without ``pool_sum``; bad ``pool_sum`` inputs
+    are refused with one clear line."""
+    import msff.kernels.lkam_se as kse
+
+    args = [a.detach() if a is not None else None
+            for a in _make(2, 12, 7, 9, 3, "eval", "channels_last")]
+    with torch.no_grad():
+        want, want_pooled = lkam_se(*args, backend="triton")
+        ref, _ = lkam_se(*args, backend="reference")
+        pool_sum = args[0].double().sum(dim=(2, 3)).float()
+
+        def no_pool(*a, **k):
+            raise AssertionError("se_pool ran although pool_sum was given")
+
+        monkeypatch.setattr(kse, "se_pool", no_pool)
+        out, pooled = lkam_se(*args, backend="triton", pool_sum=pool_sum)
+        assert_close(out, want, "out")
+        assert_close(out, ref, "out vs reference")
+        assert_close(pooled, want_pooled, "pooled")
+        # the reference ignores it (it pools itself); the schema accepts it
+        torch.library.opcheck(_lkam_se_op, (*args, "triton", pool_sum))
+        with pytest.raises(ValueError, match="pool_sum must be"):
+            lkam_se(*args, backend="triton", pool_sum=pool_sum[:1])
+        fb = args[0].clone()
+        with pytest.raises(ValueError, match="only without fb"):
+            lkam_se(args[0], fb, *args[2:], backend="triton", pool_sum=pool_sum)
