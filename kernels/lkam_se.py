@@ -222,6 +222,12 @@ def _blocks(HW: int, C: int):
     return 64, min(64, max(16, _next_pow2(C))), 4
 
 
+def _apply_warps(warps: int) -> int:
+    # se_apply on a GPU: 8 warps over the 64 x 64 tile (4 warps spilled 8 B on sm_80 with both
+    # branches' BN affines, 96 registers; 8 warps: 64 registers, 0 spills, same 16-byte vectors)
+    return warps if triton_interpret() else 8
+
+
 def _sms(device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
@@ -281,7 +287,7 @@ def se_apply(fa, fb, sa, ha, sb, hb, z, residual, rs, rh, out):
         _opt(rs, z), _opt(rh, z), out, C, HW, W, pb,
         *_s(fa), *_s(fbt), *_s(residual), *_s(out),
         HAS_B=fb is not None, AFF_A=sa is not None, AFF_B=sb is not None, AFF_R=rs is not None,
-        FIX_OUT=fix_bf16(out.dtype), BLOCK_P=BP, BLOCK_C=BC, num_warps=warps,
+        FIX_OUT=fix_bf16(out.dtype), BLOCK_P=BP, BLOCK_C=BC, num_warps=_apply_warps(warps),
     )
     return out
 
@@ -417,7 +423,8 @@ def compile_specs(problems):
         cx = dict(HAS_B=has_b, AFF_A=aff_a, AFF_B=aff_b, AFF_R=aff_r, FIX_OUT=fix_bf16(dt),
                   BLOCK_P=BP, BLOCK_C=BC)
         specs.append(_kernel_spec(_lkam_se_fwd_kernel, f"se_apply {base}", "pointwise", vals, cx,
-                                  warps, _TRITON_DEFAULT_STAGES, (N * pbk, triton.cdiv(C, BC))))
+                                  _apply_warps(warps), _TRITON_DEFAULT_STAGES,
+                                  (N * pbk, triton.cdiv(C, BC))))
         if pb.get("backward", False):
             vals = dict(go_ptr=P(dt), fa_ptr=P(dt), fb_ptr=P(dt), sa_ptr=P(f32), ha_ptr=P(f32),
                         sb_ptr=P(f32), hb_ptr=P(f32), r_ptr=P(dt), part_ptr=P(f32),

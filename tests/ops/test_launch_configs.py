@@ -124,6 +124,7 @@ def test_block_with_forced_launch_config(monkeypatch, force_gpu_configs, cfg, tr
     c = SE_CONFIGS[cfg]
     monkeypatch.setattr(kse, "_blocks", lambda HW, C: c["se"])
     monkeypatch.setattr(kse, "_split", lambda *a: c["se_split"])
+    monkeypatch.setattr(kse, "_apply_warps", lambda w: 8)  # se_apply's GPU warps
     cin, cout, k, N, H, W = c["shape"]
     blk = randomize_bn(LKAMBlock(cin, cout, kernel_size=k, reduction=8)).to(DEVICE).train(train)
     fused, ref = copy.deepcopy(blk), copy.deepcopy(blk)
