@@ -12,6 +12,8 @@ from msff.data.dataset import (
     SegmentationDataset,
     collate,
     compute_normalization,
+    fit_input_scale,
+    normalization_stats,
     read_list,
     select_pairs,
     split_pairs,
@@ -26,6 +28,8 @@ from msff.data.io import (
     read_image,
     read_mask,
 )
+from msff.data.module import SegmentationDataModule
+from msff.data.normalization import Normalization
 from msff.data.synthetic import make_scene, write_scene_dataset
 from msff.data.transforms import Augment, random_crop_affine
 
@@ -35,13 +39,17 @@ __all__ = [
     "EpochSampler",
     "IGNORE_INDEX",
     "MaskEncoding",
+    "Normalization",
     "Pair",
+    "SegmentationDataModule",
     "SegmentationDataset",
     "collate",
     "compute_normalization",
     "decode_mask",
     "find_pairs",
+    "fit_input_scale",
     "make_scene",
+    "normalization_stats",
     "random_crop_affine",
     "raster_shape",
     "read_image",

@@ -2,6 +2,7 @@
 statistics and reproducible per-epoch augmentation."""
 from __future__ import annotations
 
+import copy
 import os
 from pathlib import Path
 from typing import Optional, Sequence
@@ -12,6 +13,7 @@ from torch.utils.data import Dataset
 
 from msff.data.discover import Pair
 from msff.data.io import IGNORE_INDEX, DataError, MaskEncoding, raster_shape, read_image, read_mask
+from msff.data.normalization import Normalization
 from msff.data.scaling import InputScale
 from msff.data.transforms import Augment, pad_to, random_crop_affine
 
@@ -20,6 +22,8 @@ __all__ = [
     "EpochSampler",
     "collate",
     "compute_normalization",
+    "normalization_stats",
+    "fit_input_scale",
     "sample_pixels",
     "split_pairs",
     "read_list",
@@ -37,8 +41,12 @@ class SegmentationDataset(Dataset):
     With ``crop`` and/or ``augment`` set (training), items are random crops of size ``crop`` with the
     paper's augmentations, drawn from a generator seeded by ``(seed, epoch, draw)`` so a seeded run
     repeats exactly, resumed or not and with any number of loader workers (use
-    :class:`EpochSampler`, which passes the draw number). Without them (evaluation), items are whole
-    images.
+    :class:`EpochSampler`, whose keys carry the draw and epoch numbers). Without them (evaluation),
+    items are whole images.
+
+    A dataset is not changed once built: :meth:`replace` gives a copy with other normalisation, input
+    scale, crop, augmentation or seed (sharing the decoded files), which is what
+    :class:`~msff.data.module.SegmentationDataModule` hands to training and evaluation.
 
     All files are checked when the dataset is built (existence, sizes, band counts, and with
     ``cache=True`` the full decode), so bad input fails before any training starts.
@@ -49,8 +57,8 @@ class SegmentationDataset(Dataset):
         bands: 1-based band indices to read; None: all.
         crop: training crop size; None: whole images.
         augment: :class:`~msff.data.transforms.Augment`; None: no augmentation.
-        normalization: ``{"mean": [...], "std": [...]}`` per band (in model-input units, i.e.
-            after ``input_scale``), or None.
+        normalization: :class:`~msff.data.normalization.Normalization` or ``{"mean": [...],
+            "std": [...]}`` per band (in model-input units, i.e. after ``input_scale``), or None.
         input_scale: :class:`~msff.data.scaling.InputScale` (or its text form, e.g.
             ``"divide:10000"``) applied to raw values before normalisation; a percentile stretch
             is fitted on this dataset by :func:`compute_normalization` when not fitted yet.
@@ -67,8 +75,8 @@ class SegmentationDataset(Dataset):
         cache: read and decode every file now and keep them in memory (raw dtype).
 
     Example:
-        >>> ds = SegmentationDataset(find_pairs("/data/bijie_landslide"), crop=256, augment=Augment())  # doctest: +SKIP
-        >>> ds.normalization = compute_normalization(ds)  # doctest: +SKIP
+        >>> raw = SegmentationDataset(find_pairs("/data/bijie_landslide"))  # doctest: +SKIP
+        >>> ds = raw.replace(normalization=normalization_stats(raw), crop=256, augment=Augment())  # doctest: +SKIP
         >>> item = ds[0]; item["image"].shape, item["target"].shape  # doctest: +SKIP
         (torch.Size([3, 256, 256]), torch.Size([256, 256]))
     """
@@ -94,9 +102,9 @@ class SegmentationDataset(Dataset):
         self.pairs = list(pairs)
         self.encoding = encoding or MaskEncoding()
         self.bands = list(bands) if bands is not None else None
-        self.crop = crop
+        self.crop = _check_crop(crop)
         self.augment = augment
-        self.normalization = normalization
+        self._norm = Normalization.from_dict(normalization)
         self.input_scale = InputScale.parse(input_scale)
         from msff.data.terrain import check_terrain
 
@@ -188,8 +196,52 @@ class SegmentationDataset(Dataset):
         return len(self.pairs)
 
     def set_epoch(self, epoch: int) -> None:
-        """Select the augmentation draws of ``epoch`` (call before each training epoch)."""
+        """Select the augmentation draws of ``epoch`` for keys without an epoch (``(index, draw)``);
+        :class:`EpochSampler` keys carry their epoch, so training does not call this."""
         self.epoch = int(epoch)
+
+    #: What :meth:`replace` may change; everything else (files, bands, encoding, stack) stays.
+    REPLACEABLE = ("normalization", "input_scale", "crop", "augment", "seed")
+
+    def replace(self, **changes) -> "SegmentationDataset":
+        """A copy with other ``normalization``, ``input_scale``, ``crop``, ``augment`` or ``seed``
+        (this dataset is left as it is; the decoded files are shared, not read again).
+
+        Example:
+            >>> train = raw.replace(crop=256, augment=Augment(), seed=3)  # doctest: +SKIP
+        """
+        unknown = sorted(set(changes) - set(self.REPLACEABLE))
+        if unknown:
+            raise TypeError(f"replace() can change {', '.join(self.REPLACEABLE)}; not {unknown}")
+        new = copy.copy(self)
+        if "normalization" in changes:
+            new._norm = Normalization.from_dict(changes["normalization"])
+        if "input_scale" in changes:
+            new.input_scale = InputScale.parse(changes["input_scale"])
+        if "crop" in changes:
+            new.crop = _check_crop(changes["crop"])
+        if "augment" in changes:
+            new.augment = changes["augment"]
+        if "seed" in changes:
+            new.seed = int(changes["seed"])
+        if new._norm is not None and new._norm.bands != new.in_channels:
+            raise DataError(f"normalisation has {new._norm.bands} band(s), the images {new.in_channels}")
+        return new
+
+    @property
+    def normalization(self) -> Optional[dict]:
+        """``{"mean": [...], "std": [...]}`` (the form stored in checkpoints), or None."""
+        return None if self._norm is None else self._norm.to_dict()
+
+    @normalization.setter
+    def normalization(self, value) -> None:
+        # Kept for existing callers; msff itself builds datasets with replace() and never sets this.
+        self._norm = Normalization.from_dict(value)
+
+    @property
+    def normalizer(self) -> Optional[Normalization]:
+        """The :class:`~msff.data.normalization.Normalization` applied to items, or None."""
+        return self._norm
 
     def raw(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         """(image (C, H, W) as stored, target (H, W) uint8) of sample ``i``, unnormalised."""
@@ -235,15 +287,17 @@ class SegmentationDataset(Dataset):
         return [self._file_dtype] * nfile + extra + ["float32"] * len(self.terrain)
 
     def normalize(self, image: torch.Tensor) -> torch.Tensor:
-        if self.normalization is None:
-            return image
-        mean = torch.tensor(self.normalization["mean"], dtype=torch.float32).view(-1, 1, 1)
-        std = torch.tensor(self.normalization["std"], dtype=torch.float32).view(-1, 1, 1)
-        return (image - mean) / std
+        """``(image - mean) / std`` of a float32 (C, H, W) image in model-input units
+        (:meth:`Normalization.apply_torch`); the image itself when there is no normalisation."""
+        return image if self._norm is None else self._norm.apply_torch(image)
 
     def __getitem__(self, key) -> dict:
-        # key is an index, or (index, draw) from EpochSampler: draw numbers the random crop.
-        i, draw = key if isinstance(key, tuple) else (key, key)
+        # key is an index, (index, draw) or (index, draw, epoch) from EpochSampler: draw numbers the
+        # random crop within the epoch.
+        if isinstance(key, tuple):
+            i, draw, epoch = key if len(key) == 3 else (*key, self.epoch)
+        else:
+            i, draw, epoch = key, key, self.epoch
         img, tgt = self._read(i)
         image = torch.from_numpy(self.input_scale.apply(img.astype(np.float32, copy=self.input_scale.kind != "none")))
         target = torch.from_numpy(np.ascontiguousarray(tgt))
@@ -252,7 +306,7 @@ class SegmentationDataset(Dataset):
         image = self.normalize(image)
         image = torch.where(valid[None], image, torch.zeros(()))
         if self.crop is not None or self.augment is not None:
-            rng = np.random.default_rng([self.seed, self.epoch, int(draw)])
+            rng = np.random.default_rng([self.seed, int(epoch), int(draw)])
             image, target = random_crop_affine(image, target, self.crop, rng, self.augment or Augment.none())
         return {"image": image.contiguous(), "target": target.contiguous(), "name": self.pairs[i].name}
 
@@ -275,8 +329,14 @@ def _grid_of(path: Path):
         return ds.crs, ds.transform
 
 
+def _check_crop(crop):
+    if crop is not None and (isinstance(crop, bool) or not isinstance(crop, int) or crop < 1):
+        raise DataError(f"crop must be a positive integer or None, got {crop!r}")
+    return crop
+
+
 class EpochSampler(torch.utils.data.Sampler):
-    """Yields ``(index, draw)`` keys for one epoch: ``samples_per_epoch`` draws from shuffled
+    """Yields ``(index, draw, epoch)`` keys for one epoch: ``samples_per_epoch`` draws from shuffled
     passes over the dataset, seeded by ``(seed, epoch)``, split across ``world_size`` ranks.
 
     Args:
@@ -310,7 +370,7 @@ class EpochSampler(torch.utils.data.Sampler):
         order = self._order()
         per = len(self)
         for k in range(self.rank, per * self.world, self.world):
-            yield (order[k], self.epoch * 1_000_003 + k)
+            yield (order[k], self.epoch * 1_000_003 + k, self.epoch)
 
 
 def collate(items: list[dict]) -> dict:
@@ -343,27 +403,40 @@ def sample_pixels(dataset: SegmentationDataset, max_pixels: int = 1_000_000, see
     return samples, dtypes or ["float32"] * dataset.in_channels
 
 
-def compute_normalization(dataset: SegmentationDataset) -> dict:
+def fit_input_scale(dataset: SegmentationDataset, source: str = "training split") -> InputScale:
+    """``dataset.input_scale`` fitted on a seeded pixel sample of ``dataset`` when it is a percentile
+    stretch not fitted yet, else unchanged (the dataset is not changed).
+
+    Example:
+        >>> scale = fit_input_scale(train_ds)  # doctest: +SKIP
+    """
+    if not dataset.input_scale.needs_fit:
+        return dataset.input_scale
+    return dataset.input_scale.fit(sample_pixels(dataset)[0], source)
+
+
+def normalization_stats(dataset: SegmentationDataset, input_scale: "InputScale | None" = None) -> dict:
     """Per-band mean and standard deviation over valid pixels of ``dataset``, in model-input units
-    (after ``dataset.input_scale``; a percentile stretch not fitted yet is fitted here first, on
-    a sample of this dataset, and stored in ``dataset.input_scale``).
+    (after ``input_scale``, default ``dataset.input_scale``, which must be fitted). Pure: the
+    dataset is not changed.
 
     Returns:
         ``{"mean": [float per band], "std": [float per band]}`` (std floored at 1e-6), the
-        checkpoint metadata form: prediction applies ``(x - mean) / std`` to raw band values.
+        checkpoint metadata form: prediction applies ``(x - mean) / std`` after the input scale.
 
     Example:
-        >>> stats = compute_normalization(train_ds)  # doctest: +SKIP
+        >>> stats = normalization_stats(train_ds, fit_input_scale(train_ds))  # doctest: +SKIP
     """
-    if dataset.input_scale.needs_fit:
-        dataset.input_scale = dataset.input_scale.fit(sample_pixels(dataset)[0], "training split")
+    scale = dataset.input_scale if input_scale is None else InputScale.parse(input_scale)
+    if scale.needs_fit:
+        raise DataError("normalisation statistics need a fitted input scale (fit_input_scale first)")
     c = dataset.in_channels
     s = np.zeros(c, np.float64)
     ss = np.zeros(c, np.float64)
     n = 0
     for i in range(len(dataset)):
         img, tgt = dataset.raw(i)
-        x = dataset.input_scale.apply(img.astype(np.float32, copy=True)).reshape(img.shape[0], -1).astype(np.float64)
+        x = scale.apply(img.astype(np.float32, copy=True)).reshape(img.shape[0], -1).astype(np.float64)
         keep = tgt.reshape(-1) != IGNORE_INDEX
         x = x[:, keep]
         s += x.sum(axis=1)
@@ -374,6 +447,18 @@ def compute_normalization(dataset: SegmentationDataset) -> dict:
     mean = s / n
     std = np.sqrt(np.maximum(ss / n - mean * mean, 0.0))
     return {"mean": [float(v) for v in mean], "std": [float(max(v, 1e-6)) for v in std]}
+
+
+def compute_normalization(dataset: SegmentationDataset) -> dict:
+    """:func:`normalization_stats` of ``dataset`` after :func:`fit_input_scale`, whose result is
+    stored in ``dataset.input_scale`` (the older, mutating form; the engine and
+    :class:`~msff.data.module.SegmentationDataModule` use the two pure functions).
+
+    Example:
+        >>> stats = compute_normalization(train_ds)  # doctest: +SKIP
+    """
+    dataset.input_scale = fit_input_scale(dataset)
+    return normalization_stats(dataset)
 
 
 def split_pairs(

@@ -72,8 +72,8 @@ import torch
 
 from msff.data import (
     MaskEncoding,
+    SegmentationDataModule,
     SegmentationDataset,
-    compute_normalization,
     find_pairs,
     split_pairs,
 )
@@ -345,7 +345,7 @@ def data_order_digest(tc: TrainConfig, train_names: Sequence[str]) -> str:
     keys = []
     for epoch in range(1, tc.epochs + 1):
         sampler.set_epoch(epoch)
-        keys.append(list(sampler))
+        keys.append([list(k[:2]) for k in sampler])  # (image, draw): the digest's form since it was introduced
     blob = json.dumps({"names": names, "seed": tc.seed, "crop": tc.crop, "augment": tc.augment, "keys": keys},
                       sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -355,8 +355,8 @@ def _run_one(cfg: dict, model: dict, seed: int, out_dir: Path, data: dict, progr
     label = model["label"]
     folder = run_dir(out_dir, label, seed)
     tc = _train_config(cfg, model, seed)
-    train_ds, val_ds, tests = data["train"], data["val"], data["test"]
-    train_ds.normalization = data["normalization"]
+    module, tests = data["module"], data["test"]
+    train_ds = module.train_dataset
     status = _status(folder)
     if status != "complete":
         resume = (folder / "checkpoints" / STATE_NAME).is_file()
@@ -364,7 +364,7 @@ def _run_one(cfg: dict, model: dict, seed: int, out_dir: Path, data: dict, progr
             # A resumed run gets only the wall time its first part did not use.
             tc = dataclasses.replace(tc, time_budget_s=max(1.0, tc.time_budget_s - _spent_seconds(folder)))
         log.info("training %s seed %d (%s)", label, seed, "resume" if resume else "new")
-        fit(tc, train_ds, val_ds, folder, resume=resume, overwrite=not resume, test_ds=None,
+        fit(tc, module, None, folder, resume=resume, overwrite=not resume, test_ds=None,
             progress=progress, extra_metadata={"experiment": cfg["name"], "model_label": label})
     metrics_json = json.loads((folder / "metrics.json").read_text())
     device = torch.device("cuda" if (tc.device in ("auto", "cuda") and torch.cuda.is_available()) else "cpu")
@@ -376,8 +376,7 @@ def _run_one(cfg: dict, model: dict, seed: int, out_dir: Path, data: dict, progr
     pixels = 0
     soil = _soil_bands(cfg, train_ds.in_channels)
     t0 = time.perf_counter()
-    for dname, ds in tests.items():
-        ds.normalization = data["normalization"]
+    for dname, ds in tests.items():  # already normalised like the training split (module.eval_view)
         r = evaluate(net, ds, batch_size=1, device=device, threshold=tc.threshold, amp=tc.amp, loss=None,
                      soil_bands=soil)
         keep = METRICS + BOUNDARY_METRICS + CONFUSABLE_METRICS + ("image_iou", "image_boundary_iou", "image_boundary_f")
@@ -460,12 +459,14 @@ def _prepare_data(cfg: dict, data_root: Path, out_dir: Path) -> dict:
     if not tests:
         raise ValueError("the split has no test images (split.test_ratio must be > 0)")
     norm_file = out_dir / "normalization.json"
-    if norm_file.is_file():
-        norm = json.loads(norm_file.read_text())
-    else:
-        norm = compute_normalization(train_ds)
-        atomic_write_json(norm_file, norm)
-    return {"train": train_ds, "val": val_ds, "test": tests, "normalization": norm, "split": names}
+    norm = json.loads(norm_file.read_text()) if norm_file.is_file() else None
+    # One module for every run: one normalisation (kept in normalization.json across invocations);
+    # each run takes it with its own crop/augmentation/seed (fit -> module.for_run).
+    module = SegmentationDataModule(train_ds, val_ds, normalization=norm)
+    if norm is None:
+        atomic_write_json(norm_file, module.normalization.to_dict())
+    return {"module": module, "test": {d: module.eval_view(ds) for d, ds in tests.items()},
+            "normalization": module.normalization.to_dict(), "split": names}
 
 
 def run_experiment_config(

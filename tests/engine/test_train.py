@@ -9,7 +9,13 @@ import sys
 import pytest
 import torch
 
-from msff.data import SegmentationDataset, find_pairs, split_pairs, write_scene_dataset
+from msff.data import (
+    SegmentationDataset,
+    find_pairs,
+    normalization_stats,
+    split_pairs,
+    write_scene_dataset,
+)
 from msff.engine import RunError, TrainConfig, evaluate, fit, fit_runs, load_checkpoint
 
 pytestmark = pytest.mark.filterwarnings("ignore::rasterio.errors.NotGeoreferencedWarning")
@@ -46,8 +52,10 @@ def test_fit_writes_a_complete_run(scenes, tmp_path):
     metrics = json.loads((run / "metrics.json").read_text())
     assert set(metrics["best"]) >= {"precision", "recall", "iou", "f1", "image_iou"}
     model, meta = load_checkpoint(run)
-    assert meta["normalization"] == tr.normalization and len(meta["normalization"]["mean"]) == 3
+    assert tr.normalization is None and va.normalization is None  # the caller's datasets are not changed
+    assert meta["normalization"] == normalization_stats(tr) and len(meta["normalization"]["mean"]) == 3
     assert meta["train"]["lr"] == 1e-3 and meta["threshold"] == 0.5
+    va = va.replace(normalization=meta["normalization"])
     again = evaluate(model, va, batch_size=2)  # independent of the eval batch size (padding ignored)
     assert again["iou"] == pytest.approx(res["best"]["iou"]) and again["tp"] == res["best"]["tp"]
     with pytest.raises(RunError, match="exists and is not empty"):
@@ -286,3 +294,47 @@ def test_no_validation_set_and_a_loss_above_one_still_writes_best(scenes, tmp_pa
               progress=False)
     assert (tmp_path / "noval" / "best" / "model.pt").is_file()
     assert res["epochs_run"] == 1
+
+
+def _settings(ds):
+    import copy
+
+    watched = ("normalization", "input_scale", "crop", "augment", "seed", "epoch", "in_channels", "bands")
+    return {k: copy.deepcopy(getattr(ds, k)) for k in watched}, id(ds.pairs), list(ds.pairs), id(ds._cache)
+
+
+def test_fit_fit_runs_and_evaluate_change_no_dataset_they_are_given(scenes, tmp_path):
+    tr, va = datasets(scenes)
+    _, _, te = split_pairs(find_pairs(scenes), 0.0, 0.25, seed=1)
+    te = SegmentationDataset(te, input_scale="divide:2")
+    given = (tr, va, te)
+    before = [_settings(d) for d in given]
+    cfg = TrainConfig(epochs=1, samples_per_epoch=4, augment=True, seed=4, **dict(TINY, overlays=0))
+    tr2 = SegmentationDataset(tr.pairs, input_scale="divide:2")
+    va2 = SegmentationDataset(va.pairs, input_scale="divide:2")
+    before2 = [_settings(d) for d in (tr2, va2)]
+    res = fit(cfg, tr2, va2, tmp_path / "one", test_ds=te, progress=False)
+    fit_runs(cfg, tr, va, tmp_path / "two", runs=2, progress=False)
+    model, meta = load_checkpoint(tmp_path / "one")
+    evaluate(model, va)
+    assert [_settings(d) for d in given] == before and [_settings(d) for d in (tr2, va2)] == before2
+    assert tr.normalization is None and tr.crop is None and tr.augment is None and tr.seed == 0
+    # ...while the run itself used the training statistics, crops and seed
+    assert meta["normalization"] == normalization_stats(tr2) and meta["input_scale"]["kind"] == "divide"
+    assert "test" in res and res["test"]["images"] == len(te)
+    saved = last_state(tmp_path / "one")
+    assert saved["normalization"] == meta["normalization"] and saved["config"]["seed"] == 4
+
+
+def test_fit_takes_a_data_module(scenes, tmp_path):
+    from msff.data import SegmentationDataModule
+
+    tr, va = datasets(scenes)
+    dm = SegmentationDataModule(tr, va, normalization={"mean": [100.0] * 3, "std": [40.0] * 3})
+    cfg = TrainConfig(epochs=1, samples_per_epoch=4, **dict(TINY, overlays=0))
+    res = fit(cfg, dm, None, tmp_path / "dm", progress=False)
+    _, meta = load_checkpoint(tmp_path / "dm")
+    assert meta["normalization"] == {"mean": [100.0] * 3, "std": [40.0] * 3} and res["best"]["images"] == len(va)
+    assert dm.crop is None and dm.train_dataset.crop is None  # the run's crop went to a module of its own
+    with pytest.raises(ValueError, match="through the data module"):
+        fit(cfg, dm, va, tmp_path / "dm2", progress=False)
