@@ -111,9 +111,9 @@ class Predictor:
         self.input_scale.apply(x)
         if self.mean is None:
             return x
-        x -= self.mean[:, None, None]
-        x /= self.std[:, None, None]
-        return x
+        from msff.data.normalization import Normalization  # the one implementation (training uses it too)
+
+        return Normalization(self.mean, self.std).apply_numpy(x)
 
     def predict_proba(self, x: torch.Tensor) -> torch.Tensor:
         """Landslide probability ``(N, H, W)`` float32 for normalised input ``(N, C, H, W)``."""
