@@ -24,6 +24,7 @@ import json
 import math
 import numbers
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -783,7 +784,7 @@ class ExperimentRunConfig:
     """``msff experiment``: run (or continue) a comparison experiment from its config.
 
     Args:
-        config: experiment config (JSON/YAML file, or a shipped name: cpu, cpu-long, paper).
+        experiment: experiment config (JSON/YAML file, or a shipped name: cpu, cpu-long, paper).
         out: output folder (runs, results.md/csv/json/png).
         data_root: folder holding the dataset folders (overrides the config's).
         models: model labels to run (default: all of the config's).
@@ -793,7 +794,7 @@ class ExperimentRunConfig:
         dry_run: validate the config and print the plan.
     """
 
-    config: str = _cli(positional=True)
+    experiment: str = _cli(positional=True)
     out: Optional[str] = None
     data_root: Optional[str] = None
     models: Optional[list[str]] = _cli(None, comma=True)
@@ -876,7 +877,8 @@ def build_configs(command: str, values: dict, source: Optional[str] = None) -> d
         try:
             out[cls] = cls(**kw)
         except TypeError as e:  # a required field (a positional argument) is missing
-            raise ConfigError(f"{command}: {e}".replace("__init__() ", "")) from None
+            missing = re.findall(r"'(\w+)'", str(e))
+            raise ConfigError(f"msff {command} needs {', '.join(m.upper() for m in missing) or str(e)}") from None
         except ConfigError as e:
             raise ConfigError(f"{e}{_in(source)}") from None
     return out

@@ -10,6 +10,7 @@ import rasterio
 
 from msff.cli import build_parser, main
 from msff.data import write_scene_dataset
+from msff.models import ModelCard
 
 pytestmark = pytest.mark.filterwarnings("ignore::rasterio.errors.NotGeoreferencedWarning")
 
@@ -36,7 +37,7 @@ def test_train_then_evaluate(scenes, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "validation @ epoch 1" in out and str(run / "best") in out
     metrics = json.loads((run / "metrics.json").read_text())
-    meta = json.loads((run / "best" / "config.json").read_text())["metadata"]
+    meta = ModelCard.from_checkpoint(run / "best")
     val_names = meta["splits"]["val"]
     assert len(val_names) == 2 and not set(val_names) & set(meta["splits"]["train"])
     (tmp_path / "val.txt").write_text("\n".join(val_names))
@@ -69,15 +70,95 @@ def test_config_file_and_overrides(scenes, tmp_path, capsys):
 
 
 def test_bundled_configs_are_valid():
-    from msff.cli import CONFIG_DIR, _load_config_file
-    from msff.engine import TrainConfig
+    from msff.cli import parse_command
+    from msff.config import TrainConfig, shipped_configs
 
-    names = sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
-    assert "realdata-cpu" in names and "demo" in names
-    for n in names:
-        cfg = _load_config_file(n)
-        kw = {k: v for k, v in cfg.items() if k in TrainConfig.__dataclass_fields__}
-        TrainConfig.from_dict(kw)
+    assert {"realdata-cpu", "demo"} <= set(shipped_configs())
+    for n in shipped_configs():
+        cfgs = parse_command("train", ["somewhere", "--config", n, "--out", "x"])
+        assert cfgs[TrainConfig].epochs >= 1
+
+
+@pytest.mark.parametrize("cfg,key", [
+    ({"epochs": "ten"}, "epochs"),
+    ({"crop": "64"}, "crop"),
+    ({"batch_size": None}, "batch_size"),
+    ({"crop": True}, "crop"),
+])
+def test_config_file_type_error_is_one_line_naming_the_key(scenes, tmp_path, capsys, cfg, key):
+    c = tmp_path / "c.json"
+    c.write_text(json.dumps(cfg))
+    assert main(["train", str(scenes), "--config", str(c), "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("msff: error:") and f"'{key}'" in err[0] and str(c) in err[0], err
+    assert "Traceback" not in err[0] and not (tmp_path / "r").exists()
+
+
+def test_config_file_type_error_in_a_subprocess_exits_2_without_traceback(tmp_path):
+    c = tmp_path / "c.yaml"
+    c.write_text("crop: true\n")
+    p = subprocess.run([sys.executable, "-m", "msff.cli", "train", "d", "--config", str(c), "--out", str(tmp_path / "r")],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and p.stderr.strip().count("\n") == 0 and "'crop'" in p.stderr, p.stderr
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--epochs", "ten"], "'epochs'"), (["--crop", "6.5"], "'crop'"), (["--loss", "focal"], "loss"),
+    (["--bands", "x,y"], "--bands"), (["--time-budget", "soon"], "--time-budget"), (["--bogus", "1"], "--bogus"),
+    (["--augment", "maybe"], "augment"),
+])
+def test_command_line_type_error_is_one_line(tmp_path, capsys, argv, needle):
+    assert main(["train", "d", "--out", str(tmp_path / "r"), *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("msff: error:") and needle in err[0], err
+
+
+def test_print_config_round_trips_and_old_flags_still_work(tmp_path, capsys):
+    from msff.cli import parse_command
+    from msff.config import DataConfig, RunConfig, SplitConfig, TrainConfig
+
+    argv = ["d1", "d2", "--config", "realdata-cpu", "--epochs", "5", "--bands", "3,2,1", "--no-augment", "--val", "v1",
+            "v2", "--time-budget", "15m", "--ignore-value", "0", "--ignore-value", "255", "--channels-last",
+            "--mask-color", "255,255,0", "-o", str(tmp_path / "run"), "--no-progress", "--kernel-size", "7"]
+    cfgs = parse_command("train", argv)
+    t, d, s, r = cfgs[TrainConfig], cfgs[DataConfig], cfgs[SplitConfig], cfgs[RunConfig]
+    assert (t.epochs, t.augment, t.time_budget_s, t.channels_last, t.crop, t.lr) == (5, False, 900.0, True, 256, 0.001)
+    assert (d.data, d.bands, d.ignore_value, d.mask_color) == (["d1", "d2"], [3, 2, 1], [0, 255], [255, 255, 0])
+    assert s.val == ["v1", "v2"] and (r.progress, r.kernel_size, r.lkam_blocks) == (False, 7, 1)
+    assert parse_command("train", argv + ["--print_config"]) is None
+    printed = capsys.readouterr().out
+    (tmp_path / "p.yaml").write_text(printed)
+    again = parse_command("train", ["--config", str(tmp_path / "p.yaml")])
+    assert again == cfgs  # the printed YAML is a config file that gives the same configs
+    # the jsonargparse spellings work too
+    alt = parse_command("train", ["d1", "--batch_size", "4", "--bands", "[4, 3, 2]", "--augment", "false"])
+    assert alt[TrainConfig].batch_size == 4 and alt[DataConfig].bands == [4, 3, 2] and not alt[TrainConfig].augment
+
+
+def test_every_command_prints_its_config(capsys):
+    for argv in (["evaluate", "ck", "d"], ["predict", "ck", "a.tif", "--date", "pre", "a", "b", "--band-indexes", "1,2"],
+                 ["demo", "--scenes", "10"], ["experiment", "cpu", "--out", "x", "--models", "unet,msffnet"]):
+        assert main([*argv, "--print_config"]) == 0
+        assert capsys.readouterr().out.strip(), argv
+
+
+def test_a_bug_in_an_msff_module_is_not_reported_as_unavailable(tmp_path, monkeypatch):
+    import argparse
+
+    from msff.cli import _add_optional
+
+    (tmp_path / "msff_buggy_cmd.py").write_text("raise RuntimeError('a bug at import')\n")
+    (tmp_path / "msff_needs_missing_dep.py").write_text("import msff_no_such_module_xyz\n")
+    (tmp_path / "msff_needs_optional.py").write_text(
+        "raise ModuleNotFoundError(\"No module named 'onnxruntime'\", name='onnxruntime')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    sub = argparse.ArgumentParser(prog="msff").add_subparsers(dest="command")
+    with pytest.raises(RuntimeError, match="a bug at import"):
+        _add_optional(sub, "buggy", "msff_buggy_cmd", "add", "run", "x")
+    with pytest.raises(ModuleNotFoundError, match="msff_no_such_module_xyz"):
+        _add_optional(sub, "needs", "msff_needs_missing_dep", "add", "run", "x")
+    _add_optional(sub, "opt", "msff_needs_optional", "add", "run", "x")  # a missing optional package: listed
+    assert "unavailable" in sub.choices["opt"].format_usage() + str(sub._choices_actions[-1].help)
 
 
 def _bad_dataset(kind, root):

@@ -1,7 +1,8 @@
 """``msff predict``: whole-scene landslide mapping from GeoTIFFs.
 
-``msff.cli`` adds this subcommand with :func:`add_predict_parser` and runs it with
-:func:`run_predict`; ``python -m msff.inference.cli ...`` runs it stand-alone.
+The options are the fields of :class:`msff.config.PredictConfig` (the command line, config files
+and ``--print_config`` come from :mod:`msff.cli`); :func:`run_predict` runs one config;
+``python -m msff.inference.cli ...`` runs it stand-alone.
 
 Examples::
 
@@ -12,6 +13,7 @@ Examples::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import re
 import sys
@@ -20,7 +22,9 @@ from functools import partial
 from pathlib import Path
 from typing import Optional, Sequence
 
-__all__ = ["add_predict_parser", "run_predict", "build_parser", "main", "output_paths"]
+from msff.config import PredictConfig
+
+__all__ = ["add_predict_parser", "run_predict", "build_parser", "main", "output_paths", "as_predict_config"]
 
 DESCRIPTION = """Map landslides over whole scenes of any size with a trained checkpoint.
 
@@ -34,120 +38,36 @@ nodata; or uint8 round(p*250) with --prob-dtype uint8) and PREFIX_mask.tif (uint
 
 
 def add_predict_parser(subparsers) -> argparse.ArgumentParser:
-    """Add the ``predict`` subcommand to an ``argparse`` subparsers object; returns its parser."""
-    p = subparsers.add_parser(
-        "predict",
-        help="whole-scene prediction from GeoTIFFs (seamless tiling, COG outputs, polygons)",
-        description=DESCRIPTION,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    _add_arguments(p)
+    """Add ``predict`` to an ``argparse`` subparsers object (a CLI embedding it); its arguments are
+    parsed into a :class:`~msff.config.PredictConfig` by :func:`run_predict`."""
+    p = subparsers.add_parser("predict", help="whole-scene prediction from GeoTIFFs (seamless tiling, COG "
+                              "outputs, polygons)", description=DESCRIPTION, add_help=False, prefix_chars="\0")
+    p.add_argument("predict_argv", nargs=argparse.REMAINDER)
+    p.set_defaults(func=run_predict)
     return p
 
 
-def _add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "checkpoint", metavar="CHECKPOINT",
-        help="checkpoint folder (config.json + model.pt, from MSFFNet.save_pretrained) or a run folder with best/",
-    )
-    p.add_argument("inputs", nargs="*", metavar="INPUT", help="raster file(s); each is one scene")
-    p.add_argument(
-        "--bands", nargs="+", metavar="FILE",
-        help="one scene stacked from single-band files on the same grid, in the model's band order",
-    )
-    p.add_argument(
-        "--resampling", default=None, metavar="M[,M...]",
-        help="files on another grid than the first are reprojected onto it on the fly: bilinear (default; "
-        "continuous values) or nearest (classes), one for all or one per file",
-    )
-    p.add_argument(
-        "--date", nargs="+", action="append", default=None, metavar=("NAME", "FILE"),
-        help="one date of a multi-date scene: its name and band files (repeat per date, e.g. --date pre "
-        "pre/B4.tif pre/B3.tif pre/B2.tif --date post post/B4.tif ...); stacked in the model card's date order",
-    )
-    p.add_argument(
-        "--reorder-dates", action="store_true",
-        help="put --date groups given in another order than the model card's into the card's order (else refused)",
-    )
-    p.add_argument("--dem", default=None, metavar="FILE", help="DEM raster for terrain bands (any grid/CRS)")
-    p.add_argument(
-        "--terrain", default=None, metavar="NAMES",
-        help="terrain bands computed from --dem and appended after the image bands, e.g. slope,hillshade "
-        "(default: those in the model card)",
-    )
-    p.add_argument(
-        "--band-indexes", default=None, metavar="I,J,K",
-        help="1-based bands of the input (or of the --bands stack) to use, in order, e.g. 4,3,2",
-    )
-    p.add_argument(
-        "--out", default=None,
-        help="output prefix (out/iburi -> out/iburi_prob.tif, ...) or folder (existing, or ending "
-        "with /: FOLDER/<input name>_prob.tif); default: the current folder",
-    )
-    p.add_argument("--threshold", type=float, default=None, help="mask threshold (default: checkpoint's, else 0.5)")
-    p.add_argument("--nodata", type=float, default=None, help="input nodata value (default: from the files / their masks)")
-    p.add_argument("--tile", type=int, default=512, help="window size in pixels (default 512)")
-    p.add_argument("--overlap", type=int, default=128, help="overlap of neighbouring windows in pixels (default 128)")
-    p.add_argument(
-        "--margin", type=int, default=None,
-        help="zero-weight pixels at inner window edges (default overlap/4)",
-    )
-    p.add_argument("--batch-size", type=int, default=4, help="windows per forward pass (default 4)")
-    p.add_argument("--tta", action="store_true", help="flip test-time augmentation (4 passes)")
-    p.add_argument(
-        "--vector", default=None, metavar="PATH|gpkg|geojson",
-        help="write landslide polygons: a .gpkg/.geojson path (one scene), or just the format to "
-        "write PREFIX_polygons.<ext> beside the rasters",
-    )
-    p.add_argument("--min-area", type=float, default=0.0, help="drop polygons smaller than this many m² (default 0)")
-    p.add_argument("--prob-dtype", choices=("float32", "uint8"), default="float32", help="probability raster encoding")
-    p.add_argument("--quicklook", action="store_true", help="also write PREFIX_quicklook.png (mask over the scene)")
-    p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
-    p.add_argument(
-        "--scene-list", default=None, metavar="FILE",
-        help="text file naming one raster (scene) per line, added to INPUT (INPUT may also be a quoted glob, 'tiles/*.tif')",
-    )
-    p.add_argument(
-        "--resume", action="store_true",
-        help="skip scenes whose outputs are complete and valid (PREFIX_run.json written last, same checkpoint, "
-        "outputs of the scene's size); predict incomplete ones again",
-    )
-    p.add_argument(
-        "--summary", default=None, metavar="CSV",
-        help="summary table of a multi-scene run (default OUT/summary.csv); failed scenes are recorded there and "
-        "the run goes on (exit status 1 at the end)",
-    )
-    p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:1, ...")
-    p.add_argument("--amp", action="store_true", help="mixed precision (bf16 where supported, else fp16)")
-    p.add_argument(
-        "--backend", default=None, choices=("auto", "reference", "triton", "cuda"),
-        help="MSFFNet kernel backend (default: the checkpoint's / MSFF_BACKEND)",
-    )
-    p.add_argument(
-        "--engine", default="auto", choices=("auto", "onnx", "torch", "nchw"),
-        help="how the network runs: auto (default: onnxruntime on CPU when msff[onnx] is installed, "
-        "else channels_last torch; NCHW torch on GPU), onnx, torch (channels_last on CPU), nchw",
-    )
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    g = p.add_argument_group("input domain (is this scene like the training data?)")
-    g.add_argument(
-        "--input-scale", default=None, metavar="SPEC",
-        help="override the checkpoint's input scale: none, divide:C (e.g. divide:10000), or "
-        "percentile[:LO,HI[:MAX]] (per-band stretch of this scene, default 2,98 to 0..255; for a scene "
-        "from another sensor than the training data)",
-    )
-    g.add_argument(
-        "--strict", action="store_true",
-        help="refuse (exit 2, nothing written) a scene whose sampled band statistics are far from the training data's",
-    )
-    g.add_argument("--no-domain-check", action="store_true", help="skip the input domain check")
+def build_parser():
+    """The ``msff predict`` parser, generated from :class:`msff.config.PredictConfig` (jsonargparse)."""
+    from msff.cli import DESCRIPTION as COMMAND_DESCRIPTIONS
+    from msff.cli import build_command_parser
+
+    COMMAND_DESCRIPTIONS.setdefault("predict", DESCRIPTION)
+    return build_command_parser("predict", prog="msff predict")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """A stand-alone parser with the ``predict`` options (for ``python -m msff.inference.cli``)."""
-    p = argparse.ArgumentParser(prog="msff predict", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
-    _add_arguments(p)
-    return p
+def as_predict_config(args) -> Optional[PredictConfig]:
+    """A :class:`PredictConfig` from itself, from ``add_predict_parser``'s arguments, or from a
+    namespace with its fields (None after ``--print_config``)."""
+    if isinstance(args, PredictConfig):
+        return args
+    if hasattr(args, "predict_argv"):
+        from msff.cli import parse_command
+
+        configs = parse_command("predict", args.predict_argv, prog="msff predict")
+        return None if configs is None else configs[PredictConfig]
+    names = [f.name for f in dataclasses.fields(PredictConfig)]
+    return PredictConfig(**{k: getattr(args, k) for k in names if hasattr(args, k)})
 
 
 def _scene_stem(paths: Sequence[str]) -> str:
@@ -231,15 +151,6 @@ def _dates(groups) -> list:
     return out
 
 
-def _parse_indexes(text: Optional[str]) -> Optional[list[int]]:
-    if text is None:
-        return None
-    try:
-        return [int(t) for t in text.replace(" ", "").split(",") if t]
-    except ValueError:
-        raise ValueError(f"--band-indexes {text!r}: expected comma-separated band numbers, e.g. 4,3,2") from None
-
-
 def _resampling(text: Optional[str], n: int):
     if text is None:
         return None
@@ -290,6 +201,7 @@ def run_predict(args) -> int:
     """Run ``msff predict`` for parsed ``args``. Returns the exit status (0 ok, 2 bad input/output,
     1 other failure); errors are printed as one line, never a traceback."""
     from msff.backend import BackendUnavailableError
+    from msff.cli import UsageError
     from msff.inference import distributed
     from msff.inference.engine import EngineError
     from msff.inference.limits import check_min_area, check_tile
@@ -301,27 +213,30 @@ def run_predict(args) -> int:
     from msff.inference.writers import check_outputs
 
     try:
+        args = as_predict_config(args)
+    except (UsageError, ValueError) as e:
+        _say(f"error: {e}")
+        return 2
+    if args is None:  # --print_config
+        return 0
+    try:
         plans = _plan(args)
         check_min_area(args.min_area)
         for pl in plans if not args.resume else ():
             check_outputs([pl["prob"], pl["mask"], pl["vector"], pl["quicklook"], pl["report"]], overwrite=args.overwrite)
-        if args.tile < 1 or not 0 <= args.overlap < args.tile:
-            raise ValueError(f"need --tile >= 1 and 0 <= --overlap < --tile (got {args.tile}, {args.overlap})")
         if args.vector and Path(plans[0]["vector"]).suffix.lower() == ".gpkg":
             try:
                 import pyogrio  # noqa: F401
             except ImportError:
                 raise InferenceError("--vector .gpkg needs the optional package pyogrio (pip install pyogrio); use geojson instead") from None
-        band_indexes = _parse_indexes(args.band_indexes)
+        band_indexes = args.band_indexes
         ctx = distributed.init(args.device)
         device = ctx.device or resolve_device(args.device)
         pred = load_predictor(args.checkpoint, device=device, backend=args.backend)
         tile_warning = check_tile(pred.model, args.tile)  # refuses a tile below the downsampling factor
         if tile_warning:
             _say(f"warning: {tile_warning}")
-        if args.threshold is not None:
-            if not 0.0 <= args.threshold <= 1.0:
-                raise ValueError(f"--threshold must be in [0, 1], got {args.threshold}")
+        if args.threshold is not None:  # in [0, 1]: checked by PredictConfig
             pred.threshold = args.threshold
         for pl in plans:
             if pl.get("dates"):
@@ -357,7 +272,7 @@ def run_predict(args) -> int:
                     input_scale=args.input_scale,
                     resampling=_resampling(args.resampling, len(pl["files"])),
                     dem=args.dem,
-                    terrain=None if args.terrain is None else [t for t in args.terrain.split(",") if t.strip()],
+                    terrain=args.terrain,
                     domain_check="off" if args.no_domain_check else ("strict" if args.strict else "warn"),
                     engine=args.engine,
                 )
@@ -414,8 +329,8 @@ def run_predict(args) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Entry point of ``python -m msff.inference.cli``."""
-    return run_predict(build_parser().parse_args(argv))
+    """Entry point of ``python -m msff.inference.cli`` (the arguments of ``msff predict``)."""
+    return run_predict(argparse.Namespace(predict_argv=list(sys.argv[1:] if argv is None else argv)))
 
 
 if __name__ == "__main__":  # pragma: no cover
