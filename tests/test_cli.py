@@ -249,3 +249,17 @@ def test_separate_val_and_test_folders(scenes, tmp_path, capsys):
     m = json.loads((run / "metrics.json").read_text())
     assert m["best"]["images"] == 3 and m["test"]["images"] == 2
     assert "test: precision" in capsys.readouterr().out
+
+
+def test_experiment_command_dry_run_and_bad_config(tmp_path, capsys):
+    assert main(["experiment", "cpu", "--dry-run", "--models", "unet,msffnet", "--seeds", "4"]) == 0
+    assert capsys.readouterr().out.splitlines()[:3] == ["experiment cpu: 2 models × 1 seeds", "models: unet, msffnet",
+                                                        "seeds: [4]"]
+    bad = tmp_path / "x.json"
+    bad.write_text(json.dumps({"datasets": ["a"], "models": ["unet"], "seeds": [0], "train": {"crop": "64"}}))
+    for argv, needle in [(["nosuch", "--out", str(tmp_path / "o")], "neither a file nor a shipped config"),
+                         ([str(bad), "--out", str(tmp_path / "o")], "'crop'"), (["cpu"], "--out")]:
+        assert main(["experiment", *argv]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and needle in err[0], err
+    assert not (tmp_path / "o").exists()
