@@ -74,11 +74,11 @@ def encoder_stages(model: nn.Module) -> list[tuple[str, nn.Module]]:
     if isinstance(model, UNet):
         return [(f"E{i + 1}", m) for i, m in enumerate(model.encoder)]
     if isinstance(model, DeepLabV3Plus):
-        if isinstance(model.backbone, VGG16Encoder):
-            stages = [(f"stage{i + 1}", m) for i, m in enumerate(model.backbone.stages)]
+        if isinstance(model.encoder, VGG16Encoder):
+            stages = [(f"stage{i + 1}", m) for i, m in enumerate(model.encoder.stages)]
         else:
-            stages = resnet(model.backbone)
-        return stages + [("ASPP", model.aspp)]
+            stages = resnet(model.encoder)
+        return stages + [("ASPP", model.decoder.aspp)]
     if isinstance(model, ResNetSkipNet):
         return resnet(model.encoder)
     raise ValueError(

@@ -1,7 +1,6 @@
 """A model ready for scene prediction: the network plus the statistics it was trained with."""
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,14 +10,19 @@ import numpy as np
 import torch
 from torch import nn
 
-from msff.data.scaling import InputScale, ScaleError, scale_from_metadata
+from msff.data.scaling import InputScale, ScaleError
 from msff.inference.sources import InferenceError
 
 __all__ = ["Predictor", "load_predictor", "model_in_channels"]
 
 
 def model_in_channels(model: nn.Module) -> Optional[int]:
-    """The input band count of ``model``: ``config["in_channels"]``, else the first conv's."""
+    """The input band count of ``model``: an msff network's ``in_channels``, else
+    ``config["in_channels"]``, else the first conv's."""
+    from msff.models.base import SegmentationModel
+
+    if isinstance(model, SegmentationModel):
+        return model.in_channels
     for attr in ("config", "zoo_kwargs"):  # MSFFNet / msff.models.zoo networks record it
         cfg = getattr(model, attr, None)
         if isinstance(cfg, dict) and "in_channels" in cfg:
@@ -85,6 +89,13 @@ class Predictor:
         self.threshold = float(self.threshold)
 
     @property
+    def card(self):
+        """:attr:`metadata` as a typed :class:`~msff.models.card.ModelCard`."""
+        from msff.models.card import ModelCard
+
+        return ModelCard.from_dict(self.metadata, f"model {self.name!r}")
+
+    @property
     def in_channels(self) -> Optional[int]:
         n = model_in_channels(self.model)
         if n is None and self.mean is not None:
@@ -111,7 +122,9 @@ class Predictor:
         self.input_scale.apply(x)
         if self.mean is None:
             return x
-        from msff.data.normalization import Normalization  # the one implementation (training uses it too)
+        from msff.data.normalization import (
+            Normalization,  # the one implementation (training uses it too)
+        )
 
         return Normalization(self.mean, self.std).apply_numpy(x)
 
@@ -136,18 +149,6 @@ class Predictor:
         return self
 
 
-def _metadata_normalization(meta: dict, source: str) -> tuple:
-    norm = meta.get("normalization")
-    if norm is None:
-        return None, None
-    try:
-        return list(map(float, norm["mean"])), list(map(float, norm["std"]))
-    except (KeyError, TypeError, ValueError):
-        raise InferenceError(
-            f"{source}: metadata 'normalization' must be {{'mean': [...], 'std': [...]}}, got {norm!r}"
-        ) from None
-
-
 def load_predictor(
     checkpoint: str | os.PathLike,
     device: str | torch.device = "cpu",
@@ -156,10 +157,10 @@ def load_predictor(
 ) -> Predictor:
     """Load a checkpoint folder as a :class:`Predictor`.
 
-    ``MSFFNet.save_pretrained`` folders are read with ``MSFFNet.from_pretrained``; other folders
-    are handed to ``msff.models.zoo.load_model`` (comparison networks) when that module exists.
-    The metadata supplies ``normalization`` (``{"mean": [...], "std": [...]}``), and optionally
-    ``threshold`` (default 0.5), ``bands`` and ``model_name``.
+    Any msff checkpoint folder (every network, every format msff has written) is read with
+    :meth:`msff.models.SegmentationModel.from_pretrained`; its
+    :class:`~msff.models.card.ModelCard` supplies the normalisation, input scale, threshold,
+    bands and model name.
 
     Args:
         checkpoint: checkpoint folder (with ``config.json``), or a training run folder holding
@@ -178,60 +179,39 @@ def load_predictor(
         >>> p = load_predictor("runs/iburi/best")              # doctest: +SKIP
         >>> p.threshold, p.mean                                 # doctest: +SKIP
     """
-    from msff.models import CheckpointError, MSFFNet
+    from msff.models import CheckpointError, MSFFNet, SegmentationModel
 
     path = Path(checkpoint)
     if not path.exists():
         raise InferenceError(f"checkpoint not found: {path}")
     if path.is_dir() and not (path / "config.json").exists() and (path / "best" / "config.json").exists():
         path = path / "best"  # a training run folder
-    cfg_path = path / "config.json" if path.is_dir() else path
-    fmt = None
     try:
-        fmt = json.loads(cfg_path.read_text()).get("format")
-    except Exception:
-        pass
-    try:
-        if fmt == "msff.MSFFNet":
-            model = MSFFNet.from_pretrained(path, map_location="cpu")
-            if backend is not None:
-                model.set_backend(backend)
-            meta = dict(model.metadata)
-            activation = model.config.get("activation")
-        else:
-            try:
-                from msff.models.zoo import load_model
-            except ImportError:
-                raise InferenceError(
-                    f"{path} is not an MSFFNet checkpoint (config.json format {fmt!r}) and "
-                    "msff.models.zoo is not available to load other models"
-                ) from None
-            model, meta = load_model(path)
-            meta = dict(meta or {})
-            activation = getattr(model, "config", {}).get("activation") if isinstance(
-                getattr(model, "config", None), dict
-            ) else None
+        model = SegmentationModel.from_pretrained(path, map_location="cpu")
     except (CheckpointError, FileNotFoundError) as e:
         raise InferenceError(f"cannot load checkpoint {path}: {e}") from None
-    mean, std = _metadata_normalization(meta, str(path))
-    if mean is None and require_normalization:
+    if backend is not None and isinstance(model, MSFFNet):
+        model.set_backend(backend)
+    card = model.card
+    if card.normalization is None and require_normalization:
         raise InferenceError(
             f"checkpoint {path} stores no 'normalization' statistics in its metadata; "
-            "save it with metadata={'normalization': {'mean': [...], 'std': [...]}}"
+            "save it with card=ModelCard(normalization=Normalization(mean, std))"
         )
     try:
-        scale = scale_from_metadata(meta, str(path))
-    except ScaleError as e:
-        raise InferenceError(str(e)) from None
+        scale = card.scale
+    except (ScaleError, TypeError) as e:
+        raise InferenceError(f"{path}: {e}") from None
     model.eval().to(device)
+    norm = card.normalization
     return Predictor(
         model=model,
-        mean=mean,
-        std=std,
-        threshold=float(meta.get("threshold", 0.5)),
-        output="probabilities" if activation in ("sigmoid", "softmax") else "logits",
-        bands=meta.get("bands"),
-        name=str(meta.get("model_name", type(model).__name__)),
-        metadata=meta,
+        mean=None if norm is None else list(norm.mean),
+        std=None if norm is None else list(norm.std),
+        threshold=card.threshold,
+        output="probabilities" if model.activation in ("sigmoid", "softmax") else "logits",
+        bands=card.bands,
+        name=str(card.model_name or model.zoo_name or type(model).__name__),
+        metadata=card.to_dict(),
         input_scale=scale,
     )

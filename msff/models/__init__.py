@@ -1,4 +1,10 @@
-"""nn.Modules: MSFFNet, its blocks, and presets."""
+"""nn.Modules: MSFFNet, the comparison networks, their blocks, the model card, and presets.
+
+Every network derives from :class:`SegmentationModel` (input checks, pad-and-crop, activation,
+capability flags, ``save_pretrained`` / ``from_pretrained``) and has ``encoder``, ``decoder``
+and ``segmentation_head``; build them from their class or by zoo name (:func:`create_model`).
+"""
+from msff.models.base import SegmentationModel
 from msff.models.blocks import (
     ASPP,
     ChannelAttention,
@@ -40,7 +46,18 @@ def build_model(preset: str = "paper", **kwargs) -> MSFFNet:
     return MSFFNet(**cfg)
 
 
-from msff.models.zoo import available_models, create_model, load_model, save_model  # noqa: E402
+from msff.models.deeplabv3plus import DeepLabV3Plus  # noqa: E402
+from msff.models.fcn import FCN8s  # noqa: E402
+from msff.models.resnet_skip import ResNetSkipNet  # noqa: E402
+from msff.models.segnet import SegNet  # noqa: E402
+from msff.models.unet import UNet  # noqa: E402
+from msff.models.zoo import (  # noqa: E402
+    LibrarySegmentationModel,
+    available_models,
+    create_model,
+    load_model,
+    save_model,
+)
 
 __all__ = [
     "available_models",
@@ -48,6 +65,13 @@ __all__ = [
     "load_model",
     "save_model",
     "ASPP",
+    "DeepLabV3Plus",
+    "FCN8s",
+    "LibrarySegmentationModel",
+    "ResNetSkipNet",
+    "SegNet",
+    "SegmentationModel",
+    "UNet",
     "ChannelAttention",
     "CheckpointError",
     "ConvBNReLU",

@@ -1,5 +1,6 @@
-"""Shared parts of the comparison networks: a padded segmentation base class, VGG-16 and ResNet
-encoders with a width multiplier.
+"""Shared parts of the comparison networks: VGG-16 and ResNet encoders with a width multiplier
+(the base class of every network, :class:`~msff.models.base.SegmentationModel`, is re-exported
+here for older imports).
 
 The ResNet encoder reproduces torchvision's ``resnet50``/``resnet101`` (v1.5: stride on the 3×3
 conv of the bottleneck) module for module, with the same parameter names: at
@@ -10,14 +11,13 @@ CPU-sized runs need.
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from msff.models.base import SegmentationModel
 from msff.models.blocks import ConvBNReLU
-from msff.models.msffnet import apply_activation
 
 __all__ = [
     "SegmentationModel",
@@ -45,53 +45,6 @@ def scale_widths(channels: Sequence[int], width_multiplier: float, minimum: int 
     if width_multiplier <= 0:
         raise ValueError(f"width_multiplier must be > 0, got {width_multiplier}")
     return tuple(max(minimum, int(round(c * width_multiplier))) for c in channels)
-
-
-class SegmentationModel(nn.Module):
-    """Base class of the comparison networks: input checks, pad-and-crop, activation.
-
-    Subclasses implement :meth:`forward_logits` for inputs whose H and W are multiples of
-    :attr:`input_multiple`; :meth:`forward` zero-pads any input up to that multiple (bottom and
-    right, as MSFFNet does) and crops the logits back, so every size works.
-
-    Args:
-        in_channels: input bands (any count ≥ 1).
-        classes: output channels (1: binary landslide logits).
-        activation: None (logits, default), ``"sigmoid"``, ``"softmax"`` or a callable.
-
-    Shapes: (N, in_channels, H, W) → (N, classes, H, W).
-    """
-
-    input_multiple: int = 16
-
-    def __init__(self, in_channels: int, classes: int = 1, activation: Any = None):
-        super().__init__()
-        if in_channels < 1 or classes < 1:
-            raise ValueError(f"in_channels and classes must be >= 1, got {in_channels}, {classes}")
-        if isinstance(activation, str) and activation not in ("sigmoid", "softmax"):
-            raise ValueError(f"activation must be None, 'sigmoid', 'softmax' or a callable, got {activation!r}")
-        self.in_channels = int(in_channels)
-        self.classes = int(classes)
-        self._activation = activation
-
-    def forward_logits(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
-        raise NotImplementedError
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        name = type(self).__name__
-        if x.dim() != 4:
-            raise ValueError(f"{name} expects a 4-D input (N, C, H, W), got {x.dim()}-D {tuple(x.shape)}")
-        if x.shape[1] != self.in_channels:
-            raise ValueError(f"{name} was built for {self.in_channels} input bands, got {x.shape[1]}")
-        h, w = x.shape[-2:]
-        m = self.input_multiple
-        ph, pw = (-h) % m, (-w) % m
-        if ph or pw:
-            x = F.pad(x, (0, pw, 0, ph))
-        y = self.forward_logits(x)
-        if ph or pw:
-            y = y[..., :h, :w]
-        return apply_activation(y, self._activation)
 
 
 class VGG16Encoder(nn.Module):

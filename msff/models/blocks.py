@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 import torch
+import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
@@ -180,6 +181,9 @@ class LKAMBlock(nn.Module):
         return self.shortcut(x) + f * self.attention(f)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.fx._symbolic_trace.is_fx_symbolic_tracing():
+            # A symbolic trace is a device-free graph: it records the reference ops (as export does).
+            return self.forward_reference(x)
         backend = resolve_backend(self.backend, x)
         if backend == "reference":
             return self.forward_reference(x)
@@ -265,11 +269,17 @@ class ASPP(nn.Module):
         self.project = ConvBNReLU(bc * (len(self.rates) + 2), out_channels, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h, w = x.shape[-2:]
         feats = [b(x) for b in self.branches]
         pooled = self.image_pool(F.adaptive_avg_pool2d(x, 1))
-        feats.append(pooled.expand(-1, -1, h, w))
+        feats.append(pooled.expand(-1, -1, x.shape[-2], x.shape[-1]))
         return self.project(torch.cat(feats, dim=1))
+
+
+@torch.fx.wrap  # a leaf for torch.fx: the check needs real sizes
+def _check_same_size(x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+    if x.shape[-2:] != skip.shape[-2:]:
+        raise RuntimeError(f"decoder size mismatch: upsampled {tuple(x.shape[-2:])} vs skip {tuple(skip.shape[-2:])}")
+    return x
 
 
 class DecoderBlock(nn.Module):
@@ -295,9 +305,5 @@ class DecoderBlock(nn.Module):
         self.fuse = VGGLayer(out_channels + skip_channels, out_channels, num_convs=2)
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
-        x = self.up(x)
-        if x.shape[-2:] != skip.shape[-2:]:
-            raise RuntimeError(
-                f"decoder size mismatch: upsampled {tuple(x.shape[-2:])} vs skip {tuple(skip.shape[-2:])}"
-            )
+        x = _check_same_size(self.up(x), skip)
         return self.fuse(torch.cat([x, skip], dim=1))

@@ -72,13 +72,15 @@ def portable(obj: Any) -> Any:
         return {str(k): portable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return [portable(v) for v in obj]
+    if hasattr(obj, "tolist") and hasattr(obj, "dtype"):  # numpy / torch scalars and arrays
+        return portable(obj.tolist())
     return obj
 
 
 def _json_ready(obj: Any, source: str, key: str) -> Any:
     """Round-trip through JSON (tuples become lists); anything not JSON-able is one clear error."""
     try:
-        return json.loads(json.dumps(portable(obj), allow_nan=False))
+        return json.loads(json.dumps(portable(obj)))  # NaN metrics stay NaN, as before the card
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{source}: model card key {key!r} is not JSON-serialisable: {e}") from None
 
@@ -120,6 +122,8 @@ class Normalization:
     def from_dict(cls, d: Any, source: str = "model card") -> "Normalization":
         if isinstance(d, Normalization):
             return d
+        if not isinstance(d, Mapping) and callable(getattr(d, "to_dict", None)):  # msff.data.normalization's
+            d = d.to_dict()
         if not isinstance(d, Mapping) or set(d) - {"mean", "std"} or not {"mean", "std"} <= set(d):
             raise _fail(source, "normalization", "{'mean': [...], 'std': [...]}", d)
         try:

@@ -167,7 +167,7 @@ def write_checkpoint(directory: str | os.PathLike, config: dict, state: dict) ->
     """
     directory = Path(directory)
     try:
-        text = json.dumps(config, indent=2, sort_keys=True, allow_nan=False)
+        text = json.dumps(config, indent=2, sort_keys=True)
     except (TypeError, ValueError) as e:
         raise ValueError(f"checkpoint config for {directory} is not JSON-serialisable: {e}") from None
     directory.parent.mkdir(parents=True, exist_ok=True)

@@ -16,7 +16,30 @@ from msff.models.backbones import (
 )
 from msff.models.blocks import ASPP, ConvBNReLU
 
-__all__ = ["DeepLabV3Plus"]
+__all__ = ["DeepLabV3Plus", "DeepLabV3PlusDecoder"]
+
+
+class DeepLabV3PlusDecoder(nn.Module):
+    """The DeepLabV3+ decoder: ASPP (+ dropout 0.5) on the high-level map, up-sampled (bilinear) to
+    the low-level map, which is reduced by a 1×1 ConvBNReLU; both concatenated and fused by two
+    3×3 ConvBNReLUs.
+
+    Shapes: low (N, C_low, H/4, W/4), high (N, C_high, H/16, W/16) → (N, aspp_channels, H/4, W/4).
+    """
+
+    def __init__(self, low_channels: int, high_channels: int, aspp_channels: int, low_out: int,
+                 aspp_rates: Sequence[int]):
+        super().__init__()
+        self.aspp = nn.Sequential(ASPP(high_channels, aspp_channels, aspp_rates, branch_channels=aspp_channels),
+                                  nn.Dropout(0.5))
+        self.low_level = ConvBNReLU(low_channels, low_out, 1)
+        self.fuse = nn.Sequential(ConvBNReLU(aspp_channels + low_out, aspp_channels, 3),
+                                  ConvBNReLU(aspp_channels, aspp_channels, 3))
+
+    def forward(self, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
+        y = self.aspp(high)
+        y = F.interpolate(y, size=low.shape[-2:], mode="bilinear", align_corners=False)
+        return self.fuse(torch.cat([y, self.low_level(low)], dim=1))
 
 
 class DeepLabV3Plus(SegmentationModel):
@@ -54,6 +77,8 @@ class DeepLabV3Plus(SegmentationModel):
     """
 
     input_multiple = 16
+    _legacy_state_renames = (("backbone.", "encoder."), ("aspp.", "decoder.aspp."), ("low_level.", "decoder.low_level."),
+                             ("decoder.", "decoder.fuse."), ("classifier.", "segmentation_head."))
 
     def __init__(
         self,
@@ -67,36 +92,36 @@ class DeepLabV3Plus(SegmentationModel):
         super().__init__(in_channels, classes, activation)
         self.backbone_name = backbone
         if backbone in RESNET_LAYERS:
-            self.backbone = ResNetEncoder(in_channels, backbone, width_multiplier, (False, False, True))
-            low_c, high_c = self.backbone.out_channels[1], self.backbone.out_channels[4]
+            self.encoder = ResNetEncoder(in_channels, backbone, width_multiplier, (False, False, True))
+            low_c, high_c = self.encoder.out_channels[1], self.encoder.out_channels[4]
         elif backbone == "vgg16":
-            self.backbone = VGG16Encoder(in_channels, width_multiplier, dilations=(1, 1, 1, 1, 2))
+            self.encoder = VGG16Encoder(in_channels, width_multiplier, dilations=(1, 1, 1, 1, 2))
             self.pool = nn.MaxPool2d(2, 2)
-            low_c, high_c = self.backbone.widths[2], self.backbone.widths[4]
+            low_c, high_c = self.encoder.widths[2], self.encoder.widths[4]
         else:
             raise ValueError(f"backbone must be 'resnet50', 'resnet101' or 'vgg16', got {backbone!r}")
         aspp_c, low_out = scale_widths((256, 48), width_multiplier)
-        self.aspp = nn.Sequential(ASPP(high_c, aspp_c, aspp_rates, branch_channels=aspp_c), nn.Dropout(0.5))
-        self.low_level = ConvBNReLU(low_c, low_out, 1)
-        self.decoder = nn.Sequential(ConvBNReLU(aspp_c + low_out, aspp_c, 3), ConvBNReLU(aspp_c, aspp_c, 3))
-        self.classifier = nn.Conv2d(aspp_c, classes, 1)
+        self.decoder = DeepLabV3PlusDecoder(low_c, high_c, aspp_c, low_out, aspp_rates)
+        self.segmentation_head = nn.Conv2d(aspp_c, classes, 1)
+
+    @property
+    def backbone(self) -> nn.Module:
+        """Old name of :attr:`encoder`."""
+        return self.encoder
 
     def _features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.backbone_name == "vgg16":
-            stages = self.backbone.stages
+            stages = self.encoder.stages
             low = None
             for i, stage in enumerate(stages):
                 x = stage(x if i == 0 else self.pool(x))
                 if i == 2:
                     low = x
             return low, x
-        feats = self.backbone(x)
+        feats = self.encoder(x)
         return feats[1], feats[4]
 
     def forward_logits(self, x: torch.Tensor) -> torch.Tensor:
         low, high = self._features(x)
-        y = self.aspp(high)
-        y = F.interpolate(y, size=low.shape[-2:], mode="bilinear", align_corners=False)
-        y = self.decoder(torch.cat([y, self.low_level(low)], dim=1))
-        y = self.classifier(y)
+        y = self.segmentation_head(self.decoder(low, high))
         return F.interpolate(y, size=x.shape[-2:], mode="bilinear", align_corners=False)

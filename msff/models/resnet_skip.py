@@ -9,7 +9,36 @@ from torch import nn
 from msff.models.backbones import ResNetEncoder, SegmentationModel, scale_widths
 from msff.models.blocks import DecoderBlock, VGGLayer
 
-__all__ = ["ResNetSkipNet"]
+__all__ = ["ResNetSkipNet", "ResNetSkipDecoder"]
+
+
+class ResNetSkipDecoder(nn.Module):
+    """The decoder of :class:`ResNetSkipNet`: four :class:`~msff.models.blocks.DecoderBlock` (each
+    up-samples 2× and fuses the same-scale encoder map), then a last 2× up-sampling and two 3×3
+    convs without a skip (ResNet has no full-resolution map).
+
+    Shapes: the encoder's five maps (stride 2, 4, 8, 16, 32) → (N, channels[4], 2·H_2, 2·W_2).
+    """
+
+    def __init__(self, encoder_channels: Sequence[int], channels: Sequence[int]):
+        super().__init__()
+        enc, dec = encoder_channels, channels
+        self.blocks = nn.ModuleList(
+            [
+                DecoderBlock(enc[4], enc[3], dec[0]),  # 1/32 → 1/16, with layer3
+                DecoderBlock(dec[0], enc[2], dec[1]),  # 1/16 → 1/8, with layer2
+                DecoderBlock(dec[1], enc[1], dec[2]),  # 1/8 → 1/4, with layer1
+                DecoderBlock(dec[2], enc[0], dec[3]),  # 1/4 → 1/2, with the stem
+            ]
+        )
+        self.final_up = nn.ConvTranspose2d(dec[3], dec[4], kernel_size=2, stride=2)
+        self.final_fuse = VGGLayer(dec[4], dec[4], num_convs=2)
+
+    def forward(self, feats: list[torch.Tensor]) -> torch.Tensor:
+        y = feats[4]
+        for block, skip in zip(self.blocks, reversed(feats[:4]), strict=True):
+            y = block(y, skip)
+        return self.final_fuse(self.final_up(y))
 
 
 class ResNetSkipNet(SegmentationModel):
@@ -42,6 +71,8 @@ class ResNetSkipNet(SegmentationModel):
     """
 
     input_multiple = 32
+    _legacy_state_renames = (("decoder.", "decoder.blocks."), ("final_up.", "decoder.final_up."),
+                             ("final_fuse.", "decoder.final_fuse."), ("head.", "segmentation_head."))
 
     def __init__(
         self,
@@ -58,21 +89,8 @@ class ResNetSkipNet(SegmentationModel):
         self.encoder = ResNetEncoder(in_channels, backbone, width_multiplier)
         enc = self.encoder.out_channels
         dec = scale_widths(decoder_channels, width_multiplier)
-        self.decoder = nn.ModuleList(
-            [
-                DecoderBlock(enc[4], enc[3], dec[0]),  # 1/32 → 1/16, with layer3
-                DecoderBlock(dec[0], enc[2], dec[1]),  # 1/16 → 1/8, with layer2
-                DecoderBlock(dec[1], enc[1], dec[2]),  # 1/8 → 1/4, with layer1
-                DecoderBlock(dec[2], enc[0], dec[3]),  # 1/4 → 1/2, with the stem
-            ]
-        )
-        self.final_up = nn.ConvTranspose2d(dec[3], dec[4], kernel_size=2, stride=2)
-        self.final_fuse = VGGLayer(dec[4], dec[4], num_convs=2)
-        self.head = nn.Conv2d(dec[4], classes, 1)
+        self.decoder = ResNetSkipDecoder(enc, dec)
+        self.segmentation_head = nn.Conv2d(dec[4], classes, 1)
 
     def forward_logits(self, x: torch.Tensor) -> torch.Tensor:
-        feats = self.encoder(x)
-        y = feats[4]
-        for block, skip in zip(self.decoder, reversed(feats[:4]), strict=True):
-            y = block(y, skip)
-        return self.head(self.final_fuse(self.final_up(y)))
+        return self.segmentation_head(self.decoder(self.encoder(x)))

@@ -59,7 +59,7 @@ class SegNet(SegmentationModel):
                 convs.append(ConvBNReLU(c_in, c_out, 3))
                 c_in = c_out
             self.decoder.append(nn.Sequential(*convs))
-        self.head = nn.Conv2d(w[0], classes, 3, padding=1)
+        self.segmentation_head = nn.Conv2d(w[0], classes, 3, padding=1)
 
     def forward_logits(self, x: torch.Tensor) -> torch.Tensor:
         indices, sizes = [], []
@@ -71,4 +71,4 @@ class SegNet(SegmentationModel):
         for i in reversed(range(5)):
             x = self.unpools[i](x, indices[i], output_size=sizes[i])
             x = self.decoder[i](x)
-        return self.head(x)
+        return self.segmentation_head(x)

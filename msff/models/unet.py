@@ -55,7 +55,7 @@ class UNet(SegmentationModel):
         self.encoder = nn.ModuleList([VGGLayer(i, o, num_convs=2) for i, o in zip(ins, c, strict=True)])
         self.pool = nn.MaxPool2d(2, 2)
         self.decoder = nn.ModuleList([DecoderBlock(c[i + 1], c[i], c[i]) for i in reversed(range(4))])
-        self.head = nn.Conv2d(c[0], classes, 1)
+        self.segmentation_head = nn.Conv2d(c[0], classes, 1)
 
     def forward_logits(self, x: torch.Tensor) -> torch.Tensor:
         skips = []
@@ -65,4 +65,4 @@ class UNet(SegmentationModel):
         y = skips.pop()
         for block in self.decoder:
             y = block(y, skips.pop())
-        return self.head(y)
+        return self.segmentation_head(y)

@@ -37,9 +37,7 @@ Example:
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -47,17 +45,11 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
-from msff.fileio import make_temp_dir, publish_dir
-from msff.models.backbones import SegmentationModel
+from msff.models.base import SegmentationModel
+from msff.models.card import ModelCard
 from msff.models.deeplabv3plus import DeepLabV3Plus
 from msff.models.fcn import FCN8s
-from msff.models.msffnet import (
-    CONFIG_NAME,
-    WEIGHTS_NAME,
-    CheckpointError,
-    MSFFNet,
-    load_weights_file,
-)
+from msff.models.msffnet import MSFFNet
 from msff.models.resnet_skip import ResNetSkipNet
 from msff.models.segnet import SegNet
 from msff.models.unet import UNet
@@ -72,9 +64,6 @@ __all__ = [
     "load_model",
     "LibrarySegmentationModel",
 ]
-
-ZOO_FORMAT = "msff.zoo"
-ZOO_FORMAT_VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -112,13 +101,31 @@ class LibrarySegmentationModel(SegmentationModel):
         in_channels, classes, activation: as for every msff model.
         input_multiple: H, W multiple the library network needs (smp checks it; 32 is safe).
 
+    ``encoder``, ``decoder`` and ``segmentation_head`` are the library network's parts (smp:
+    its own three; torchvision: ``backbone``, the classifier without its last conv, and that
+    conv). Saved checkpoints are rebuilt by their zoo name (:func:`create_model`).
+
     Shapes: (N, in_channels, H, W) → (N, classes, H, W).
     """
+
+    _rebuild_from_zoo_name = True
 
     def __init__(self, net: nn.Module, in_channels: int, classes: int, activation: Any = None, input_multiple: int = 32):
         super().__init__(in_channels, classes, activation)
         self.net = net
         self.input_multiple = input_multiple
+
+    @property
+    def encoder(self) -> nn.Module:
+        return self.net.encoder if hasattr(self.net, "encoder") else self.net.backbone
+
+    @property
+    def decoder(self) -> nn.Module:
+        return self.net.decoder if hasattr(self.net, "decoder") else self.net.classifier[:-1]
+
+    @property
+    def segmentation_head(self) -> nn.Module:
+        return self.net.segmentation_head if hasattr(self.net, "segmentation_head") else self.net.classifier[-1]
 
     def forward_logits(self, x: torch.Tensor) -> torch.Tensor:
         y = self.net(x)
@@ -141,12 +148,18 @@ def _torchvision(fn_name: str) -> Callable[..., nn.Module]:
     return build
 
 
+_SMP_NOT_FX_TRACEABLE = {"DeepLabV3Plus"}
+
+
 def _smp(cls_name: str) -> Callable[..., nn.Module]:
     def build(in_channels: int = 3, classes: int = 1, activation: Any = None, **kwargs) -> nn.Module:
         import segmentation_models_pytorch as smp
 
         net = getattr(smp, cls_name)(encoder_weights=None, in_channels=in_channels, classes=classes, **kwargs)
-        return LibrarySegmentationModel(net, in_channels, classes, activation, input_multiple=32)
+        model = LibrarySegmentationModel(net, in_channels, classes, activation, input_multiple=32)
+        # smp's DeepLabV3Plus branches on tensor sizes in Python: torch.fx cannot trace it (smp 0.6).
+        model._is_fx_traceable = cls_name not in _SMP_NOT_FX_TRACEABLE
+        return model
 
     return build
 
@@ -259,22 +272,15 @@ def count_parameters(model: nn.Module, trainable_only: bool = True) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
 
 
-def _json_safe(obj: Any) -> Any:
-    return json.loads(json.dumps(obj, default=lambda o: list(o) if isinstance(o, tuple) else str(o)))
-
-
-def save_model(model: nn.Module, directory: str | os.PathLike, metadata: Optional[dict] = None) -> Path:
-    """Save a zoo network as ``config.json`` + ``model.pt`` (a plain state dict).
-
-    MSFFNet variants are saved with :meth:`MSFFNet.save_pretrained` (same folder layout, so
-    ``MSFFNet.from_pretrained`` reads them too); ``metadata["model_name"]`` records the zoo name.
-    Other networks store ``{"format": "msff.zoo", "model_name", "kwargs", "metadata"}``. Written to
-    a temporary folder and moved into place, so an interrupted save leaves no half checkpoint.
+def save_model(model: nn.Module, directory: str | os.PathLike, metadata: "ModelCard | dict | None" = None) -> Path:
+    """Save a zoo network: the same as ``model.save_pretrained(directory, card)``
+    (:meth:`msff.models.base.SegmentationModel.save_pretrained`; one checkpoint format for every
+    network), with ``card.model_name`` set to the zoo name.
 
     Args:
-        model: a network from :func:`create_model` (or an MSFFNet).
-        directory: target folder (replaced if it exists).
-        metadata: JSON-serialisable extras (normalisation, threshold, training record, …).
+        model: any msff network (from :func:`create_model` or built from its class).
+        directory: target folder (replaced, atomically, if it exists).
+        metadata: the :class:`~msff.models.card.ModelCard`, or an old-style metadata dict.
 
     Returns:
         The checkpoint folder.
@@ -286,39 +292,19 @@ def save_model(model: nn.Module, directory: str | os.PathLike, metadata: Optiona
         >>> load_model(path)[1]["model_name"]
         'segnet'
     """
-    metadata = dict(metadata or {})
-    name = getattr(model, "zoo_name", None) or metadata.get("model_name")
-    if isinstance(model, MSFFNet):
-        metadata["model_name"] = name or "msffnet"
-        return model.save_pretrained(directory, _json_safe(metadata))
-    if name is None or not hasattr(model, "zoo_kwargs"):
-        raise ValueError("save_model needs a network built by create_model (it records name and kwargs)")
-    metadata["model_name"] = name
-    kwargs = {k: v for k, v in model.zoo_kwargs.items() if k not in ("in_channels", "classes")}
-    cfg = {
-        "format": ZOO_FORMAT,
-        "format_version": ZOO_FORMAT_VERSION,
-        "model_name": name,
-        "in_channels": model.zoo_kwargs["in_channels"],
-        "classes": model.zoo_kwargs["classes"],
-        "kwargs": kwargs,
-        "metadata": metadata,
-    }
-    directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = make_temp_dir(directory)  # the umask's folder mode, owned by this process
-    try:
-        (tmp / CONFIG_NAME).write_text(json.dumps(_json_safe(cfg), indent=2, sort_keys=True))
-        torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp / WEIGHTS_NAME)
-        publish_dir(tmp, directory)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return directory
+    if not isinstance(model, SegmentationModel):
+        raise ValueError(f"save_model needs an msff network (a SegmentationModel), got {type(model).__name__}")
+    card = ModelCard.from_dict(metadata, f"metadata for {directory}")
+    name = model.zoo_name or card.model_name or type(model).__name__.lower()
+    if card.model_name is None:
+        card = card.replace(model_name=name)
+    if model.zoo_name is None and card.model_name in _REGISTRY:
+        model.zoo_name = card.model_name
+    return model.save_pretrained(directory, card)
 
 
 def load_model(directory: str | os.PathLike, map_location: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
-    """Load a checkpoint written by :func:`save_model` (or ``MSFFNet.save_pretrained``).
+    """Load any msff checkpoint folder (this format, or those of older versions).
 
     Weights are read with ``torch.load(weights_only=True)``: no code is unpickled.
 
@@ -327,36 +313,15 @@ def load_model(directory: str | os.PathLike, map_location: str | torch.device = 
         map_location: device for the weights.
 
     Returns:
-        ``(model, metadata)``, the model in eval mode; ``metadata["model_name"]`` is its zoo name.
+        ``(model, metadata)``: the model in eval mode (its typed card is ``model.card``) and the
+        card as a plain dict (``metadata["model_name"]`` is its zoo name).
 
     Raises:
         FileNotFoundError: missing folder or files. CheckpointError: corrupt or mismatched files.
     """
-    directory = Path(directory)
-    cfg_path = directory / CONFIG_NAME
-    if not cfg_path.is_file():
-        raise FileNotFoundError(f"checkpoint {directory} has no {CONFIG_NAME}")
-    try:
-        cfg = json.loads(cfg_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"checkpoint config {cfg_path} is corrupt: {e}") from None
-    if isinstance(cfg, dict) and cfg.get("format") == "msff.MSFFNet":
-        model = MSFFNet.from_pretrained(directory, map_location=map_location)
-        metadata = dict(model.metadata)
-        metadata.setdefault("model_name", "msffnet")
-        model.zoo_name = metadata["model_name"]
-        model.zoo_kwargs = dict(model.config)
-        return model, metadata
-    if not isinstance(cfg, dict) or cfg.get("format") != ZOO_FORMAT:
-        raise CheckpointError(f"{cfg_path} is not an msff checkpoint config")
-    if cfg.get("format_version", 0) > ZOO_FORMAT_VERSION:
-        raise CheckpointError(f"{cfg_path} has format_version {cfg['format_version']}; upgrade msff")
-    weights = directory / WEIGHTS_NAME
-    if not weights.is_file():
-        raise FileNotFoundError(f"checkpoint {directory} has no {WEIGHTS_NAME}")
-    try:
-        model = create_model(cfg["model_name"], cfg["in_channels"], cfg["classes"], **cfg.get("kwargs", {}))
-    except (KeyError, TypeError) as e:
-        raise CheckpointError(f"checkpoint {directory} has an invalid config: {e}") from None
-    load_weights_file(model, weights, map_location)
-    return model.eval(), dict(cfg.get("metadata", {}))
+    model = SegmentationModel.from_pretrained(directory, map_location=map_location)
+    if model.card.model_name is None:
+        model.card = model.card.replace(model_name=model.zoo_name or type(model).__name__.lower())
+    if model.zoo_name is None:
+        model.zoo_name = model.card.model_name
+    return model, model.card.to_dict()

@@ -72,7 +72,7 @@ def test_an_empty_card_has_the_defaults():
         ("mask_encoding", {"color": [1, 2]}, "'mask_encoding' must be"),
         ("input_scale", {"divisor": 3}, "'input_scale' must be a dict with 'kind'"),
         ("train", [1, 2], "'train' must be a dict"),
-        ("domain", {"x": float("nan")}, "'domain' is not JSON-serialisable"),
+        ("domain", {"x": object()}, "'domain' is not JSON-serialisable"),
     ],
 )
 def test_a_wrong_entry_is_one_line_naming_the_file_and_key(key, value, needle):
@@ -80,6 +80,14 @@ def test_a_wrong_entry_is_one_line_naming_the_file_and_key(key, value, needle):
         ModelCard.from_dict({key: value}, "runs/x/best/config.json")
     msg = str(e.value)
     assert "\n" not in msg and msg.startswith("runs/x/best/config.json") and needle in msg
+
+
+def test_numpy_values_and_nan_metrics_are_stored():
+    np = pytest.importorskip("numpy")
+    card = ModelCard(val_metrics={"val_iou": float("nan"), "n": np.int64(3)}, domain={"m": np.float32(0.5), "a": np.arange(2)})
+    back = ModelCard.from_dict(json.loads(json.dumps(card.to_dict())))
+    assert back.domain == {"m": 0.5, "a": [0, 1]} and back.val_metrics["n"] == 3
+    assert back.val_metrics["val_iou"] != back.val_metrics["val_iou"]  # NaN
 
 
 def test_portable_keeps_relative_paths_and_non_paths():

@@ -114,7 +114,7 @@ def test_segnet_has_no_learned_upsampling():
 
 def test_fcn_upsamplers_start_bilinear():
     model = FCN8s(3, 1, width_multiplier=TINY)
-    w = model.upscore2.weight[0, 0]
+    w = model.decoder.upscore2.weight[0, 0]
     torch.testing.assert_close(w, w.T)
     torch.testing.assert_close(w[1:3, 1:3], torch.full((2, 2), 0.5625))
 

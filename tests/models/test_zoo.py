@@ -133,14 +133,14 @@ def test_load_errors(tmp_path):
         load_model(path)
     path = save_model(model, tmp_path / "u2")
     cfg = json.loads((path / "config.json").read_text())
-    cfg["kwargs"]["width_multiplier"] = 0.125  # config no longer matches the weights
+    cfg["init_args"]["width_multiplier"] = 0.125  # config no longer matches the weights
     (path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match="shape mismatches"):
         load_model(path)
     (path / "config.json").write_text("{broken")
     with pytest.raises(CheckpointError):
         load_model(path)
-    with pytest.raises(ValueError, match="create_model"):
+    with pytest.raises(ValueError, match="needs an msff network"):
         save_model(torch.nn.Conv2d(3, 1, 1), tmp_path / "plain")
 
 
