@@ -185,6 +185,11 @@ class GpuCheck:
         # which CUDA conv kernels the "cuda" rows measured (csrc/cuda_ops.cpp: generic, tc,
         # tc-cpasync, sm80): a record of `generic` says nothing about the tensor-core kernels
         env["cuda_conv"] = os.environ.get("MSFF_CUDA_CONV") or "generic"
+        # Triton tile configs: pinned (MSFF_TRITON_CONFIG), autotuned per shape, or the defaults;
+        # the autotuner's choices are added to the results at the end (doc["triton_tuned"])
+        env["triton_config"] = os.environ.get("MSFF_TRITON_CONFIG") or (
+            "autotune" if os.environ.get("MSFF_TRITON_AUTOTUNE", "1").strip()
+            not in ("0", "false", "no", "off") else "default")
         return env
 
     def backends(self) -> list[str]:
@@ -659,6 +664,11 @@ def run(args) -> int:
             gc.bench_case("op", shape, mode, torch.bfloat16, gc.providers(mode, backends))
     # 5. record + table
     record = gc.make_record()
+    if "triton" in backends:
+        from msff.kernels import lk_conv as klc
+
+        gc.doc["triton_tuned"] = [dict(key=[str(v) for v in k], config=v)
+                                  for k, v in klc._TUNED.items()]
     if dry:
         # the stand-in is the ops' reference: label the record so nothing mistakes it for a GPU's
         record["entries"] = [dict(e, backend="triton") for e in _standin_entries(gc.doc)]
