@@ -41,6 +41,11 @@ def _slow(name: str) -> bool:
 
 
 NAMES = [pytest.param(n, marks=[pytest.mark.slow] if _slow(n) else [], id=n) for n in available_models()]
+# The graph-capture checks (script, fx, export, compile) cost 2-5 s per network; the ResNet-101
+# variants repeat their ResNet-50 siblings' code, so the default run leaves them to -m slow.
+_SAME_CODE_AS_A_SIBLING = {"deeplabv3plus", "deeplabv3plus-resnet101", "resnet101-skip"}
+CAPTURE_NAMES = [pytest.param(n, marks=[pytest.mark.slow] if _slow(n) or n in _SAME_CODE_AS_A_SIBLING else [], id=n)
+                 for n in available_models()]
 # Trainable parameters at the widths above (and BANDS input bands, 1 class). A change here is an
 # architecture change: update the table only on purpose, and say so in the commit.
 PARAMS = {  # counted at 3e5e473, before the networks moved onto the one base: the move changed none
@@ -164,7 +169,7 @@ def test_save_and_from_pretrained_round_trip(tmp_path, name):
         other.from_pretrained(path)
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", CAPTURE_NAMES)
 def test_capability_flags_torchscript(name):
     model = build(name).eval()
     if model._is_torch_scriptable:
@@ -178,7 +183,7 @@ def test_capability_flags_torchscript(name):
             torch.jit.script(model)
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", CAPTURE_NAMES)
 def test_fx_symbolic_trace(name):
     model = build(name).eval()
     if not model._is_fx_traceable:
@@ -192,7 +197,7 @@ def test_fx_symbolic_trace(name):
             torch.testing.assert_close(graph(x), model(x))
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", CAPTURE_NAMES)
 def test_capability_flags_torch_export(name):
     model = build(name).eval()
     x = _x(37, 53, n=1)
@@ -203,7 +208,7 @@ def test_capability_flags_torch_export(name):
         torch.testing.assert_close(exported.module()(x), model(x))
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", CAPTURE_NAMES)
 def test_capability_flags_torch_compile_captures_one_graph(name):
     model = build(name).eval()
     if not model._is_torch_compilable:
