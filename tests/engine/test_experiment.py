@@ -132,8 +132,7 @@ def test_interrupted_run_continues_where_it_stopped(tmp_path, data_root):
     data = _prepare_data(load_experiment_config(cfg), data_root, out)
     tc = _train_config(load_experiment_config(cfg), load_experiment_config(cfg)["models"][0], 0)
     tc1 = TrainConfig.from_dict({**tc.__dict__, "epochs": 1})
-    data["train"].normalization = data["normalization"]
-    fit(tc1, data["train"], None, folder, progress=False)
+    fit(tc1, data["module"], None, folder, progress=False)
     (folder / "status.json").write_text(json.dumps({"state": "interrupted"}))
     res = run_experiment_config(cfg, out)
     assert res["skipped"] == 0
