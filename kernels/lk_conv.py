@@ -459,6 +459,10 @@ WGRAD_CANDIDATES = {
     "n512k32w8": dict(N_TILE=512, BLOCK_K=32),
     "n256k64w8": dict(N_TILE=256, BLOCK_K=64),
 }
+#: Per-dtype defaults (first candidate tried / used without autotuning) where the global default
+#: spills: fp32 wgrad on sm_80 spilled 36 B at n512k32w8 (255 registers); n256k64w8: 0 (sm_80,
+#: sm_90a, paper shapes).
+DTYPE_DEFAULTS = {("wgrad", torch.float32): "n256k64w8"}
 CONFIG_ENV = "MSFF_TRITON_CONFIG"
 AUTOTUNE_ENV = "MSFF_TRITON_AUTOTUNE"
 _TUNED: dict = {}
@@ -486,6 +490,18 @@ def config_override(kind: str):
         if k == kind:
             return name
     return None
+
+
+def default_config_name(kind: str, dtype: torch.dtype) -> str:
+    """The candidate used for ``kind`` ("fwd" | "wgrad") and ``dtype`` when nothing is pinned and
+    nothing is autotuned (and the one the kernel report compiles)."""
+    table = FWD_CANDIDATES if kind == "fwd" else WGRAD_CANDIDATES
+    return DTYPE_DEFAULTS.get((kind, dtype), next(iter(table)))
+
+
+def _ordered(kind: str, dtype: torch.dtype, names) -> list:
+    first = default_config_name(kind, dtype)
+    return [first] + [n for n in names if n != first] if first in names else list(names)
 
 
 def autotune_enabled() -> bool:
@@ -776,7 +792,7 @@ def lk_conv_fwd(x, weight, bias, in_scale, in_shift, add, relu, stats, y, pro_bw
                bool(relu), add is not None, bool(stats), pool_out is not None, pro_bwd is not None)
         # 128 x 128 tiles spill with the prologue-backward epilogue (12-24 B, sm_90a): not tried
         cands = [n for n, c in FWD_CANDIDATES.items() if pro_bwd is None or c["BLOCK_N"] <= 64]
-        name = choose_config("fwd", key, launch, cands)
+        name = choose_config("fwd", key, launch, _ordered("fwd", x.dtype, cands))
     BM, cout_p, part, ppart, pool_j = launch(name)
     if pool_out is not None:
         BT, BCg = _pool_gather_blocks(cout)
@@ -830,7 +846,7 @@ def lk_conv_wgrad(g_r, x, in_scale, in_shift, kernel_shape):
         name = None
     else:
         key = ("wgrad", x.device.index, x.dtype, M, cin, cout, K, along_w)
-        name = choose_config("wgrad", key, launch, WGRAD_CANDIDATES)
+        name = choose_config("wgrad", key, launch, _ordered("wgrad", x.dtype, WGRAD_CANDIDATES))
     part = launch(name)
     dw = reduce_partials(part)[0].view(cout, K, cin)[:, :, :cin0]
     return dw.permute(0, 2, 1).reshape(cout, cin0, kh, kw)
@@ -980,7 +996,8 @@ def _conv_fwd_spec(name, role, N, cin, cout, H, W, K, along_w, dt, y_cl, bias, r
     """The forward-kernel launch of :func:`lk_conv_fwd` (x dense NHWC after prologue/nhwc)."""
     M = N * H * W
     cin = padded_channels(cin)  # the launcher's operand buffer
-    cfg = fwd_config(M, cin, cout, pro_bwd=pro_bwd, interpret=False)
+    cfg = fwd_config(M, cin, cout, pro_bwd=pro_bwd, interpret=False,
+                     name=config_override("fwd") or default_config_name("fwd", dt))
     BM, BN, BK = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
     P = SpecPointer
     f32 = torch.float32
@@ -1107,7 +1124,8 @@ def compile_specs(problems):
             if pro:
                 specs.append(_prologue_spec(f"wgrad prologue {base}", N, cin, H, W, dt, cl))
             cin = padded_channels(cin)  # the launcher's operand buffer
-            cfg = wgrad_config(M, cin, cout, K, int(pb.get("sms", 132)), interpret=False)
+            cfg = wgrad_config(M, cin, cout, K, int(pb.get("sms", 132)), interpret=False,
+                               name=config_override("wgrad") or default_config_name("wgrad", dt))
             m_per = triton.cdiv(triton.cdiv(M, cfg["SPLIT"]), cfg["BLOCK_K"]) * cfg["BLOCK_K"]
             split = triton.cdiv(M, m_per)
             vals = dict(g_ptr=P(dt), x_ptr=P(dt), part_ptr=P(f32), M=M, H=H, W=W, COUT=cout,

@@ -218,3 +218,12 @@ def test_config_pin_and_autotune_choice(monkeypatch):
     monkeypatch.setenv(klc.CONFIG_ENV, "fwd=m128n128k64w8s3")
     assert klc.choose_config("fwd", key, run, klc.FWD_CANDIDATES) == "m128n128k64w8s3"
     assert len(calls) == 3
+
+
+def test_dtype_defaults():
+    # fp32 weight gradients default to the 256-wide N tile (the 512-wide one spilled 36 B on
+    # sm_80); everything else to the first candidate; a pin overrides both
+    assert klc.default_config_name("wgrad", torch.float32) == "n256k64w8"
+    assert klc.default_config_name("wgrad", torch.bfloat16) == next(iter(klc.WGRAD_CANDIDATES))
+    assert klc.default_config_name("fwd", torch.float32) == next(iter(klc.FWD_CANDIDATES))
+    assert klc._ordered("wgrad", torch.float32, klc.WGRAD_CANDIDATES)[0] == "n256k64w8"
