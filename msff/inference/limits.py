@@ -21,24 +21,29 @@ __all__ = ["downsampling_factor", "check_tile", "check_min_area", "CONTEXT_CELLS
 
 #: Windows whose deepest feature map is smaller than this many cells per side get a warning.
 CONTEXT_CELLS = 8
-#: Deepest stride of the zoo's other networks (VGG/ResNet encoders: five stride-2 stages).
+#: Assumed deepest stride of a module that is not an msff network (VGG/ResNet encoders: five stride-2 stages).
 DEFAULT_FACTOR = 32
 
 
 def downsampling_factor(model: nn.Module) -> int:
     """How many input pixels one cell of the model's deepest feature map spans.
 
-    Uses a ``downsampling_factor`` / ``output_stride`` attribute when the network has one; MSFFNet
-    is 16 (four stride-2 max-pools); other networks are taken as 32.
+    Uses a ``downsampling_factor`` / ``output_stride`` attribute when the network has one, else
+    the :attr:`~msff.models.SegmentationModel.input_multiple` every msff network declares (MSFFNet:
+    16, four stride-2 max-pools); other modules are taken as 32.
     """
     m = getattr(model, "module", model)
     for attr in ("downsampling_factor", "output_stride"):
         v = getattr(m, attr, None)
         if isinstance(v, int) and not isinstance(v, bool) and v > 0:
             return v
-    from msff.models.msffnet import _DOWNSAMPLE, MSFFNet
+    from msff.models.base import SegmentationModel
 
-    return _DOWNSAMPLE if isinstance(m, MSFFNet) else DEFAULT_FACTOR
+    if isinstance(m, SegmentationModel):
+        v = m.input_multiple
+        if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+            return v
+    return DEFAULT_FACTOR
 
 
 def check_tile(model: nn.Module, tile: int) -> Optional[str]:
