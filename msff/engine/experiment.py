@@ -1,7 +1,7 @@
 """Comparison experiments: many networks, one protocol, many seeds, one results table.
 
-An experiment config (JSON; shipped: ``paper`` and ``cpu`` in ``msff/configs/experiment_*.json``)
-lists the datasets, a fixed train/val/test split, the models (zoo names, see
+An experiment config (JSON or YAML, validated by :class:`msff.config.ExperimentConfig`; shipped:
+``paper``, ``cpu`` and ``cpu-long`` in ``msff/configs/experiment_*.json``) lists the datasets, a fixed train/val/test split, the models (zoo names, see
 :mod:`msff.models.zoo`), the seeds, and one set of training options (:class:`TrainConfig`
 fields) that every run shares: the same split, crops, augmentation, loss, optimiser and budget
 (epochs or wall time). Only the network and the seed change between runs.
@@ -41,8 +41,8 @@ false-positive rate. All are micro over the test pixels of all datasets, from su
 **Paired design.** Every model runs with the same seeds, and a seed fixes the weight
 initialisation *and* the training data (the crops, augmentation draws and their order depend
 only on the seed, never on the model; each run records a digest of them, ``data_order``). So
-the comparison with the reference is paired by seed: :func:`paired_test` (paired t-test on the
-per-seed differences, 95 % confidence interval, effect size d_z) and :func:`seeds_for_power`
+the comparison with the reference is paired by seed: :func:`msff.engine.stats.paired_test` (paired t-test on the
+per-seed differences, 95 % confidence interval, effect size d_z) and :func:`msff.engine.stats.seeds_for_power`
 (how many seeds would detect a given difference at the observed spread of the differences).
 
 Example:
@@ -53,7 +53,6 @@ Example:
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import csv
 import dataclasses
@@ -70,6 +69,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from msff.config import ExperimentConfig, shipped_configs
 from msff.data import (
     MaskEncoding,
     SegmentationDataModule,
@@ -115,34 +115,29 @@ __all__ = [
     "seeds_for_power",
     "minimum_detectable_difference",
     "PAIRED_METRICS",
-    "add_experiment_parser",
-    "run_experiment",
 ]
 
 log = logging.getLogger("msff.experiment")
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
-SHIPPED_CONFIGS = tuple(sorted(p.stem[len("experiment_"):] for p in CONFIG_DIR.glob("experiment_*.json")))
+SHIPPED_CONFIGS = tuple(shipped_configs("experiment_"))
 _COUNT_KEYS = ("tp", "fp", "fn", "tn", "biou_inter", "biou_union", "bf_pred_matched", "bf_pred", "bf_gt_matched",
                "bf_gt", "soil_fp", "soil_bg", "soil_landslide", "landslide")
-_KNOWN_KEYS = {"name", "description", "data_root", "datasets", "split", "models", "reference", "seeds",
-               "select", "train", "mask_encoding", "bands", "threads", "notes", "soil_proxy"}
-_SOIL_KEYS = {"red", "green", "blue", "nir", "greenness_max", "ndvi_max", "brightness_quantile"}
 
 
 # ---- config -------------------------------------------------------------------------------------
 def load_experiment_config(config: str | os.PathLike | dict) -> dict:
-    """Read and validate an experiment config.
+    """Read and validate an experiment config (:class:`msff.config.ExperimentConfig`, the one schema).
 
     Args:
-        config: a dict, a JSON file path, or a shipped name (``"paper"``, ``"cpu"``).
+        config: a dict, a JSON/YAML file path, or a shipped name (``"paper"``, ``"cpu"``).
 
     Returns:
         The config with defaults filled in and ``models`` normalised to
-        ``[{"name": ..., "kwargs": {...}}]``.
+        ``[{"name": ..., "kwargs": {...}, "label": ...}]``.
 
     Raises:
-        ValueError: unknown keys, models or training options; FileNotFoundError: no such file.
+        msff.config.ConfigError (a ValueError): one line naming the key (unknown keys, models or
+        training options, wrong types), or a file that is neither found nor shipped.
 
     Example:
         >>> cfg = load_experiment_config("cpu")
@@ -150,67 +145,8 @@ def load_experiment_config(config: str | os.PathLike | dict) -> dict:
         (256, True)
     """
     if isinstance(config, dict):
-        cfg = copy.deepcopy(config)
-    else:
-        path = Path(config)
-        if not path.is_file() and str(config) in SHIPPED_CONFIGS:
-            path = CONFIG_DIR / f"experiment_{config}.json"
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"experiment config {config!s} not found (a JSON file, or one of {list(SHIPPED_CONFIGS)})"
-            )
-        cfg = json.loads(path.read_text())
-    unknown = sorted(set(cfg) - _KNOWN_KEYS)
-    if unknown:
-        raise ValueError(f"unknown experiment config key(s) {unknown}; known: {sorted(_KNOWN_KEYS)}")
-    for key in ("datasets", "models", "seeds"):
-        if not cfg.get(key):
-            raise ValueError(f"experiment config needs a non-empty {key!r}")
-    cfg.setdefault("name", "experiment")
-    cfg.setdefault("description", "")
-    cfg.setdefault("data_root", ".")
-    cfg.setdefault("select", "last")
-    cfg.setdefault("train", {})
-    split = {"val_ratio": 0.0, "test_ratio": 0.2, "seed": 0}
-    split.update(cfg.get("split") or {})
-    cfg["split"] = split
-    if cfg["select"] not in ("last", "best"):
-        raise ValueError(f"select must be 'last' or 'best', got {cfg['select']!r}")
-    if cfg["select"] == "best" and not split["val_ratio"] > 0:
-        raise ValueError("select='best' needs a validation split (split.val_ratio > 0)")
-    if isinstance(cfg["datasets"], list):
-        cfg["datasets"] = {Path(d).name: d for d in cfg["datasets"]}
-    models = []
-    for m in cfg["models"]:
-        m = {"name": m} if isinstance(m, str) else dict(m)
-        if set(m) - {"name", "kwargs", "label"}:
-            raise ValueError(f"model entry {m} may only have 'name', 'kwargs', 'label'")
-        m.setdefault("kwargs", {})
-        m.setdefault("label", m["name"])
-        models.append(m)
-    labels = [m["label"] for m in models]
-    if len(set(labels)) != len(labels):
-        raise ValueError(f"model labels must be unique, got {labels}")
-    cfg["models"] = models
-    from msff.models.zoo import model_info
-
-    for m in models:
-        model_info(m["name"])  # unknown names fail now, not after an hour of training
-    cfg.setdefault("reference", models[0]["label"])
-    if cfg["reference"] not in labels:
-        raise ValueError(f"reference {cfg['reference']!r} is not one of the model labels {labels}")
-    if "model" in cfg["train"] or "seed" in cfg["train"]:
-        raise ValueError("train options must not set 'model' or 'seed': the experiment sets them per run")
-    TrainConfig.from_dict(dict(cfg["train"]))  # unknown training options fail now
-    cfg["seeds"] = [int(s) for s in cfg["seeds"]]
-    sp = cfg.get("soil_proxy")
-    if sp is not None:
-        if not isinstance(sp, dict) or set(sp) - _SOIL_KEYS:
-            raise ValueError(f"soil_proxy must be null or a dict with keys from {sorted(_SOIL_KEYS)}, got {sp!r}")
-        for k in ("red", "green", "blue", "nir"):
-            if sp.get(k) is not None and (not isinstance(sp[k], int) or sp[k] < 1):
-                raise ValueError(f"soil_proxy.{k} must be a 1-based band number, got {sp[k]!r}")
-    return cfg
+        return ExperimentConfig.from_dict(copy.deepcopy(config)).to_dict()
+    return ExperimentConfig.from_file(config).to_dict()
 
 
 def run_dir(out_dir: str | os.PathLike, label: str, seed: int) -> Path:
@@ -554,54 +490,3 @@ def run_experiment_config(
            "skipped": skipped, "failed": failed}
     write_reports(out, out_dir)
     return out
-
-
-# ---- command line -------------------------------------------------------------------------------
-def add_experiment_parser(subparsers) -> argparse.ArgumentParser:
-    """Register ``msff experiment CONFIG --out DIR`` on an argparse subparsers object."""
-    p = subparsers.add_parser(
-        "experiment",
-        help="train and compare models under one protocol, several seeds; write a results table",
-        description="Run a comparison experiment: every listed model, every seed, one protocol. "
-                    "Resumable: finished runs are skipped, interrupted ones continue.",
-    )
-    p.add_argument("config", help=f"experiment config JSON, or a shipped name: {', '.join(SHIPPED_CONFIGS)}")
-    p.add_argument("--out", required=True, help="output folder (runs, results.md/csv/json/png)")
-    p.add_argument("--data-root", default=None, help="folder holding the dataset folders (overrides the config)")
-    p.add_argument("--models", default=None, help="comma-separated model labels to run (default: all)")
-    p.add_argument("--seeds", default=None, help="comma-separated seeds to run (default: the config's)")
-    p.add_argument("--no-resume", action="store_true", help="start every selected run anew")
-    p.add_argument("--progress", action="store_true", help="show progress bars")
-    p.add_argument("--dry-run", action="store_true", help="validate the config and print the plan")
-    p.set_defaults(func=run_experiment)
-    return p
-
-
-def run_experiment(args: argparse.Namespace) -> int:
-    """Entry point of ``msff experiment``. Returns the process exit code."""
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        cfg = load_experiment_config(args.config)
-    except (OSError, ValueError) as e:
-        print(f"msff experiment: {e}")
-        return 2
-    models = [m for m in args.models.split(",") if m] if args.models else None
-    seeds = [int(s) for s in args.seeds.split(",") if s] if args.seeds else None
-    if args.dry_run:
-        try:
-            print(describe_plan(cfg, models, seeds))
-        except ValueError as e:
-            print(f"msff experiment: {e}")
-            return 2
-        return 0
-    try:
-        out = run_experiment_config(cfg, args.out, resume=not args.no_resume, data_root=args.data_root,
-                                    models=models, seeds=seeds, progress=args.progress)
-    except (OSError, ValueError) as e:
-        print(f"msff experiment: {e}")
-        return 2
-    print((Path(args.out) / "results.md").read_text())
-    print(f"{len(out['runs'])} runs ({out['skipped']} already done); results in {args.out}")
-    for f in out["failed"]:
-        print(f"FAILED: {f['model']} seed {f['seed']}: {f['error']}")
-    return 1 if out["failed"] else 0

@@ -146,7 +146,7 @@ def test_config_validation(data_root):
     assert load_experiment_config(cfg)["models"][0]["label"] == "unet"
     for key, value, match in [
         ("models", ["no-such-net"], "unknown model"),
-        ("bogus", 1, "unknown experiment config key"),
+        ("bogus", 1, "unknown experiment option"),
         ("select", "best", "validation split"),
         ("reference", "segnet", "reference"),
     ]:
