@@ -379,7 +379,7 @@ def train(data: DataConfig, split: SplitConfig, config: TrainConfig, run: RunCon
     return 0
 
 
-def _evaluate_domain(ds, meta, ckpt: Path, data: DataConfig, strict: bool) -> dict:
+def _evaluate_domain(ds, card, data: DataConfig, strict: bool) -> dict:
     """Input domain check of evaluation data against the checkpoint's training statistics
     (msff.data.domain): a warning naming bands and numbers, an error under --strict."""
     from msff.data.dataset import sample_pixels
@@ -388,7 +388,6 @@ def _evaluate_domain(ds, meta, ckpt: Path, data: DataConfig, strict: bool) -> di
     samples, dtypes = sample_pixels(ds, 65536)
     if ds.input_scale.needs_fit:
         ds.input_scale = ds.input_scale.fit(samples, "evaluation data")
-    card = dict(meta, model_name=meta.get("model_name", ckpt.name))
     report = compare_domain(card, samples, dtypes, ds.input_scale, None, " + ".join(data.data))
     if not report.ok:
         if strict:
@@ -401,7 +400,7 @@ def evaluate(ev: EvaluateConfig, data: DataConfig) -> int:
     """``msff evaluate``: metrics of a checkpoint on labelled data, written as JSON."""
     import torch
 
-    from msff.data import DataError, MaskEncoding, SegmentationDataset, read_list, select_pairs
+    from msff.data import DataError, SegmentationDataset, read_list, select_pairs
     from msff.engine import evaluate as evaluate_model
     from msff.engine import load_checkpoint, write_overlays
     from msff.engine.report import atomic_write_json
@@ -419,35 +418,35 @@ def evaluate(ev: EvaluateConfig, data: DataConfig) -> int:
         raise UsageError(f"{out} is a folder, not a file name for the metrics JSON")
     if ev.overlays and Path(ev.overlays).is_dir() and any(Path(ev.overlays).iterdir()) and not ev.overwrite:
         raise UsageError(f"overlay folder {ev.overlays} exists and is not empty; pass --overwrite to replace its PNGs")
-    model, meta = load_checkpoint(ckpt)
+    model, _ = load_checkpoint(ckpt)
+    card = model.card  # the typed ModelCard (msff.models.card); load_checkpoint always sets its model_name
     if (run_dir / "status.json").is_file():
         state = json.loads((run_dir / "status.json").read_text()).get("state")
         if state != "complete":
             print(f"msff evaluate: warning: run {run_dir} is {state}, not complete; its best/ is from a partial run",
                   file=sys.stderr)
-    norm = meta.get("normalization")
-    if not norm:
+    norm = card.normalization
+    if norm is None:
         raise DataError(f"checkpoint {ckpt} has no normalisation statistics in its metadata")
     pairs = _pairs(data.data, data)
     if ev.eval_list:
         pairs = select_pairs(pairs, read_list(ev.eval_list), ev.eval_list)
-    if data.mask_color is None and data.mask_threshold is None and not data.ignore_value and meta.get("mask_encoding"):
-        me = meta["mask_encoding"]
-        enc = MaskEncoding(tuple(me["color"]) if me.get("color") else None, me.get("threshold"), tuple(me.get("ignore_values") or ()))
+    if data.mask_color is None and data.mask_threshold is None and not data.ignore_value and card.mask_encoding is not None:
+        enc = card.mask_encoding.to_encoding()
     else:
         enc = _encoding(data)
-    stack = meta.get("stack") or {}
-    ds = SegmentationDataset(pairs, encoding=enc, bands=data.bands if data.bands is not None else meta.get("bands"),
-                             normalization=norm, input_scale=data.input_scale or meta.get("input_scale"), dem=data.dem,
+    stack = card.stack or {}
+    ds = SegmentationDataset(pairs, encoding=enc, bands=data.bands if data.bands is not None else card.bands,
+                             normalization=norm.to_dict(), input_scale=data.input_scale or card.scale, dem=data.dem,
                              terrain=data.terrain or stack.get("terrain") or (), dates=stack.get("dates"),
                              extra_rasters=data.extra_raster)
-    domain = _evaluate_domain(ds, meta, ckpt, data, ev.strict)
-    expected = len(norm["mean"])
+    domain = _evaluate_domain(ds, card, data, ev.strict)
+    expected = norm.bands
     if ds.in_channels != expected:
         raise DataError(f"checkpoint {ckpt} expects {expected} band(s) but {ds.pairs[0].image} has {ds.in_channels}; "
                         "select bands with --bands")
     device = _resolve_device(ev.device)
-    threshold = ev.threshold if ev.threshold is not None else float(meta.get("threshold", 0.5))
+    threshold = ev.threshold if ev.threshold is not None else card.threshold
     t0 = time.time()
     from msff.inference.engine import make_engine
 
