@@ -208,7 +208,7 @@ def test_checkpoint_config_with_a_wrong_type_names_the_key(scenes, run, tmp_path
     folder, _ = run
     cfg_path = folder / "best" / "config.json"
     cfg = json.loads(cfg_path.read_text())
-    cfg["config"]["in_channels"] = "three"
+    cfg["init_args"]["in_channels"] = "three"  # format 2 (msff.models.checkpoint): the constructor's arguments
     cfg_path.write_text(json.dumps(cfg))
     assert main(["evaluate", str(folder), str(scenes), "--out", str(tmp_path / "e.json")]) == 2
     line = one_error_line(capsys.readouterr().err)
