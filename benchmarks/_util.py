@@ -27,6 +27,17 @@ PROVIDERS = ["reference", "reference+compile", "reference+max-autotune", "refere
 PEAK_BF16 = 989e12  # H100/H200 SXM dense bf16 tensor-core FLOP/s
 
 
+def cpu_model() -> str:
+    """CPU model name and its widest vector ISA (the machine under a VM can change between runs)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine()
+    name = next((ln.split(":", 1)[1].strip() for ln in text.splitlines() if ln.startswith("model name")), "?")
+    isa = "avx512" if "avx512f" in text else "avx2" if "avx2" in text else "other"
+    return f"{name} ({isa})"
+
+
 def compiled(fn, provider: str):
     """``fn`` as the provider runs it: eager, or torch.compile in the provider's mode."""
     if provider == "reference+compile":

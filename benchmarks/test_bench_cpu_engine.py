@@ -38,13 +38,13 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from _util import cpu_model
 
 from msff import build_model
 from msff.inference import TileGrid, predict_array, predict_scene
@@ -53,17 +53,6 @@ from msff.inference.engine import make_engine, onnx_available
 RESULTS = Path(__file__).parent / "results"
 NORM = {"mean": [2000.0] * 3, "std": [1000.0] * 3}
 TILE = 512
-
-
-def _cpu_model() -> str:
-    """CPU model name and its widest vector ISA (the machine under a VM can change between runs)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return platform.processor() or platform.machine()
-    name = next((ln.split(":", 1)[1].strip() for ln in text.splitlines() if ln.startswith("model name")), "?")
-    isa = "avx512" if "avx512f" in text else "avx2" if "avx2" in text else "other"
-    return f"{name} ({isa})"
 
 
 def _env_int(name: str, default: int) -> int:
@@ -321,7 +310,7 @@ def test_bench_cpu_engine(benchmark, tmp_path):
                          mask_disagreement=float(((p >= 0.5) != (one >= 0.5)).mean()))
 
     doc = dict(
-        machine=dict(cpu=_cpu_model(), cores=os.cpu_count(),
+        machine=dict(cpu=cpu_model(), cores=os.cpu_count(),
                      torch_threads=torch.get_num_threads(), torch=torch.__version__,
                      onnxruntime=__import__("onnxruntime").__version__,
                      note="shared machine; run under flock /tmp/msff-heavy.lock; alternating rounds, medians"),

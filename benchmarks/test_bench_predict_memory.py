@@ -35,20 +35,11 @@ import time
 from pathlib import Path
 
 import numpy as np
+from _util import cpu_model
 
 RESULTS = Path(__file__).parent / "results"
 OUT_JSON = RESULTS / "predict_memory.json"
 NORM = {"mean": [2000.0] * 3, "std": [1000.0] * 3}
-
-
-def _cpu_model() -> str:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return platform.processor() or platform.machine()
-    name = next((ln.split(":", 1)[1].strip() for ln in text.splitlines() if ln.startswith("model name")), "?")
-    isa = "avx512" if "avx512f" in text else "avx2" if "avx2" in text else "other"
-    return f"{name} ({isa})"
 
 
 def make_checkpoint(folder: Path) -> Path:
@@ -158,7 +149,7 @@ def _merge(rows: dict) -> dict:
     doc = json.loads(OUT_JSON.read_text()) if OUT_JSON.is_file() else {}
     doc.setdefault("runs", {})
     for k, v in rows.items():
-        v = dict(v, cpu=_cpu_model(), torch_threads=torch.get_num_threads(),
+        v = dict(v, cpu=cpu_model(), torch_threads=torch.get_num_threads(),
                  written=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
         doc["runs"][k] = v
     doc.update(
