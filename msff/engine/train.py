@@ -61,6 +61,7 @@ from msff.engine.run_folder import (
 )
 from msff.engine.stats import mean_std as _mean_std
 from msff.fileio import disk_full_guard
+from msff.models.card import ModelCard
 
 __all__ = ["TrainConfig", "RunError", "build_model", "load_checkpoint", "fit", "fit_runs", "evaluate",
            "predict_logits", "write_overlays", "init_distributed"]
@@ -107,10 +108,10 @@ def build_model(config: TrainConfig, in_channels: int, classes: int = 1) -> nn.M
         raise ValueError(f"model {name!r} does not accept these options: {e}") from None
 
 
-def _save_model(model: nn.Module, directory: Path, metadata: dict) -> None:
+def _save_model(model: nn.Module, directory: Path, card: ModelCard) -> None:
     from msff.models import zoo
 
-    zoo.save_model(model, directory, metadata)
+    zoo.save_model(model, directory, card)  # = model.save_pretrained(directory, card) with the zoo name
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
@@ -163,7 +164,7 @@ class _Run:
     opt: torch.optim.Optimizer
     sched: Any
     scaler: Any
-    metadata: dict
+    card: ModelCard
     device: torch.device
     out_dir: Path
     rank: int = 0
@@ -202,7 +203,9 @@ def _build(config: TrainConfig, data: SegmentationDataModule, device: torch.devi
                 "model_name": config.model, "in_channels": card.pop("in_channels"),
                 "mask_encoding": card.pop("mask_encoding"), "train": cfg_dict, **card}
     metadata.update(extra_metadata or {})
-    return _Run(config, cfg_dict, data, model, opt, sched, scaler, metadata, device, out_dir)
+    # typed and validated here, before anything is written (a bad extra_metadata entry fails now)
+    model_card = ModelCard.from_dict(metadata, f"model card of {out_dir}")
+    return _Run(config, cfg_dict, data, model, opt, sched, scaler, model_card, device, out_dir)
 
 
 def _resume(run: _Run) -> None:
@@ -219,7 +222,7 @@ def _resume(run: _Run) -> None:
     run.start_epoch = st["epoch"] + 1
     if run.data.normalization != st["normalization"]:
         run.data = run.data.replace(normalization=st["normalization"])
-    run.metadata["normalization"] = run.data.normalization.to_dict()
+    run.card = run.card.replace(normalization=run.data.normalization.to_dict())
 
 
 def _train_epoch(run: _Run, model: nn.Module, loader: DataLoader, epoch: int) -> float:
@@ -273,7 +276,7 @@ def _record_epoch(run: _Run, model: nn.Module, row: dict, improved: bool, tb) ->
     """Main process: best/ when improved, the full state, log.csv, TensorBoard scalars."""
     out_dir, epoch = run.out_dir, row["epoch"]
     if improved:
-        meta = dict(run.metadata, best_epoch=epoch, val_metrics={k: v for k, v in row.items() if k.startswith("val_")})
+        meta = run.card.replace(best_epoch=epoch, val_metrics={k: v for k, v in row.items() if k.startswith("val_")})
         net = unwrap(model)
         need = sum(t.numel() * t.element_size() for t in net.state_dict().values())
         with disk_full_guard(out_dir / "best", need):
