@@ -61,6 +61,12 @@ class Normalization:
     def __setattr__(self, name, value):
         raise AttributeError("Normalization is immutable; build a new one")
 
+    def __reduce__(self):
+        # pickle / copy / deepcopy rebuild from the stored values (the default protocol would set
+        # the slots one by one, which immutability refuses): DataLoader workers under "spawn",
+        # torch.save of a dataset, the ONNX engine's deepcopy of a model and its card
+        return (Normalization, (self._stored["mean"], self._stored["std"]))
+
     @classmethod
     def from_dict(cls, d: Optional[Mapping]) -> Optional["Normalization"]:
         """From ``{"mean": [...], "std": [...]}`` (checkpoint metadata); None or ``{"mean": None}``: None."""

@@ -190,3 +190,19 @@ def test_training_and_prediction_normalise_bit_for_bit(scenes, scale):
     a = n.apply_numpy(x.copy())
     b = n.apply_torch(torch.from_numpy(x)).numpy()
     assert np.array_equal(a.view(np.uint32), b.view(np.uint32))
+
+
+def test_normalization_survives_pickle_and_copy():
+    """Immutable, yet picklable and copyable (DataLoader workers under spawn, deepcopy of a model card)."""
+    import copy
+    import pickle
+
+    import numpy as np
+
+    from msff.data.normalization import Normalization
+
+    n = Normalization([1234.5678901234, 2.0], [0.1, 3.0])
+    for m in (pickle.loads(pickle.dumps(n)), copy.copy(n), copy.deepcopy(n)):
+        assert m == n and m.to_dict() == n.to_dict()  # the stored float64 values round-trip exactly
+        x = np.full((2, 3, 3), 7.0, dtype="float32")
+        assert np.array_equal(m.apply_numpy(x.copy()), n.apply_numpy(x.copy()))
