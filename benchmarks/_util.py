@@ -27,6 +27,22 @@ PROVIDERS = ["reference", "reference+compile", "reference+max-autotune", "refere
 PEAK_BF16 = 989e12  # H100/H200 SXM dense bf16 tensor-core FLOP/s
 
 
+def synthetic_scene(path: Path, h: int, w: int) -> Path:
+    """A random uint16 3-band GeoTIFF (UTM 54N, 10 m, nodata 0, 256² deflate tiles) for the scene
+    benchmarks; seeded, so every run reads the same pixels."""
+    import numpy as np
+    import rasterio
+    from rasterio.transform import from_origin
+
+    rng = np.random.default_rng(0)
+    x = rng.integers(300, 4000, size=(3, h, w), dtype=np.uint16)
+    with rasterio.open(path, "w", driver="GTiff", width=w, height=h, count=3, dtype="uint16", crs="EPSG:32654",
+                       transform=from_origin(500000, 4700000, 10, 10), nodata=0, tiled=True,
+                       blockxsize=256, blockysize=256, compress="deflate") as ds:
+        ds.write(x)
+    return path
+
+
 def cpu_model() -> str:
     """CPU model name and its widest vector ISA (the machine under a VM can change between runs)."""
     try:

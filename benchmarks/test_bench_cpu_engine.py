@@ -44,7 +44,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from _util import cpu_model
+from _util import cpu_model, synthetic_scene
 
 from msff import build_model
 from msff.inference import TileGrid, predict_array, predict_scene
@@ -84,17 +84,20 @@ def model_gflop(model, shape) -> float:
     return fc.get_total_flops() / 1e9
 
 
-def _scene(path: Path, h: int, w: int) -> Path:
-    import rasterio
-    from rasterio.transform import from_origin
 
-    rng = np.random.default_rng(0)
-    x = rng.integers(300, 4000, size=(3, h, w), dtype=np.uint16)
-    with rasterio.open(path, "w", driver="GTiff", width=w, height=h, count=3, dtype="uint16", crs="EPSG:32654",
-                       transform=from_origin(500000, 4700000, 10, 10), nodata=0, tiled=True,
-                       blockxsize=256, blockysize=256, compress="deflate") as ds:
-        ds.write(x)
-    return path
+def _profiling_options(threads: int, prefix: str):
+    """onnxruntime session options of the profiled runs: the engine's settings (full graph
+    optimisation, intra-op threads) with the profiler on, writing to ``prefix``."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.log_severity_level = 3
+    so.enable_profiling = True
+    so.profile_file_prefix = prefix
+    return so
 
 
 def ort_profile(path, x: np.ndarray, threads: int, runs: int = 4) -> dict:
@@ -104,13 +107,7 @@ def ort_profile(path, x: np.ndarray, threads: int, runs: int = 4) -> dict:
 
     import onnxruntime as ort
 
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.log_severity_level = 3
-    so.enable_profiling = True
-    so.profile_file_prefix = str(Path(path).with_suffix("")) + "-profile"
+    so = _profiling_options(threads, str(Path(path).with_suffix("")) + "-profile")
     sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
     for _ in range(runs):
         sess.run(None, {"x": x})
@@ -169,13 +166,7 @@ def conv_sweep(threads=2, gflop_target=2.0, reps=6, channels=(16, 32, 64, 128), 
             g = helper.make_graph(nodes, "c", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, c, hw, hw])],
                                   [helper.make_tensor_value_info("z", TensorProto.FLOAT, [1, c, hw, hw])], [w])
             m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
-            so = ort.SessionOptions()
-            so.intra_op_num_threads = threads
-            so.inter_op_num_threads = 1
-            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-            so.log_severity_level = 3
-            so.enable_profiling = True
-            so.profile_file_prefix = os.path.join(tempfile.gettempdir(), f"msff-convsweep-{os.getpid()}")
+            so = _profiling_options(threads, os.path.join(tempfile.gettempdir(), f"msff-convsweep-{os.getpid()}"))
             s = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
             x = np.random.default_rng(1).normal(size=(1, c, hw, hw)).astype(np.float32)
             for _ in range(reps + 1):
@@ -269,7 +260,7 @@ def test_bench_cpu_engine(benchmark, tmp_path):
                    / max(profile["conv_seconds"], 1e-9))
 
     # --- pipeline vs bare engine (same tile, overlap, windows, batch); vs today's NCHW grid ---
-    src = _scene(tmp_path / "scene.tif", h, w)
+    src = synthetic_scene(tmp_path / "scene.tif", h, w)
     grid = TileGrid(h, w, TILE, overlap)
     today = TileGrid(h, w, TILE, 128)
     counter = iter(range(10**6))

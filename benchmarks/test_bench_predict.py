@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _util import synthetic_scene
 
 from msff import build_model
 from msff.inference import TileGrid, predict_scene
@@ -29,18 +30,6 @@ CASES = {
     "gpu": ("cuda", 4096, 4096, 512, 64, 8, True),
 }
 
-
-def _scene(path: Path, h: int, w: int) -> Path:
-    import rasterio
-    from rasterio.transform import from_origin
-
-    rng = np.random.default_rng(0)
-    x = rng.integers(300, 4000, size=(3, h, w), dtype=np.uint16)
-    with rasterio.open(path, "w", driver="GTiff", width=w, height=h, count=3, dtype="uint16", crs="EPSG:32654",
-                       transform=from_origin(500000, 4700000, 10, 10), nodata=0, tiled=True,
-                       blockxsize=256, blockysize=256, compress="deflate") as ds:
-        ds.write(x)
-    return path
 
 
 def _sync(device: str) -> None:
@@ -74,7 +63,7 @@ def test_bench_predict_scene(benchmark, tmp_path_factory, name):
     if device == "cuda":
         torch.backends.cudnn.benchmark = True
     d = tmp_path_factory.mktemp(f"bench_{name}")
-    src = _scene(d / "scene.tif", h, w)
+    src = synthetic_scene(d / "scene.tif", h, w)
     counter = iter(range(10**6))
 
     def run():
