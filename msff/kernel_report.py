@@ -10,6 +10,15 @@ the whole kernel and inside its loops (the main loop), and atomics. Beside each 
 roofline line: FLOPs, the fewest HBM bytes, the floor at 989 TFLOP/s (bf16/fp16 dense; TF32
 494.7) and 3.35 TB/s, and the L2->SM traffic the chosen tiling implies with its time.
 
+CUDA conv roofline (``cuda_roofline``, issue 12): for the tensor-core line convolutions of
+csrc/cuda/line_conv_tc.cu at every stage, both axes, forward / input gradient / weight gradient,
+sm_90a and sm_80, the launch plan their launchers compute (``msff.ops._cuda.conv_plan`` /
+``tma_plan``, needs ``msff._C`` but no GPU), the kernel it selects, FLOPs, the fewest HBM bytes
+and the tiling traffic that plan implies (halo staged per tile and n-tile, resident weights per
+CTA, epilogue reads/writes, statistics and weight-gradient partials), timed at the L2 and at the
+HBM bandwidth against the compute floor at 800 TFLOP/s (the acceptance; ``cuda_roofline_failures``
+lists the E1/E2 rows that miss it).
+
 Shapes (issue 10): E1 = N 32 × 64 ch × 512² (the LKAM layer E1 runs at the input resolution;
 the paper's Table 1 lists 256² for E1 because it reports the output after the pool), E2 = N 32 ×
 128 ch × 256², k = 15; also the first block of each layer (3 -> 64 and 64 -> 128, projection
@@ -534,6 +543,331 @@ def _launch_bounds(text: str) -> Optional[int]:
     return int(m.group(1)) if m else None
 
 
+# ---- CUDA tensor-core conv roofline (issue 12) ------------------------------------------------
+#: the compute floor of issue 12's acceptance: bf16/fp16 dense math at 800 TFLOP/s (what a tuned
+#: kernel reaches of H100/H200's 989 peak); the 989 line is kept beside it (``math_989_s``)
+FLOOR_FLOPS = 800e12
+#: what the launch plans are made for, per arch: the GPU's opt-in shared memory per block and SM
+#: count (the launchers read both from the device), and that GPU's own peaks for context. The
+#: acceptance holds every arch to FLOOR_FLOPS and the report's L2_BW / HBM_BW: the sm_80 kernels
+#: also run on Hopper (MSFF_CUDA_CONV=sm80), and an A100's floor (312 TFLOP/s) is 2.6x longer.
+CUDA_PLAN_DEVICES = {
+    "sm_90a": dict(gpu="H100 SXM / H200", smem_optin=232448, sms=132, peak_flops=989e12,
+                   hbm_bytes_per_s=3.35e12),
+    "sm_80": dict(gpu="A100", smem_optin=166912, sms=108, peak_flops=312e12,
+                  hbm_bytes_per_s=2.039e12),
+}
+#: dtypes of the tensor-core kernels (fp32 always runs the generic line_conv.cu kernels)
+CUDA_CONV_DTYPES = ("bfloat16", "float16")
+CUDA_PASSES = ("forward", "input-grad", "weight-grad")
+CONV_AXES = ((1, "1xk"), (0, "kx1"))  # 1 x k along W, k x 1 along H
+#: line_conv_choose: the forward / input-gradient tensor-core kernels take k odd and <= 31
+TC_FWD_KMAX = 31
+#: the stages the acceptance names (tiling traffic under the 800 TFLOP/s floor)
+ACCEPTANCE_STAGES = ("E1", "E2")
+_TC_SOURCE = ROOT / "csrc" / "cuda" / "line_conv_tc.cu"
+
+#: Where each term of the traffic model below comes from in csrc/cuda/line_conv_tc.cu: one line of
+#: the code (matched with whitespace collapsed). The report records the line numbers it finds
+#: (``cuda_roofline_sources``) and notes any it cannot: the kernel changed, re-derive the model.
+CUDA_TRAFFIC_SOURCES = {
+    "choose: bf16/fp16, Cin and Cout multiples of 8 (else the generic kernel)":
+        "if (p.Cin <= 0 || p.Cout <= 0 || p.Cin % 8 != 0 || p.Cout % 8 != 0) return ConvKernel::kGeneric;",
+    "choose: forward / input gradient take k odd <= 31":
+        "if (p.K < 1 || p.K % 2 == 0 || p.K > 31) return ConvKernel::kGeneric;",
+    "choose: weight gradient takes k odd <= WG_KMAX and its smem must fit":
+        "if (f.cc < 80 || tc_wgrad_geometry(p.K).total > f.smem_optin) return ConvKernel::kGeneric;",
+    "choose: sm_90a runs TMA where the tensor map describes x and >= 2 stages fit":
+        "const bool tma = halo_desc_of(p).ok && tma_geometry(p.Cin, p.K, bn, f.smem_optin).stages >= 2 &&",
+    "fwd.weights: stage_weights copies all K taps x Cin of the CTA's BN channels":
+        "for (int idx = tid; idx < p.K * BN * c8n; idx += nthreads) {",
+    "fwd.weights: once per CTA, before its tile loop (cp.async kernels)":
+        "stage_weights<T, BN>(p, g, smem_u32(wsm), co0, tid, TC_THREADS);",
+    "fwd.weights: once per CTA in the TMA kernel (its consumers, cp.async)":
+        "stage_weights<T, BN>(p, g, smem_u32(wsm), co0, tid, TMA_CONSUMERS);",
+    "fwd.halo: BM + K - 1 rows x Cin per tile; rows outside the line are zero-filled (read nothing)":
+        "const bool ok = pos >= 0 && pos < L && c8 * 8 < p.Cin;",
+    "fwd.halo: TMA, one box of 64 channels x (BM + K - 1) rows per chunk per tile (OOB = zeros)":
+        "tma_load_4d(stages + s * tg.stage_bytes + kc * chunk_bytes, tmap, full + 8 * s, kc * TMA_BC,",
+    "fwd.prologue: BN scale / shift of Cin channels once per CTA":
+        "prm[i] = i < p.Cin ? p.in_scale[i] : 0.0f;",
+    "epilogue: residual add read once per output element":
+        "const float2 r = load_pair<T>(p.add, e.n, co, h, w);",
+    "epilogue: gate_x read once per output element (input gradient)":
+        "const float2 xg = load_pair<T>(p.gate_x, e.n, co, h, w);",
+    "epilogue: y written once per output element":
+        "if (p.y.ptr != nullptr) store_pair<T>(p.y, e.n, co, h, w, v0, v1);",
+    "statistics: 2 x BN fp64 partials per CTA":
+        "p.partials[blockIdx.x * static_cast<int64_t>(p.Cout) + co0 + tid] = cta_s0;",
+    "statistics: reduce_partials_kernel reads every CTA's partials in order":
+        "a += partials[static_cast<int64_t>(i) * C + c];",
+    "wgrad.g: 128 pixels x 64 output channels per segment, per (co tile, ci tile) CTA":
+        "for (int idx = tid; idx < WG_S * (WG_CO / 8); idx += WG_THREADS) {",
+    "wgrad.halo: 128 + K - 1 rows x 32 input channels per segment, zero-fill reads nothing":
+        "const bool ok = pos >= 0 && pos < L && ci < p.Cin;",
+    "wgrad.prologue: scale / shift of the CTA's 32 input channels":
+        "prm[tid] = ci < p.Cin ? p.in_scale[ci] : 0.0f;",
+    "wgrad.partials: one fp32 Cout x Cin x K slice per split":
+        "float* part = p.partials + static_cast<int64_t>(split) * p.Cout * p.Cin * p.K;",
+    "wgrad.reduce: reduce_wgrad_kernel reads every slice, writes dw":
+        "for (int s = 0; s < splits; ++s) acc += partials[s * elems + e];",
+}
+
+
+class CudaPlanUnavailable(RuntimeError):
+    """msff._C (the launch-plan functions) cannot be imported: no CUDA roofline."""
+
+
+def cuda_traffic_sources(path: Optional[Path] = None) -> dict:
+    """``{term: "line_conv_tc.cu:LINE" | None}`` for :data:`CUDA_TRAFFIC_SOURCES` in the current
+    source (None: that line is gone, the traffic model may be stale)."""
+    path = Path(path) if path else _TC_SOURCE
+    try:
+        lines = [" ".join(ln.split()) for ln in path.read_text().splitlines()]
+    except OSError:
+        return dict.fromkeys(CUDA_TRAFFIC_SOURCES)
+    out = {}
+    for term, anchor in CUDA_TRAFFIC_SOURCES.items():
+        a = " ".join(anchor.split())
+        hit = next((i + 1 for i, ln in enumerate(lines) if a in ln), None)
+        out[term] = f"{path.name}:{hit}" if hit else None
+    return out
+
+
+def halo_rows(L: int, K: int, seg: int) -> int:
+    """Rows one image line's halo loads read from global memory: each ``seg``-pixel segment stages
+    rows [s·seg − K//2, s·seg − K//2 + seg + K − 1) of the line; rows outside [0, L) are
+    zero-filled and read nothing. E.g. L = 512, K = 15, seg = 128: 135 + 142 + 142 + 135 = 554."""
+    pad = K // 2
+    total = 0
+    for s in range(-(-L // seg)):
+        lo = s * seg - pad
+        total += max(0, min(L, lo + seg + K - 1) - max(0, lo))
+    return total
+
+
+def conv_tile_traffic(N, cin, cout, H, W, K, axis, *, bm, bn, grid_x, grid_y, esize=2,
+                      prologue=False, stats=False, add=False, gate=False,
+                      weights="resident") -> dict:
+    """L2->SM bytes of a tensor-core line convolution (forward, or input gradient with Cin/Cout
+    swapped) under a launch plan: persistent grid ``grid_x`` x ``grid_y`` (n-tiles of ``bn``
+    output channels), pixel tiles of ``bm`` along the convolution axis (line_conv_tc.cu,
+    line_conv_tc_body / line_conv_tma_body; the lines are in :data:`CUDA_TRAFFIC_SOURCES`).
+
+    Terms: ``halo`` = the valid halo rows x Cin of every tile, once per n-tile (each CTA of a
+    column stages its own copy); ``weights`` = all taps x Cin x BN per CTA once (``"resident"``,
+    the kernels' staging) or once per tile and n-tile (``"per_tile"``: a plan that re-streams its
+    weight slice, for comparison); ``output`` y written once; ``add`` / ``gate`` one read per
+    output element; ``prologue`` the BN scale/shift per CTA; ``stats`` 2 x Cout fp64 partials per
+    CTA column written, read back by reduce_partials_kernel, and the 2 x Cout sums written. Bias
+    and the gate's per-channel scale/shift are re-read per output pair but from L1 (a few hundred
+    bytes), not counted. Returns the terms, their ``total`` and the plan's ``tiles``."""
+    L, lines = (W, H) if axis == 1 else (H, W)
+    M = N * H * W
+    tiles = N * lines * -(-L // bm)
+    w_all = K * cout * cin * esize  # the grid_y CTAs of a column hold BN-slices summing to Cout
+    if weights == "resident":
+        w = grid_x * w_all
+    elif weights == "per_tile":
+        w = tiles * w_all
+    else:
+        raise ValueError(f"weights must be 'resident' or 'per_tile', got {weights!r}")
+    t = dict(
+        halo=grid_y * N * lines * halo_rows(L, K, bm) * cin * esize,
+        weights=w,
+        output=M * cout * esize,
+        add=M * cout * esize if add else 0,
+        gate=M * cout * esize if gate else 0,
+        prologue=grid_x * grid_y * 2 * cin * 4 if prologue else 0,
+        stats=(2 * 2 * grid_x * cout * 8 + 2 * cout * 8) if stats else 0,
+    )
+    t["total"] = sum(t.values())
+    t["tiles"] = tiles
+    t["halo_bytes_per_tile"] = (bm + K - 1) * cin * esize
+    return t
+
+
+def wgrad_tile_traffic(N, cin, cout, H, W, K, axis, *, seg, co_tiles, ci_tiles, splits, esize=2,
+                       prologue=False) -> dict:
+    """L2->SM bytes of the tensor-core weight gradient (line_conv_wgrad_body + reduce_wgrad_kernel)
+    under its plan: CTA (co tile, ci tile, split) stages, per ``seg``-pixel segment of its split,
+    the g tile (seg pixels x its output channels) and the halo of x (seg + K − 1 rows x its input
+    channels). Terms: ``g`` = g once per ci tile; ``halo`` = x's valid halo rows once per co tile;
+    ``prologue`` scale/shift per CTA; ``partials`` = splits fp32 Cout x Cin x K slices written and
+    read back by the reduce; ``dw`` written once."""
+    L, lines = (W, H) if axis == 1 else (H, W)
+    M = N * H * W
+    dw = cout * cin * K * 4
+    t = dict(
+        g=ci_tiles * M * cout * esize,
+        halo=co_tiles * N * lines * halo_rows(L, K, seg) * cin * esize,
+        prologue=co_tiles * splits * 2 * cin * 4 if prologue else 0,
+        partials=2 * splits * dw,
+        dw=dw,
+    )
+    t["total"] = sum(t.values())
+    t["segments"] = N * lines * -(-L // seg)
+    return t
+
+
+def roofline_times(flops: float, hbm_bytes: float, tiling_bytes: float,
+                   dtype: str = "bfloat16") -> dict:
+    """The CUDA roofline's verdict: the tiling traffic's time at the L2 bandwidth the report
+    assumes and at HBM bandwidth, each against the compute floor at 800 TFLOP/s (``ok`` needs
+    both below); plus the 989-peak line (``math_989_s``, ``floor_s`` = max(math, fewest HBM bytes
+    at HBM_BW))."""
+    floor800 = flops / FLOOR_FLOPS
+    math = flops / PEAK_FLOPS[dtype]
+    l2, hbm = tiling_bytes / L2_BW, tiling_bytes / HBM_BW
+    return dict(floor_800_s=floor800, math_989_s=math, hbm_s=hbm_bytes / HBM_BW,
+                floor_s=max(math, hbm_bytes / HBM_BW), tiling_l2_s=l2, tiling_hbm_s=hbm,
+                ok_l2=l2 < floor800, ok_hbm=hbm < floor800, ok=l2 < floor800 and hbm < floor800)
+
+
+def _channels_last_strides(N, C, H, W):
+    return (C * H * W, 1, W * C, C)
+
+
+def _tc_refusal(cin, cout, K, kmax, fits) -> Optional[str]:
+    """Why line_conv_choose / line_conv_wgrad_choose give a channels_last bf16/fp16 problem to
+    the generic kernel (None: a tensor-core kernel runs)."""
+    if cin % 8 or cout % 8:
+        return f"Cin {cin} / Cout {cout} not multiples of 8"
+    if K % 2 == 0 or K > kmax:
+        return f"k {K} even or > {kmax}"
+    if not fits:
+        return "no tile fits the shared memory (fwd_bn == 0)"
+    return None
+
+
+def _cuda_conv_row(pass_, arch, dtype, stage, N, cin, cout, H, W, K, axis, plan_fn, tma_fn):
+    dev = CUDA_PLAN_DEVICES[arch]
+    e = _esize(dtype)
+    M = N * H * W
+    flops = 2 * M * cin * cout * K
+    row = dict(stage=stage, axis=dict(CONV_AXES)[axis], pass_=pass_, arch=arch, dtype=dtype,
+               N=N, cin=cin, cout=cout, H=H, W=W, k=K, flops=flops,
+               plan_device=dict(gpu=dev["gpu"], smem_optin=dev["smem_optin"], sms=dev["sms"]))
+    if pass_ == "weight-grad":
+        hbm = M * cin * e + M * cout * e + cout * cin * K * 4
+        pl = plan_fn(N, cin, cout, H, W, K, axis, dev["smem_optin"], dev["sms"])
+        why = _tc_refusal(cin, cout, K, pl["wgrad_kmax"], pl["wgrad_smem_bytes"] <= dev["smem_optin"])
+        kernel = ("line_conv_wgrad_sm90a_kernel" if arch == "sm_90a" else "line_conv_wgrad_tc_kernel")
+        kernel += " + reduce_wgrad_kernel"
+        generic = "line_conv_wgrad_kernel"
+        flags = {"prologue": True}
+        if why is None:
+            plan = dict(co_tile=pl["wgrad_bm"], ci_tile=pl["wgrad_bn"], pixels=pl["wgrad_pixels"],
+                        grid=[pl["wgrad_grid_x"], pl["wgrad_grid_y"], pl["wgrad_splits"]],
+                        threads=pl["wgrad_threads"], smem_bytes=pl["wgrad_smem_bytes"])
+            traffic = wgrad_tile_traffic(N, cin, cout, H, W, K, axis, seg=pl["wgrad_pixels"],
+                                         co_tiles=pl["wgrad_grid_x"], ci_tiles=pl["wgrad_grid_y"],
+                                         splits=pl["wgrad_splits"], esize=e, prologue=True)
+    else:
+        fwd = pass_ == "forward"
+        # the input gradient is the same kernel on g_r with Cin <-> Cout (lk_conv_backward_cuda)
+        ci, co = (cin, cout) if fwd else (cout, cin)
+        row.update(cin=ci, cout=co)
+        hbm = M * ci * e + K * co * ci * e + 2 * M * co * e  # x, w, y, add / gate_x once
+        pl = plan_fn(N, ci, co, H, W, K, axis, dev["smem_optin"], dev["sms"])
+        why = _tc_refusal(ci, co, K, TC_FWD_KMAX, pl["fwd_bn"] > 0)
+        generic = "line_conv_fwd_kernel"
+        flags = ({"prologue": True, "stats": True, "add": True} if fwd else
+                 {"gate": True, "stats": True})
+        if why is None:
+            plan = dict(bm=pl["fwd_bm"], bn=pl["fwd_bn"], grid=[pl["fwd_grid_x"], pl["fwd_grid_y"]],
+                        threads=pl["fwd_threads"], smem_bytes=pl["fwd_smem_bytes"])
+            if arch == "sm_90a":
+                tma = tma_fn(N, ci, H, W, _channels_last_strides(N, ci, H, W), K, axis, pl["fwd_bn"],
+                             dev["smem_optin"])
+                if tma["ok"] and tma["stages"] >= 2:
+                    kernel = "line_conv_tma_kernel"
+                    plan.update(threads=tma["threads"], smem_bytes=tma["smem_bytes"],
+                                stages=tma["stages"], box=tma["box"], chunks=tma["chunks"])
+                else:
+                    kernel = "line_conv_sm90a_kernel"
+            else:
+                kernel = "line_conv_sm80_kernel"
+            traffic = conv_tile_traffic(N, ci, co, H, W, K, axis, bm=pl["fwd_bm"], bn=pl["fwd_bn"],
+                                        grid_x=pl["fwd_grid_x"], grid_y=pl["fwd_grid_y"], esize=e,
+                                        **flags)
+            if flags.get("stats"):
+                kernel += " + reduce_partials_kernel"
+    row.update(flags=flags, hbm_bytes=hbm)
+    if why is not None:
+        v = roofline_times(flops, hbm, 0, dtype)
+        row.update(kernel=f"{generic} (generic, line_conv.cu)", generic=why, plan=None,
+                   traffic=None, tiling_bytes=None, tiling_l2_s=None, tiling_hbm_s=None,
+                   floor_800_s=v["floor_800_s"], math_989_s=v["math_989_s"], hbm_s=v["hbm_s"],
+                   floor_s=v["floor_s"], ok_l2=None, ok_hbm=None, ok=None)
+    else:
+        row.update(kernel=kernel, generic=None, plan=plan, traffic=traffic,
+                   tiling_bytes=traffic["total"], **roofline_times(flops, hbm, traffic["total"], dtype))
+        row["device_math_s"] = flops / dev["peak_flops"]
+        row["device_tiling_hbm_s"] = traffic["total"] / dev["hbm_bytes_per_s"]
+    row["pass"] = row.pop("pass_")
+    return row
+
+
+def cuda_conv_roofline(archs=ARCHS, dtypes=CUDA_CONV_DTYPES, stages=STAGES, k=KSIZE,
+                       plan_fn=None, tma_fn=None) -> list[dict]:
+    """One roofline row per (dtype, stage, axis, arch, pass) of the CUDA tensor-core line
+    convolutions, from the launch plans their launchers compute (``msff.ops._cuda.conv_plan`` /
+    ``tma_plan``: the C++ plan functions of csrc/cuda/line_conv_plan.h, through ``msff._C``; no
+    GPU) with each arch's device facts (:data:`CUDA_PLAN_DEVICES`). Flags per pass, the superset of
+    the model's launches so the bound is conservative: forward with prologue, statistics and
+    residual add; input gradient with the gate epilogue and statistics; weight gradient with the
+    prologue. Raises :class:`CudaPlanUnavailable` when msff._C cannot be imported."""
+    if plan_fn is None or tma_fn is None:
+        try:
+            from msff.ops import _cuda
+        except ImportError as e:  # pragma: no cover - msff.ops itself is importable everywhere
+            raise CudaPlanUnavailable(f"msff.ops._cuda is not importable ({e})") from e
+        if getattr(_cuda, "_C", None) is None:
+            raise CudaPlanUnavailable(_cuda.extension_error())
+        plan_fn = plan_fn or _cuda.conv_plan
+        tma_fn = tma_fn or _cuda.tma_plan
+    rows = []
+    for dtype in [d for d in dtypes if d in CUDA_CONV_DTYPES]:
+        for stage, N, cin, cout, H, W in stages:
+            for axis, _ in CONV_AXES:
+                for arch in archs:
+                    for pass_ in CUDA_PASSES:
+                        rows.append(_cuda_conv_row(pass_, arch, dtype, stage, N, cin, cout, H, W,
+                                                   k, axis, plan_fn, tma_fn))
+    return rows
+
+
+def cuda_roofline_section(archs=ARCHS, dtypes=CUDA_CONV_DTYPES) -> tuple[dict, list[str]]:
+    """The report's CUDA roofline keys (``cuda_roofline`` rows, ``cuda_roofline_sources``,
+    ``cuda_roofline_failures``) and notes: skipped with a note when msff._C cannot be imported, a
+    note when line_conv_tc.cu lost a line the traffic model was derived from."""
+    notes = []
+    try:  # needs msff._C (the launch-plan functions), not nvcc and not a GPU
+        rows = cuda_conv_roofline(archs, dtypes)
+    except CudaPlanUnavailable as e:
+        rows = []
+        notes.append(f"CUDA conv roofline skipped: {e}")
+    sources = cuda_traffic_sources()
+    stale = [t for t, where in sources.items() if where is None]
+    if rows and stale:
+        notes.append("CUDA conv roofline: line_conv_tc.cu no longer has the lines its traffic model "
+                     f"was derived from ({'; '.join(stale)}): re-derive the model")
+    return {"cuda_roofline": rows, "cuda_roofline_sources": sources,
+            "cuda_roofline_failures": cuda_roofline_failures(rows)}, notes
+
+
+def cuda_roofline_failures(rows, stages=ACCEPTANCE_STAGES) -> list[str]:
+    """Rows at ``stages`` whose tiling traffic is not under the 800 TFLOP/s floor at both the L2
+    and the HBM bandwidth (a generic-kernel row there counts as a failure too)."""
+    bad = []
+    for r in rows:
+        if r["stage"] in stages and r["ok"] is not True:
+            why = r["generic"] or ("L2" if not r["ok_l2"] else "") + (" HBM" if not r["ok_hbm"] else "")
+            bad.append(f"{r['stage']} {r['axis']} {r['pass']} {r['arch']} {r['dtype']}: {why.strip()}")
+    return bad
+
+
 # ---- the report ---------------------------------------------------------------------------------
 def _config_of(spec) -> dict:
     cx = spec["constexprs"]
@@ -578,6 +912,7 @@ def build_report(dtypes=DTYPES, archs=ARCHS, modes=("train", "eval"), cuda=True,
             rows.append(dict(base, arch=arch, **res))
         if progress:
             progress(i + 1, len(specs))
+    roof, notes = cuda_roofline_section(archs, dtypes)
     report = {
         "schema": SCHEMA,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -592,12 +927,15 @@ def build_report(dtypes=DTYPES, archs=ARCHS, modes=("train", "eval"), cuda=True,
                     "pool); E1.0 / E2.0 are the first blocks (3->64, 64->128, projection shortcut)",
         },
         "assumptions": {"peak_flops": PEAK_FLOPS, "hbm_bytes_per_s": HBM_BW,
-                        "l2_bytes_per_s": L2_BW, "sms": SMS, "sm_limits": SM_LIMITS},
+                        "l2_bytes_per_s": L2_BW, "sms": SMS, "sm_limits": SM_LIMITS,
+                        "floor_flops": FLOOR_FLOPS, "cuda_plan_devices": CUDA_PLAN_DEVICES},
         "dtypes": list(dtypes), "archs": list(archs), "modes": list(modes),
         "triton": rows,
         "cuda": compile_cuda(archs) if cuda else [],
         "unique_triton_compiles": len(done),
+        **roof,
         "errors": errors,
+        "notes": notes,
     }
     return report
 
@@ -673,11 +1011,47 @@ def format_table(report, arch="sm_90a", dtype="bfloat16") -> str:
                 f"{t.get('ldg_128', 0):6d} {t.get('ldgsts', 0):6d} {t.get('tma_load', 0):4d} "
                 f"{t.get('ldg_16', 0):5d} {t.get('ldg_32', 0):5d} {lp.get('ldg_16', 0):6d} "
                 f"{t.get('atomics', 0):4d}")
+    lines += format_cuda_roofline(report, arch, dtype)
     lines += ["", "mma: G = HGMMA (wgmma), H = HMMA (mma.sync) instruction count; ldg16/ldg32 = "
               "2-/4-byte scalar global loads; loop16 = 2-byte loads inside loops (main loop); "
               "floor = max(FLOPs/peak, fewest HBM bytes/3.35 TB/s); tileL2 = L2->SM traffic of "
               f"the tiling at {L2_BW / 1e12:.0f} TB/s (assumed)"]
     return "\n".join(lines)
+
+
+def format_cuda_roofline(report, arch="sm_90a", dtype="bfloat16") -> list[str]:
+    """The "CUDA conv roofline" block of the printed table (rows at ``arch``/``dtype``)."""
+    rows = [r for r in report.get("cuda_roofline", [])
+            if r["arch"] == arch and r["dtype"] == dtype]
+    if not rows:
+        return [""] + [n for n in report.get("notes", []) if "roofline" in n]
+    dev = CUDA_PLAN_DEVICES[arch]
+    lines = ["", f"CUDA conv roofline, {arch} ({dev['gpu']} plan: {dev['smem_optin']} B smem, "
+                 f"{dev['sms']} SMs), {dtype}, channels_last, k={KSIZE}: tiling traffic at "
+                 f"{L2_BW / 1e12:.0f} TB/s (L2) and {HBM_BW / 1e12:.2f} TB/s (HBM) vs FLOPs at "
+                 f"{FLOOR_FLOPS / 1e12:.0f} TFLOP/s",
+             f"{'stage':5s} {'axis':4s} {'pass':11s} {'kernel':28s} {'plan':>14s} {'GFLOP':>6s} "
+             f"{'tileGB':>6s} {'L2_ms':>6s} {'HBM_ms':>6s} {'fl800':>6s} {'fl989':>6s} ok"]
+    for r in rows:
+        head = f"{r['stage']:5s} {r['axis']:4s} {r['pass']:11s}"
+        if r["plan"] is None:
+            lines.append(f"{head} generic kernel: {r['generic']}")
+            continue
+        pl = r["plan"]
+        plan = (f"{pl['bm']}x{pl['bn']} {pl['grid'][0]}x{pl['grid'][1]}" if "bn" in pl else
+                f"{pl['co_tile']}x{pl['ci_tile']} " + "x".join(str(g) for g in pl["grid"]))
+        ok = "yes" if r["ok"] else ("no (" + ("L2 " if not r["ok_l2"] else "")
+                                    + ("HBM" if not r["ok_hbm"] else "")).strip() + ")"
+        lines.append(
+            f"{head} {r['kernel'].split(' ')[0][:28]:28s} {plan:>14s} {r['flops'] / 1e9:6.0f} "
+            f"{r['tiling_bytes'] / 1e9:6.2f} {r['tiling_l2_s'] * 1e3:6.3f} "
+            f"{r['tiling_hbm_s'] * 1e3:6.3f} {r['floor_800_s'] * 1e3:6.3f} "
+            f"{r['math_989_s'] * 1e3:6.3f} {ok}")
+    lines.append("plan: forward / input-grad BM pixels x BN channels, grid x (persistent CTAs) x y "
+                 "(n-tiles); weight-grad co x ci channels per CTA, grid co tiles x ci tiles x "
+                 "pixel splits. Flags: forward prologue+stats+add, input-grad gate+stats, "
+                 "weight-grad prologue")
+    return lines
 
 
 def write_report(report, out: Path) -> None:
@@ -726,7 +1100,7 @@ def main(argv=None) -> int:
     report = build_report(args.dtypes, args.arch, args.modes, cuda=not args.no_cuda,
                           progress=None if args.quiet else _progress)
     write_report(report, args.out)
-    for e in report["errors"]:
+    for e in report["errors"] + report["notes"]:
         print(f"kernel report: {e}", file=sys.stderr)
     if not args.quiet:
         print("\r" + " " * 40 + "\r", end="", file=sys.stderr)
