@@ -783,7 +783,9 @@ def _cuda_conv_row(pass_, arch, dtype, stage, N, cin, cout, H, W, K, axis, plan_
                 if tma["ok"] and tma["stages"] >= 2:
                     kernel = "line_conv_tma_kernel"
                     plan.update(threads=tma["threads"], smem_bytes=tma["smem_bytes"],
-                                stages=tma["stages"], box=tma["box"], chunks=tma["chunks"])
+                                stages=tma["stages"], box=tma["box"], chunks=tma["chunks"],
+                                same_bytes_as="line_conv_sm90a_kernel (MSFF_CUDA_CONV=tc-cpasync:"
+                                              " the same tiles, staged by cp.async)")
                 else:
                     kernel = "line_conv_sm90a_kernel"
             else:
