@@ -7,6 +7,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <array>
 #include <cstdlib>
 #include <cstring>
@@ -14,6 +15,7 @@
 #include <tuple>
 #include <vector>
 
+#include "conv_request.h"
 #include "cuda/line_conv_plan.h"
 #include "cuda/pointwise_plan.h"
 #include "msff_cuda.h"
@@ -145,19 +147,19 @@ int num_sms(int device) {
   return cache[device];
 }
 
-// MSFF_CUDA_CONV picks the forward / input-gradient kernels: "generic" (default; csrc/cuda/
-// line_conv.cu), "tc" (the tensor-core pipeline of this GPU where the shape allows: on sm_90a
-// builds on Hopper wgmma fed by TMA + mbarriers, mma.sync on sm_80+; csrc/cuda/line_conv_tc.cu),
-// "tc-cpasync" (on Hopper the wgmma pipeline with cp.async staging instead of TMA) or "sm80"
-// (the mma.sync pipeline even on Hopper). Read at every call so that tests can switch it.
+// The forward / input-gradient / weight-gradient kernels to ask for: MSFF_CUDA_CONV when set, else
+// the process default (msff::_cuda_conv_default; "generic" until set, e.g. from a GPU validation
+// record): "generic" (csrc/cuda/line_conv.cu), "tc" (the tensor-core pipeline of this GPU where
+// the shape allows: on sm_90a builds on Hopper wgmma fed by TMA + mbarriers, mma.sync on sm_80+;
+// csrc/cuda/line_conv_tc.cu), "tc-cpasync" (on Hopper the wgmma pipeline with cp.async staging
+// instead of TMA) or "sm80" (the mma.sync pipeline even on Hopper). Read at every call so that
+// tests can switch it.
 ConvRequest conv_request() {
   const char* v = std::getenv("MSFF_CUDA_CONV");
-  if (v == nullptr || *v == '\0' || std::strcmp(v, "generic") == 0) return ConvRequest::kGeneric;
-  if (std::strcmp(v, "tc") == 0) return ConvRequest::kBest;
-  if (std::strcmp(v, "tc-cpasync") == 0) return ConvRequest::kCpAsync;
-  if (std::strcmp(v, "sm80") == 0) return ConvRequest::kSm80;
-  TORCH_CHECK(false, "MSFF_CUDA_CONV must be one of generic, tc, tc-cpasync, sm80, got '", v, "'");
-  return ConvRequest::kGeneric;
+  if (v == nullptr || *v == '\0') return static_cast<ConvRequest>(conv_request_default());
+  const int i = conv_request_index(v);
+  TORCH_CHECK(i >= 0, "MSFF_CUDA_CONV must be one of generic, tc, tc-cpasync, sm80, got '", v, "'");
+  return static_cast<ConvRequest>(i);
 }
 
 // Chooses the kernel of a filled-in line convolution and gives the tensor-core kernels what they
@@ -269,8 +271,12 @@ std::tuple<Tensor, Tensor, Tensor> lk_conv_cuda(const Tensor& x, const Tensor& w
   const auto keep = prepare_conv_kernel(p, x, weight.reshape({Cout, Cin, k}).permute({2, 0, 1}));
   check_launch(line_conv_forward(p, c10::cuda::getCurrentCUDAStream(x.device().index())), "lk_conv forward");
   if (!stats) return {y, empty_grad(x), empty_grad(x)};
-  Tensor sf = sums_to_float(st);
-  return {y, sf[0].clone(), sf[1].clone()};
+  // SPEC.md: Σy and the centred M2 = Σ(y - ȳ)², formed from the kernels' fp64 Σy, Σy² before any
+  // rounding to fp32 (the tensor-core kernels' per-tile partials are shifted sums, tile_stats in
+  // csrc/cuda/line_conv_tc.cu, so only this fp64 cancellation remains).
+  const double count = static_cast<double>(std::max<int64_t>(1, N * H * W));
+  Tensor m2 = (st[1] - st[0] * st[0] / count).clamp_min(0.0);
+  return {y, st[0].to(at::kFloat), m2.to(at::kFloat)};
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lk_conv_backward_cuda(

@@ -50,7 +50,8 @@ enum class Epilogue : int { kConv = 0, kGate = 1 };
 // kSm90aTma = wgmma with the halo staged by TMA in an mbarrier pipeline fed by a producer warp.
 enum class ConvKernel : int { kGeneric = 0, kSm80 = 1, kSm90a = 2, kSm90aTma = 3 };
 
-// What the caller asks for (the MSFF_CUDA_CONV environment variable, read by the torch glue):
+// What the caller asks for (the MSFF_CUDA_CONV environment variable, else the process default of
+// csrc/conv_request.h, read by the torch glue at every call):
 // kGeneric (the default until a GPU validation record says otherwise), kBest (the fastest
 // tensor-core kernel of this GPU where the shape allows it, else generic: on Hopper the TMA
 // pipeline), kSm80 (the mma.sync kernel even on Hopper, for parity checks), kCpAsync (on Hopper

@@ -9,12 +9,32 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include <atomic>
+#include <string>
 #include <vector>
 
+#include "conv_request.h"
 #include "cuda/line_conv_plan.h"
 #include "cuda/pointwise_plan.h"
 
+namespace msff {
 namespace {
+std::atomic<int> g_conv_request_default{0};
+}  // namespace
+int conv_request_default() { return g_conv_request_default.load(); }
+}  // namespace msff
+
+namespace {
+
+// msff::_cuda_conv_default(name): the lk_conv kernels the CUDA backend uses when MSFF_CUDA_CONV is
+// unset. "" only reads it; a name sets it. Returns the previous (= current, for "") name.
+std::string cuda_conv_default(const std::string& name) {
+  using namespace msff;
+  if (name.empty()) return kConvRequestNames[conv_request_default()];
+  const int i = conv_request_index(name.c_str());
+  TORCH_CHECK(i >= 0, "the CUDA conv kernel must be one of generic, tc, tc-cpasync, sm80, got '", name, "'");
+  return kConvRequestNames[g_conv_request_default.exchange(i)];
+}
 
 // The launch plan of the tensor-core line-convolution kernels for one shape (the same functions
 // their launchers call), for the offline kernel report; plain arithmetic, no GPU needed.
@@ -72,7 +92,7 @@ std::vector<int64_t> lk_conv_cuda_tma_plan(int64_t N, int64_t C, int64_t H, int6
 TORCH_LIBRARY(msff, m) {
   m.def(
       "lk_conv_cuda(Tensor x, Tensor weight, Tensor? bias, Tensor? in_scale, Tensor? in_shift, "
-      "Tensor? add, bool relu, bool stats) -> (Tensor y, Tensor ch_sum, Tensor ch_sumsq)");
+      "Tensor? add, bool relu, bool stats) -> (Tensor y, Tensor ch_sum, Tensor ch_m2)");
   m.def(
       "_lk_conv_backward_cuda(Tensor grad_y, Tensor? grad_sum, Tensor? grad_sumsq, Tensor x, "
       "Tensor weight, Tensor y, Tensor? bias, Tensor? in_scale, Tensor? in_shift, Tensor? add, "
@@ -98,6 +118,7 @@ TORCH_LIBRARY(msff, m) {
       "_lk_conv_cuda_tma_plan(int N, int C, int H, int W, int sn, int sc, int sh, int sw, int K, int axis, "
       "int bn, int smem_optin) -> int[]",
       &lk_conv_cuda_tma_plan);
+  m.def("_cuda_conv_default(str name) -> str", &cuda_conv_default);
 }
 
 // `import msff._C` loads this library (and so runs the registrations above). The module carries

@@ -155,7 +155,7 @@ MSFF_HD inline TmaGeo tma_geometry(int Cin, int K, int bn, int smem_optin) {
     const int stages_off = round_up(g.w_bytes, 1024);
     const int prm_off = stages_off + s * t.stage_bytes;
     const int scratch_off = prm_off + g.prm_bytes;
-    const int bar_off = scratch_off + 2 * 8 * bn * 4;
+    const int bar_off = scratch_off + 3 * 8 * bn * 4;  // tile_stats: [3][8 warps][bn] floats
     const int total = bar_off + 2 * s * 8 + 1024;
     if (total <= smem_optin) {
       t.stages = s;

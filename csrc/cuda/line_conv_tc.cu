@@ -193,15 +193,19 @@ struct EpiCtx {
 };
 
 // Epilogue of two neighbouring output channels (co, co + 1; Cout is a multiple of 8) of pixel
-// pos0 + m. Adds the statistics' contributions to s0/s1 (fp32, per channel of the pair).
+// pos0 + m, from their accumulators c[0], c[1]. kConv: writes the fp32 epilogue values (what the
+// statistics sum) to out[0], out[1] for tile_stats (a separate array: writing them over the
+// accumulators makes ptxas serialise the wgmma pipeline, C7514); kGate: adds its two statistics
+// to s0/s1 (fp32, per channel of the pair).
 template <typename T>
-__device__ __forceinline__ void epi_pair(const LineConvParams& p, const EpiCtx& e, int m, int co, float v0,
-                                         float v1, float* s0, float* s1) {
+__device__ __forceinline__ void epi_pair(const LineConvParams& p, const EpiCtx& e, int m, int co, const float* c,
+                                         float* out, float* s0, float* s1) {
   const int pos = e.pos0 + m;
   if (pos >= e.L || co >= p.Cout) return;
+  float v0 = c[0], v1 = c[1];
   const int h = p.axis == 1 ? e.line : pos;
   const int w = p.axis == 1 ? pos : e.line;
-  float a0, a1, b0, b1;
+  float a0 = 0.0f, a1 = 0.0f, b0 = 0.0f, b1 = 0.0f;
   if (!e.gate) {
     if (p.bias != nullptr) {
       v0 += p.bias[co];
@@ -216,10 +220,8 @@ __device__ __forceinline__ void epi_pair(const LineConvParams& p, const EpiCtx& 
       v0 += r.x;
       v1 += r.y;
     }
-    a0 = v0;
-    a1 = v1;
-    b0 = v0 * v0;
-    b1 = v1 * v1;
+    out[0] = v0;
+    out[1] = v1;
   } else {
     const float2 xg = load_pair<T>(p.gate_x, e.n, co, h, w);
     const float sc0 = p.gate_scale[co], sc1 = p.gate_scale[co + 1];
@@ -233,10 +235,12 @@ __device__ __forceinline__ void epi_pair(const LineConvParams& p, const EpiCtx& 
     v1 = g1 * sc1;
   }
   if (p.y.ptr != nullptr) store_pair<T>(p.y, e.n, co, h, w, v0, v1);
-  s0[0] += a0;
-  s0[1] += a1;
-  s1[0] += b0;
-  s1[1] += b1;
+  if (e.gate) {
+    s0[0] += a0;
+    s0[1] += a1;
+    s1[0] += b0;
+    s1[1] += b1;
+  }
 }
 
 template <typename T, int BN, int ARCH>
@@ -247,6 +251,121 @@ struct TcTraits {
   static constexpr int MI = ARCH == 90 ? 1 : 2;             // m16 blocks per thread
   static constexpr int ACC = MI * NJ * 4;
 };
+
+// The tile of index `tile`: image n, line, first pixel pos0 along the convolution axis.
+__device__ __forceinline__ void tile_coords(int64_t tile, int segs, int lines, int* n, int* line, int* pos0) {
+  *pos0 = static_cast<int>(tile % segs) * TC_BM;
+  *line = static_cast<int>((tile / segs) % lines);
+  *n = static_cast<int>(tile / (static_cast<int64_t>(segs) * lines));
+}
+
+// Stages the weights of output channels co0 .. co0 + BN - 1, every tap, with 16-byte cp.async
+// (zero-fill past Cout / Cin) into the canonical core-matrix layout of the K-major B operand:
+// (t, co_l, ci) -> tap t, core matrix (co_l / 8, ci / 8). The caller commits and waits.
+template <typename T, int BN>
+__device__ __forceinline__ void stage_weights(const LineConvParams& p, const TcGeo& g, uint32_t wbase, int co0,
+                                              int tid, int nthreads) {
+  const int c8n = g.cin_pad / 8;
+  const T* wnk = static_cast<const T*>(p.w_nk);
+  for (int idx = tid; idx < p.K * BN * c8n; idx += nthreads) {
+    const int c8 = idx % c8n;
+    const int co_l = (idx / c8n) % BN;
+    const int t = idx / (c8n * BN);
+    const int co = co0 + co_l;
+    const bool ok = co < p.Cout && c8 * 8 < p.Cin;
+    const T* src = ok ? wnk + (static_cast<int64_t>(t) * p.Cout + co) * p.Cin + c8 * 8 : wnk;
+    cp_async16(wbase + t * g.tap_bytes + (co_l >> 3) * g.sbo + c8 * 128 + (co_l & 7) * 16, src, ok);
+  }
+}
+
+// The pending BN + ReLU of the producer, relu(x * scale + shift), applied in place to one staged
+// 16-byte unit (channels 8 c8 .. 8 c8 + 7); prm = [scale (cin_pad) | shift (cin_pad)].
+template <typename T>
+__device__ __forceinline__ void prologue_unit(void* unit, int c8, const float* prm, int cin_pad) {
+  uint4* q = reinterpret_cast<uint4*>(unit);
+  uint4 v = *q;
+  typename Pair<T>::type* h2 = reinterpret_cast<typename Pair<T>::type*>(&v);
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const int ci = c8 * 8 + 2 * j;
+    const float2 f = Pair<T>::to_float2(h2[j]);
+    h2[j] = Pair<T>::from_float2(fmaxf(f.x * prm[ci] + prm[cin_pad + ci], 0.0f),
+                                 fmaxf(f.y * prm[ci + 1] + prm[cin_pad + ci + 1], 0.0f));
+  }
+  *q = v;
+}
+
+// BN statistics of one tile, added to the CTA's fp64 sums (thread tid < BN owns channel
+// co0 + tid): deterministic (fixed shuffles, row groups summed in order).
+// kConv: the epilogue left every element's fp32 value in acc (element (i, j, hh, q) is tile row
+// row_base + 16 i + 8 hh, channel col_base + 8 j + q). Each row group sums d = v - c and d^2
+// with c = the value of the group's first row (lane t4 holds it: a shuffle), so the fp32 rounding
+// is relative to the spread of the values, not to their mean (BN's E[y^2] - E[y]^2 loses every
+// digit when |mean| >> std); the owner turns each group's (rows n, c, S1 = sum d, S2 = sum d^2)
+// into sum v = S1 + n c and sum v^2 = S2 + c (2 S1 + n c) in fp64, and the host forms
+// M2 = sum v^2 - (sum v)^2 / count in fp64. kGate: s0 / s1 already hold the two plain sums (c = 0).
+// Rows at or past valid_rows (past the end of the line) are excluded. scratch: [3][GROUPS][BN]
+// floats; sync(): the barrier of the threads that run the epilogue.
+template <int MI, int NJ, int GROUPS, int ROWS, int BN, typename Sync>
+__device__ __forceinline__ void tile_stats(const float* acc, float (*s0)[2], float (*s1)[2], bool gate, int group,
+                                           int row_base, int col_base, int valid_rows, int lane, int tid,
+                                           float* scratch, double* cta_s0, double* cta_s1, Sync sync) {
+  const int g8 = lane >> 2, t4 = lane & 3;
+  float cs[NJ][2];
+#pragma unroll
+  for (int j = 0; j < NJ; ++j)
+#pragma unroll
+    for (int q = 0; q < 2; ++q) cs[j][q] = gate ? 0.0f : __shfl_sync(0xffffffffu, acc[j * 4 + q], t4);
+  if (!gate) {
+#pragma unroll
+    for (int j = 0; j < NJ; ++j) s0[j][0] = s0[j][1] = s1[j][0] = s1[j][1] = 0.0f;
+#pragma unroll
+    for (int i = 0; i < MI; ++i)
+#pragma unroll
+      for (int hh = 0; hh < 2; ++hh) {
+        if (row_base + 16 * i + 8 * hh >= valid_rows) continue;
+#pragma unroll
+        for (int j = 0; j < NJ; ++j)
+#pragma unroll
+          for (int q = 0; q < 2; ++q) {
+            const float d = acc[(i * NJ + j) * 4 + 2 * hh + q] - cs[j][q];
+            s0[j][q] += d;
+            s1[j][q] = fmaf(d, d, s1[j][q]);
+          }
+      }
+  }
+#pragma unroll
+  for (int j = 0; j < NJ; ++j)
+#pragma unroll
+    for (int q = 0; q < 2; ++q) {
+      float a = s0[j][q], b = s1[j][q];
+#pragma unroll
+      for (int off = 4; off < 32; off <<= 1) {
+        a += __shfl_xor_sync(0xffffffffu, a, off);
+        b += __shfl_xor_sync(0xffffffffu, b, off);
+      }
+      if (g8 == 0) {
+        const int col = col_base + 8 * j + q;
+        scratch[group * BN + col] = a;
+        scratch[(GROUPS + group) * BN + col] = b;
+        scratch[(2 * GROUPS + group) * BN + col] = cs[j][q];
+      }
+    }
+  sync();
+  if (tid < BN) {
+#pragma unroll
+    for (int r = 0; r < GROUPS; ++r) {
+      const int rows = valid_rows - r * ROWS;
+      const double n = rows <= 0 ? 0.0 : (rows >= ROWS ? ROWS : rows);
+      if (n == 0.0) continue;
+      const double a = scratch[r * BN + tid], b = scratch[(GROUPS + r) * BN + tid];
+      const double c = scratch[(2 * GROUPS + r) * BN + tid];
+      *cta_s0 += a + n * c;
+      *cta_s1 += b + c * (2.0 * a + n * c);
+    }
+  }
+  sync();
+}
 
 template <typename T, int BN, int ARCH>
 __device__ __forceinline__ void line_conv_tc_body(const LineConvParams& p, unsigned char* smem) {
@@ -277,32 +396,12 @@ __device__ __forceinline__ void line_conv_tc_body(const LineConvParams& p, unsig
       prm[g.cin_pad + i] = i < p.Cin ? p.in_shift[i] : 0.0f;
     }
   }
-  // Weights of this CTA's channels, every tap: (t, co_l, ci) -> core matrix (co_l / 8, ci / 8).
-  {
-    const T* wnk = static_cast<const T*>(p.w_nk);
-    const uint32_t wbase = smem_u32(wsm);
-    const int chunks = p.K * BN * c8n;
-    for (int idx = tid; idx < chunks; idx += TC_THREADS) {
-      const int c8 = idx % c8n;
-      const int co_l = (idx / c8n) % BN;
-      const int t = idx / (c8n * BN);
-      const int co = co0 + co_l;
-      const bool ok = co < p.Cout && c8 * 8 < p.Cin;
-      const T* src = ok ? wnk + (static_cast<int64_t>(t) * p.Cout + co) * p.Cin + c8 * 8 : wnk;
-      cp_async16(wbase + t * g.tap_bytes + (co_l >> 3) * g.sbo + c8 * 128 + (co_l & 7) * 16, src, ok);
-    }
-  }
+  stage_weights<T, BN>(p, g, smem_u32(wsm), co0, tid, TC_THREADS);
   cp_async_commit();
 
-  auto decode = [&](int64_t tile, int& n, int& line, int& pos0) {
-    const int seg = static_cast<int>(tile % segs);
-    line = static_cast<int>((tile / segs) % lines);
-    n = static_cast<int>(tile / (static_cast<int64_t>(segs) * lines));
-    pos0 = seg * TC_BM;
-  };
   auto load_halo = [&](int64_t tile, T* buf) {
     int n, line, pos0;
-    decode(tile, n, line, pos0);
+    tile_coords(tile, segs, lines, &n, &line, &pos0);
     const int64_t x_line = p.axis == 1 ? n * p.x.sn + line * p.x.sh : n * p.x.sn + line * p.x.sw;
     const uint32_t base = smem_u32(buf);
     for (int idx = tid; idx < g.rows * c8n; idx += TC_THREADS) {
@@ -333,24 +432,14 @@ __device__ __forceinline__ void line_conv_tc_body(const LineConvParams& p, unsig
     if constexpr (ARCH == 90) fence_proxy_async();  // make them visible to wgmma's async proxy
 #endif
     __syncthreads();
-    decode(tile, e.n, e.line, e.pos0);
+    tile_coords(tile, segs, lines, &e.n, &e.line, &e.pos0);
     if (prologue) {
       // relu(x * scale + shift), once per staged element; padding rows stay zero.
       for (int idx = tid; idx < g.rows * c8n; idx += TC_THREADS) {
         const int r = idx / c8n, c8 = idx % c8n;
         const int pos = e.pos0 - pad + r;
         if (pos < 0 || pos >= L || c8 * 8 >= p.Cin) continue;
-        uint4* q = reinterpret_cast<uint4*>(cur + r * g.lda + c8 * 8);
-        uint4 v = *q;
-        typename Pair<T>::type* h2 = reinterpret_cast<typename Pair<T>::type*>(&v);
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          const int ci = c8 * 8 + 2 * j;
-          const float2 f = Pair<T>::to_float2(h2[j]);
-          h2[j] = Pair<T>::from_float2(fmaxf(f.x * prm[ci] + prm[g.cin_pad + ci], 0.0f),
-                                       fmaxf(f.y * prm[ci + 1] + prm[g.cin_pad + ci + 1], 0.0f));
-        }
-        *q = v;
+        prologue_unit<T>(cur + r * g.lda + c8 * 8, c8, prm, g.cin_pad);
       }
       __syncthreads();
     }
@@ -408,6 +497,9 @@ __device__ __forceinline__ void line_conv_tc_body(const LineConvParams& p, unsig
     // Epilogue straight from the accumulators: acc[(i * NJ + j) * 4 + q] is pixel
     // row_base + 16 i + 8 (q >> 1), channel col_base + 8 j + (q & 1).
     float s0[NJ][2], s1[NJ][2];
+    float val[Tr::ACC];  // kConv: the epilogue values (rows past the line: 0, never summed)
+#pragma unroll
+    for (int i = 0; i < Tr::ACC; ++i) val[i] = 0.0f;
 #pragma unroll
     for (int j = 0; j < NJ; ++j) s0[j][0] = s0[j][1] = s1[j][0] = s1[j][1] = 0.0f;
 #pragma unroll
@@ -415,43 +507,17 @@ __device__ __forceinline__ void line_conv_tc_body(const LineConvParams& p, unsig
 #pragma unroll
       for (int j = 0; j < NJ; ++j)
 #pragma unroll
-        for (int hh = 0; hh < 2; ++hh) {
-          const float* c = &acc[(i * NJ + j) * 4 + 2 * hh];
-          epi_pair<T>(p, e, row_base + 16 * i + 8 * hh, co0 + col_base + 8 * j, c[0], c[1], s0[j], s1[j]);
-        }
+        for (int hh = 0; hh < 2; ++hh)
+          epi_pair<T>(p, e, row_base + 16 * i + 8 * hh, co0 + col_base + 8 * j, &acc[(i * NJ + j) * 4 + 2 * hh],
+                      &val[(i * NJ + j) * 4 + 2 * hh], s0[j], s1[j]);
     __syncthreads();  // every warp is done reading `cur`: reuse it as the statistics scratch
     if (stats) {
-      // Fixed-order reductions: over the 8 row lanes by shuffles, then over the row groups.
-      float* scratch = reinterpret_cast<float*>(cur);  // [2][ROW_GROUPS][BN]
-      const int group = ARCH == 90 ? warp : (warp & 3);
-#pragma unroll
-      for (int j = 0; j < NJ; ++j)
-#pragma unroll
-        for (int q = 0; q < 2; ++q) {
-          float a = s0[j][q], b = s1[j][q];
-#pragma unroll
-          for (int off = 4; off < 32; off <<= 1) {
-            a += __shfl_xor_sync(0xffffffffu, a, off);
-            b += __shfl_xor_sync(0xffffffffu, b, off);
-          }
-          if (g8 == 0) {
-            const int col = col_base + 8 * j + q;
-            scratch[group * BN + col] = a;
-            scratch[(Tr::ROW_GROUPS + group) * BN + col] = b;
-          }
-        }
-      __syncthreads();
-      if (tid < BN) {
-        float a = 0.0f, b = 0.0f;
-#pragma unroll
-        for (int r = 0; r < Tr::ROW_GROUPS; ++r) {
-          a += scratch[r * BN + tid];
-          b += scratch[(Tr::ROW_GROUPS + r) * BN + tid];
-        }
-        cta_s0 += a;
-        cta_s1 += b;
-      }
-      __syncthreads();  // the scratch (= `cur`) is free for the next prefetch
+      // [3][ROW_GROUPS][BN] floats: <= 6 KB, and a halo stage is >= TC_BM rows x 24 elements x 2 B
+      static_assert(3 * Tr::ROW_GROUPS * BN * 4 <= TC_BM * 24 * 2, "statistics scratch exceeds a halo stage");
+      tile_stats<MI, NJ, Tr::ROW_GROUPS, TC_BM / Tr::ROW_GROUPS, BN>(
+          val, s0, s1, e.gate, ARCH == 90 ? warp : (warp & 3), row_base, col_base, L - e.pos0, lane, tid,
+          reinterpret_cast<float*>(cur), &cta_s0, &cta_s1, [] { __syncthreads(); });
+      // the last barrier of tile_stats: the scratch (= `cur`) is free for the next prefetch
     }
   }
   cp_async_wait<0>();
@@ -501,13 +567,13 @@ __device__ __forceinline__ void tma_load_4d(uint32_t dst, const void* tmap, uint
 // Named barrier of the 256 consumer threads (barrier 0 is __syncthreads, which the producer
 // never reaches after the role split).
 __device__ __forceinline__ void consumers_sync() { asm volatile("bar.sync 1, %0;\n" ::"n"(TMA_CONSUMERS) : "memory"); }
-#endif
 
 // Byte address of 16-byte unit u (channels 8u .. 8u + 7, u < 8) of row r in a 128-byte-swizzled
 // box that starts at a 1024-byte aligned address.
 __device__ __forceinline__ uint32_t swz(uint32_t box, int r, int u) {
   return box + static_cast<uint32_t>(r) * 128u + ((static_cast<uint32_t>(u) ^ (r & 7)) << 4);
 }
+#endif
 
 template <typename T, int BN>
 __device__ __forceinline__ void line_conv_tma_body(const CUtensorMap* tmap, const LineConvParams& p,
@@ -528,7 +594,7 @@ __device__ __forceinline__ void line_conv_tma_body(const CUtensorMap* tmap, cons
   T* wsm = reinterpret_cast<T*>(smem);
   const uint32_t stages = base + tg.stages_off;
   float* prm = reinterpret_cast<float*>(smem + tg.prm_off);
-  float* scratch = reinterpret_cast<float*>(smem + tg.scratch_off);  // [2][8][BN]
+  float* scratch = reinterpret_cast<float*>(smem + tg.scratch_off);  // [3][8][BN]: tile_stats
   const uint32_t full = base + tg.bar_off, empty = full + 8 * S;
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -540,13 +606,6 @@ __device__ __forceinline__ void line_conv_tma_body(const CUtensorMap* tmap, cons
   const int pad = p.K / 2;
   const int ksteps = g.cin_pad / 16;
   const bool prologue = p.in_scale != nullptr;
-  auto decode = [&](int64_t tile, int& n, int& line, int& pos0) {
-    const int seg = static_cast<int>(tile % segs);
-    line = static_cast<int>((tile / segs) % lines);
-    n = static_cast<int>(tile / (static_cast<int64_t>(segs) * lines));
-    pos0 = seg * TC_BM;
-  };
-
   if (tid == 0) {
     for (int s = 0; s < S; ++s) {
       mbar_init(full + 8 * s, 1);                        // the producer's arrive.expect_tx
@@ -564,7 +623,7 @@ __device__ __forceinline__ void line_conv_tma_body(const CUtensorMap* tmap, cons
         const int s = it % S;
         if (it >= S) mbar_wait(empty + 8 * s, ((it / S) & 1) ^ 1);  // the consumers freed stage s
         int n, line, pos0;
-        decode(tile, n, line, pos0);
+        tile_coords(tile, segs, lines, &n, &line, &pos0);
         mbar_arrive_expect_tx(full + 8 * s, static_cast<uint32_t>(chunks * TMA_BC * g.rows * 2));
         for (int kc = 0; kc < chunks; ++kc)
           tma_load_4d(stages + s * tg.stage_bytes + kc * chunk_bytes, tmap, full + 8 * s, kc * TMA_BC,
@@ -582,19 +641,7 @@ __device__ __forceinline__ void line_conv_tma_body(const CUtensorMap* tmap, cons
     }
   }
   {
-    const int c8n = g.cin_pad / 8;
-    const T* wnk = static_cast<const T*>(p.w_nk);
-    const uint32_t wbase = smem_u32(wsm);
-    const int n_chunks = p.K * BN * c8n;
-    for (int idx = tid; idx < n_chunks; idx += TMA_CONSUMERS) {
-      const int c8 = idx % c8n;
-      const int co_l = (idx / c8n) % BN;
-      const int t = idx / (c8n * BN);
-      const int co = co0 + co_l;
-      const bool ok = co < p.Cout && c8 * 8 < p.Cin;
-      const T* src = ok ? wnk + (static_cast<int64_t>(t) * p.Cout + co) * p.Cin + c8 * 8 : wnk;
-      cp_async16(wbase + t * g.tap_bytes + (co_l >> 3) * g.sbo + c8 * 128 + (co_l & 7) * 16, src, ok);
-    }
+    stage_weights<T, BN>(p, g, smem_u32(wsm), co0, tid, TMA_CONSUMERS);
     cp_async_commit();
     cp_async_wait<0>();
     fence_proxy_async();  // the weights are read by wgmma (async proxy)
@@ -615,7 +662,7 @@ __device__ __forceinline__ void line_conv_tma_body(const CUtensorMap* tmap, cons
     const int s = it % S;
     const uint32_t cur = stages + s * tg.stage_bytes;
     mbar_wait(full + 8 * s, (it / S) & 1);  // the TMA bytes of this tile have landed
-    decode(tile, e.n, e.line, e.pos0);
+    tile_coords(tile, segs, lines, &e.n, &e.line, &e.pos0);
     if (prologue) {
       // relu(x * scale + shift), once per staged element; padding rows and channels stay zero.
       const int units = chunks * (TMA_BC / 8);
@@ -625,17 +672,7 @@ __device__ __forceinline__ void line_conv_tma_body(const CUtensorMap* tmap, cons
         const int pos = e.pos0 - pad + r;
         const int c8 = u;  // channels 8u .. 8u + 7
         if (pos < 0 || pos >= L || c8 * 8 >= p.Cin) continue;
-        uint4* q = reinterpret_cast<uint4*>(cur_g + (u >> 3) * chunk_bytes + (swz(0, r, u & 7)));
-        uint4 v = *q;
-        typename Pair<T>::type* h2 = reinterpret_cast<typename Pair<T>::type*>(&v);
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          const int ci = c8 * 8 + 2 * j;
-          const float2 f = Pair<T>::to_float2(h2[j]);
-          h2[j] = Pair<T>::from_float2(fmaxf(f.x * prm[ci] + prm[g.cin_pad + ci], 0.0f),
-                                       fmaxf(f.y * prm[ci + 1] + prm[g.cin_pad + ci + 1], 0.0f));
-        }
-        *q = v;
+        prologue_unit<T>(cur_g + (u >> 3) * chunk_bytes + swz(0, r, u & 7), c8, prm, g.cin_pad);
       }
       consumers_sync();
     }
@@ -666,45 +703,20 @@ __device__ __forceinline__ void line_conv_tma_body(const CUtensorMap* tmap, cons
 
     const int row_base = warp * 16 + g8, col_base = 2 * t4;
     float s0[NJ][2], s1[NJ][2];
+    float val[Tr::ACC];  // kConv: the epilogue values (rows past the line: 0, never summed)
+#pragma unroll
+    for (int i = 0; i < Tr::ACC; ++i) val[i] = 0.0f;
 #pragma unroll
     for (int j = 0; j < NJ; ++j) s0[j][0] = s0[j][1] = s1[j][0] = s1[j][1] = 0.0f;
 #pragma unroll
     for (int j = 0; j < NJ; ++j)
 #pragma unroll
-      for (int hh = 0; hh < 2; ++hh) {
-        const float* c = &acc[j * 4 + 2 * hh];
-        epi_pair<T>(p, e, row_base + 8 * hh, co0 + col_base + 8 * j, c[0], c[1], s0[j], s1[j]);
-      }
-    if (stats) {
-#pragma unroll
-      for (int j = 0; j < NJ; ++j)
-#pragma unroll
-        for (int q = 0; q < 2; ++q) {
-          float a = s0[j][q], b = s1[j][q];
-#pragma unroll
-          for (int off = 4; off < 32; off <<= 1) {
-            a += __shfl_xor_sync(0xffffffffu, a, off);
-            b += __shfl_xor_sync(0xffffffffu, b, off);
-          }
-          if (g8 == 0) {
-            const int col = col_base + 8 * j + q;
-            scratch[warp * BN + col] = a;
-            scratch[(8 + warp) * BN + col] = b;
-          }
-        }
-      consumers_sync();
-      if (tid < BN) {
-        float a = 0.0f, b = 0.0f;
-#pragma unroll
-        for (int r = 0; r < 8; ++r) {
-          a += scratch[r * BN + tid];
-          b += scratch[(8 + r) * BN + tid];
-        }
-        cta_s0 += a;
-        cta_s1 += b;
-      }
-      consumers_sync();
-    }
+      for (int hh = 0; hh < 2; ++hh)
+        epi_pair<T>(p, e, row_base + 8 * hh, co0 + col_base + 8 * j, &acc[j * 4 + 2 * hh], &val[j * 4 + 2 * hh],
+                    s0[j], s1[j]);
+    if (stats)
+      tile_stats<1, NJ, 8, TC_BM / 8, BN>(val, s0, s1, e.gate, warp, row_base, col_base, L - e.pos0, lane, tid,
+                                          scratch, &cta_s0, &cta_s1, [] { consumers_sync(); });
   }
   if (stats && tid < BN && co0 + tid < p.Cout) {
     const int64_t P = gridDim.x;

@@ -21,6 +21,7 @@ Example:
 from __future__ import annotations
 
 import logging
+import os
 from typing import Optional
 
 import torch
@@ -30,15 +31,18 @@ from msff.ops.registry import empty_like_layout, register_impl
 
 log = logging.getLogger("msff.ops.cuda")
 
-__all__ = ["CONV_KERNEL_ENV", "CUDA_OPS", "conv_plan", "extension_error", "kernels_built",
-           "unavailable_reason"]
+__all__ = ["CONV_KERNELS", "CONV_KERNEL_ENV", "CUDA_OPS", "conv_kernel", "conv_plan",
+           "extension_error", "kernels_built", "set_conv_kernel_default", "unavailable_reason"]
 
-#: Environment variable choosing the lk_conv forward / input-gradient / weight-gradient kernels:
-#: ``generic`` (default: csrc/cuda/line_conv.cu, every dtype and layout), ``tc`` (the tensor-core
-#: pipelines of csrc/cuda/line_conv_tc.cu where the shape allows: wgmma on sm_90a builds on Hopper,
-#: mma.sync elsewhere) or ``sm80`` (the mma.sync pipeline even on Hopper). The tensor-core kernels
-#: have not run on a GPU yet: they stay opt-in until ``make gpu-check`` validates them.
+#: Environment variable choosing the lk_conv forward / input-gradient / weight-gradient kernels;
+#: when set it wins over the process default (:func:`set_conv_kernel_default`). See CONV_KERNELS.
 CONV_KERNEL_ENV = "MSFF_CUDA_CONV"
+#: The lk_conv kernel requests of the CUDA backend: ``generic`` (csrc/cuda/line_conv.cu, every
+#: dtype and layout; the default until a GPU validation record says otherwise), ``tc`` (the
+#: tensor-core pipeline of this GPU where the shape allows: on sm_90a builds on Hopper wgmma fed by
+#: TMA + mbarriers, mma.sync on sm_80+, else generic), ``tc-cpasync`` (on Hopper wgmma with
+#: cp.async staging instead of TMA) and ``sm80`` (the mma.sync pipeline even on Hopper).
+CONV_KERNELS = ("generic", "tc", "tc-cpasync", "sm80")
 
 _PLAN_KEYS = (
     "fwd_bm", "fwd_bn", "fwd_threads", "fwd_smem_bytes", "fwd_grid_x", "fwd_grid_y",
@@ -117,6 +121,40 @@ def unavailable_reason(x: Optional[torch.Tensor]) -> Optional[str]:
 
 
 register_backend_probe("cuda", unavailable_reason)
+
+
+def conv_kernel() -> str:
+    """The lk_conv kernel request the CUDA backend uses now: ``$MSFF_CUDA_CONV`` when set (an
+    unknown value raises at the next CUDA call), else the process default.
+
+    Example:
+        >>> conv_kernel() in CONV_KERNELS
+        True
+    """
+    env = os.environ.get(CONV_KERNEL_ENV, "")
+    if env:
+        return env
+    if _C is None:
+        return CONV_KERNELS[0]
+    return str(torch.ops.msff._cuda_conv_default(""))
+
+
+def set_conv_kernel_default(name: str) -> str:
+    """Sets the process default lk_conv kernel request (one of :data:`CONV_KERNELS`; used when
+    ``$MSFF_CUDA_CONV`` is unset) and returns the previous one. Kernels that have not passed a GPU
+    validation record should only be chosen explicitly (``auto`` sets it from the record).
+
+    Example:
+        >>> prev = set_conv_kernel_default("tc")
+        >>> set_conv_kernel_default(prev)
+        'tc'
+    """
+    if name not in CONV_KERNELS:
+        raise ValueError(f"the CUDA conv kernel must be one of {', '.join(CONV_KERNELS)}, "
+                         f"got {name!r}")
+    if _C is None:
+        raise RuntimeError(extension_error())
+    return str(torch.ops.msff._cuda_conv_default(name))
 
 
 def conv_plan(n: int, cin: int, cout: int, h: int, w: int, k: int, axis: int = 1,
@@ -253,13 +291,15 @@ def _register_python_side() -> None:
 
     def _lk_setup(ctx, inputs, output):
         x, weight, bias, in_scale, in_shift, add, relu, stats = inputs
-        ctx.save_for_backward(x, weight, output[0], bias, in_scale, in_shift, add)
+        ctx.save_for_backward(x, weight, output[0], bias, in_scale, in_shift, add,
+                              output[1] if stats else None)
         ctx.relu, ctx.stats = relu, stats
 
-    def _lk_backward(ctx, grad_y, grad_sum, grad_sumsq):
-        from msff.ops.lk_conv import backward_arguments
+    def _lk_backward(ctx, grad_y, grad_sum, grad_m2):
+        from msff.ops.lk_conv import _m2_grads, backward_arguments
 
-        args = backward_arguments(ctx, grad_y, grad_sum, grad_sumsq)
+        # the third output is M2 = Σ(y - ȳ)² (SPEC.md), as for the public op
+        args = backward_arguments(ctx, grad_y, *_m2_grads(ctx, grad_sum, grad_m2))
         outs = torch.ops.msff._lk_conv_backward_cuda(*args)
         return (*[o if m else None for o, m in zip(outs, args[-1], strict=True)], None, None)
 
@@ -292,13 +332,8 @@ def _register_impls() -> None:
     lkam_se_bwd = ops._lkam_se_backward_cuda
 
     def _lk_conv_cuda(x, weight, bias, in_scale, in_shift, add, relu, stats):
-        y, s, q = lk_conv(x, weight, bias, in_scale, in_shift, add, relu, stats)
-        if stats:
-            # msff::lk_conv returns M2 = Σ(y - ȳ)² (SPEC.md); lk_conv_cuda still returns Σy²
-            # rounded to fp32 (its fp64 sums could give M2 without this cancellation)
-            n = max(1, x.shape[0] * x.shape[2] * x.shape[3])
-            q = (q.double() - s.double() ** 2 / n).clamp_min(0.0).float()
-        return y, s, q
+        # (y, Σy, M2): csrc forms M2 from its fp64 sums (SPEC.md)
+        return tuple(lk_conv(x, weight, bias, in_scale, in_shift, add, relu, stats))
 
     def _lk_conv_backward_cuda(grad_y, grad_sum, grad_sumsq, x, weight, y, bias, in_scale,
                                in_shift, add, relu, output_mask):

@@ -214,3 +214,29 @@ def test_gpu_check_records_which_cuda_conv_kernels_ran(tmp_path, monkeypatch, va
     chk = GpuCheck(tmp_path, dry_run=True, budget_s=1.0, reps=1, record_dir=None,
                    dtypes=("float32",), autotune=False)
     assert chk.doc["environment"]["cuda_conv"] == want
+
+
+def test_conv_kernel_default_and_environment(monkeypatch):
+    """The process default (what a validation record sets) is used when MSFF_CUDA_CONV is unset;
+    the variable wins when set; unknown names are refused in one line."""
+    _ext()
+    import msff.ops._cuda as cb
+
+    monkeypatch.delenv(cb.CONV_KERNEL_ENV, raising=False)
+    assert cb.conv_kernel() == "generic"  # nothing validated: the generic kernels
+    prev = cb.set_conv_kernel_default("tc-cpasync")
+    try:
+        assert prev == "generic"
+        assert cb.conv_kernel() == "tc-cpasync"
+        assert str(torch.ops.msff._cuda_conv_default("")) == "tc-cpasync"
+        monkeypatch.setenv(cb.CONV_KERNEL_ENV, "sm80")
+        assert cb.conv_kernel() == "sm80"
+        with pytest.raises(ValueError, match="one of generic, tc, tc-cpasync, sm80, got 'fast'"):
+            cb.set_conv_kernel_default("fast")
+        with pytest.raises(RuntimeError, match="got 'fast'"):
+            torch.ops.msff._cuda_conv_default("fast")
+        assert cb.conv_kernel() == "sm80"
+    finally:
+        assert cb.set_conv_kernel_default(prev) == "tc-cpasync"
+    monkeypatch.delenv(cb.CONV_KERNEL_ENV)
+    assert cb.conv_kernel() == "generic"
