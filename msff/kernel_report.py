@@ -597,6 +597,8 @@ CUDA_TRAFFIC_SOURCES = {
         "const float2 xg = load_pair<T>(p.gate_x, e.n, co, h, w);",
     "epilogue: y written once per output element":
         "if (p.y.ptr != nullptr) store_pair<T>(p.y, e.n, co, h, w, v0, v1);",
+    "epilogue: one 4-byte channel pair per thread (a warp: 8 pixels x 16 B, half a 32-B sector)":
+        "*reinterpret_cast<typename Pair<T>::type*>(base + offset4(v, n, c, h, w)) = Pair<T>::from_float2(a, b);",
     "statistics: 2 x BN fp64 partials per CTA":
         "p.partials[blockIdx.x * static_cast<int64_t>(p.Cout) + co0 + tid] = cta_s0;",
     "statistics: reduce_partials_kernel reads every CTA's partials in order":
@@ -609,6 +611,8 @@ CUDA_TRAFFIC_SOURCES = {
         "prm[tid] = ci < p.Cin ? p.in_scale[ci] : 0.0f;",
     "wgrad.partials: one fp32 Cout x Cin x K slice per split":
         "float* part = p.partials + static_cast<int64_t>(split) * p.Cout * p.Cin * p.K;",
+    "wgrad.partials: 4-byte stores, lanes K x 4 B (or more) apart: one 32-B sector each":
+        "part[(static_cast<int64_t>(co) * p.Cin + ci) * p.K + t] = acc[j][q];",
     "wgrad.reduce: reduce_wgrad_kernel reads every slice, writes dw":
         "for (int s = 0; s < splits; ++s) acc += partials[s * elems + e];",
 }
@@ -682,6 +686,10 @@ def conv_tile_traffic(N, cin, cout, H, W, K, axis, *, bm, bn, grid_x, grid_y, es
         stats=(2 * 2 * grid_x * cout * 8 + 2 * cout * 8) if stats else 0,
     )
     t["total"] = sum(t.values())
+    # y leaves as 4-byte pairs: a warp instruction writes 16 B of each of 8 pixels, half of a
+    # 32-B sector, so L2 sees twice the y bytes in sector writes (halo / weights / add / gate
+    # arrive in whole sectors: 16-byte cp.async or TMA, and L1-cached loads)
+    t["sector_total"] = t["total"] + t["output"]
     t["tiles"] = tiles
     t["halo_bytes_per_tile"] = (bm + K - 1) * cin * esize
     return t
@@ -706,6 +714,9 @@ def wgrad_tile_traffic(N, cin, cout, H, W, K, axis, *, seg, co_tiles, ci_tiles, 
         dw=dw,
     )
     t["total"] = sum(t.values())
+    # each 4-byte partial store of a warp lands in its own 32-B sector (lanes are K x 4 B or
+    # Cin x K x 4 B apart): L2 sees 8x the written half of the partials in sector writes
+    t["sector_total"] = t["total"] + 7 * (t["partials"] // 2)
     t["segments"] = N * lines * -(-L // seg)
     return t
 
@@ -801,10 +812,14 @@ def _cuda_conv_row(pass_, arch, dtype, stage, N, cin, cout, H, W, K, axis, plan_
         row.update(kernel=f"{generic} (generic, line_conv.cu)", generic=why, plan=None,
                    traffic=None, tiling_bytes=None, tiling_l2_s=None, tiling_hbm_s=None,
                    floor_800_s=v["floor_800_s"], math_989_s=v["math_989_s"], hbm_s=v["hbm_s"],
-                   floor_s=v["floor_s"], ok_l2=None, ok_hbm=None, ok=None)
+                   floor_s=v["floor_s"], ok_l2=None, ok_hbm=None, ok=None,
+                   tiling_l2_sector_s=None, ok_l2_sectors=None)
     else:
         row.update(kernel=kernel, generic=None, plan=plan, traffic=traffic,
                    tiling_bytes=traffic["total"], **roofline_times(flops, hbm, traffic["total"], dtype))
+        # informative: the same traffic counted in the 32-B sectors the stores touch
+        row["tiling_l2_sector_s"] = traffic["sector_total"] / L2_BW
+        row["ok_l2_sectors"] = row["tiling_l2_sector_s"] < row["floor_800_s"]
         row["device_math_s"] = flops / dev["peak_flops"]
         row["device_tiling_hbm_s"] = traffic["total"] / dev["hbm_bytes_per_s"]
     row["pass"] = row.pop("pass_")
@@ -1033,7 +1048,7 @@ def format_cuda_roofline(report, arch="sm_90a", dtype="bfloat16") -> list[str]:
                  f"{L2_BW / 1e12:.0f} TB/s (L2) and {HBM_BW / 1e12:.2f} TB/s (HBM) vs FLOPs at "
                  f"{FLOOR_FLOPS / 1e12:.0f} TFLOP/s",
              f"{'stage':5s} {'axis':4s} {'pass':11s} {'kernel':28s} {'plan':>14s} {'GFLOP':>6s} "
-             f"{'tileGB':>6s} {'L2_ms':>6s} {'HBM_ms':>6s} {'fl800':>6s} {'fl989':>6s} ok"]
+             f"{'tileGB':>6s} {'L2_ms':>6s} {'HBM_ms':>6s} {'L2sec':>6s} {'fl800':>6s} {'fl989':>6s} ok"]
     for r in rows:
         head = f"{r['stage']:5s} {r['axis']:4s} {r['pass']:11s}"
         if r["plan"] is None:
@@ -1047,12 +1062,15 @@ def format_cuda_roofline(report, arch="sm_90a", dtype="bfloat16") -> list[str]:
         lines.append(
             f"{head} {r['kernel'].split(' ')[0][:28]:28s} {plan:>14s} {r['flops'] / 1e9:6.0f} "
             f"{r['tiling_bytes'] / 1e9:6.2f} {r['tiling_l2_s'] * 1e3:6.3f} "
-            f"{r['tiling_hbm_s'] * 1e3:6.3f} {r['floor_800_s'] * 1e3:6.3f} "
+            f"{r['tiling_hbm_s'] * 1e3:6.3f} {r['tiling_l2_sector_s'] * 1e3:6.3f} "
+            f"{r['floor_800_s'] * 1e3:6.3f} "
             f"{r['math_989_s'] * 1e3:6.3f} {ok}")
     lines.append("plan: forward / input-grad BM pixels x BN channels, grid x (persistent CTAs) x y "
                  "(n-tiles); weight-grad co x ci channels per CTA, grid co tiles x ci tiles x "
                  "pixel splits. Flags: forward prologue+stats+add, input-grad gate+stats, "
-                 "weight-grad prologue")
+                 "weight-grad prologue. L2sec: the same traffic in the 32-B sectors the stores "
+                 "touch (4-byte epilogue pairs: y x2; weight-grad partials x8), informative; "
+                 "ok = L2_ms and HBM_ms below fl800 (FLOPs at 800 TFLOP/s)")
     return lines
 
 

@@ -118,6 +118,7 @@ def test_tiling_traffic_below_the_800_tflops_floor(rows, stage, pass_, arch):
         assert l2 < floor, f"{r['axis']}: {l2 * 1e3:.3f} ms at L2 >= {floor * 1e3:.3f} ms"
         assert hbm < floor, f"{r['axis']}: {hbm * 1e3:.3f} ms at HBM >= {floor * 1e3:.3f} ms"
         assert r["ok"] and r["ok_l2"] and r["ok_hbm"]
+        assert r["ok_l2_sectors"], f"{r['axis']}: {r['tiling_l2_sector_s'] * 1e3:.3f} ms in sectors"
     assert not [f for f in kr.cuda_roofline_failures(sel)]
 
 
@@ -180,6 +181,8 @@ def test_forward_bytes_by_hand():
     assert t["stats"] == 2 * 2 * 5 * 24 * 8 + 2 * 24 * 8  # partials written + read, sums written
     assert t["total"] == 78336 + 19200 + 57600 + 57600 + 1280 + 4224 == 218240
     assert t["tiles"] == 2 * 3 * 2
+    # y leaves in 16-byte halves of 32-byte sectors: counted twice at sector granularity
+    assert t["sector_total"] == 218240 + 57600
 
 
 def test_weight_gradient_bytes_by_hand():
@@ -190,6 +193,8 @@ def test_weight_gradient_bytes_by_hand():
     assert t["partials"] == 2 * 12 * (24 * 16 * 5 * 4)  # 12 fp32 slices written, read by the reduce
     assert t["dw"] == 24 * 16 * 5 * 4
     assert t["total"] == 57600 + 39168 + 1536 + 184320 + 7680 == 290304
+    # each 4-byte partial store fills 4 of a sector's 32 bytes: written partials count 8x
+    assert t["sector_total"] == 290304 + 7 * 12 * 7680
 
 
 @needs_c
