@@ -91,6 +91,13 @@ register_backend_probe("triton", _triton_probe)
 # The CUDA backend registers its implementations and probe; it handles a missing or CPU-only
 # msff._C itself (the probe says why), so any error importing it is a bug and propagates.
 import msff.ops._cuda  # noqa: E402, F401
+from msff.ops._cuda import CONV_KERNELS as _CONV_KERNELS  # noqa: E402
+from msff.ops._cuda import set_conv_kernel_default as _set_conv_kernel_default  # noqa: E402
+from msff.ops.dispatch import register_conv_kernel_setter  # noqa: E402
+
+# ``auto`` sets the conv kernel a GPU validation record chose through the backend's own setter
+# (the policy in msff.ops.dispatch cannot import the backend: that would be an import cycle)
+register_conv_kernel_setter(_CONV_KERNELS, _set_conv_kernel_default)
 
 __all__ = [
     "OPS",

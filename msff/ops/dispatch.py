@@ -23,6 +23,16 @@ Backends:
   separated by ``os.pathsep``) adds record folders; ``python -m msff.env`` says which record
   applies and why.
 
+CUDA conv kernel variant (``MSFF_CUDA_CONV``: generic, tc, tc-cpasync, sm80): when a record for this
+GPU family (schema 2, written by the gpu-check sweep) shows variants whose every parity case passed
+and whose compute-sanitizer memcheck and racecheck were clean, the fastest of them (geometric mean
+of its recorded block speedups) becomes the process default conv kernel the first time the ``cuda``
+backend is resolved for a CUDA tensor (auto or explicit), through the setter the cuda backend
+registers (:func:`register_conv_kernel_setter`); the ``cuda`` backend is then ranked by that
+variant's entries. An ``MSFF_CUDA_CONV`` set in the environment always wins (the ranking then uses
+that variant's entries, and only if the record validates it). With no such record nothing changes:
+the C++ default runs. Records without variants (schema 1) rank ``cuda`` as before.
+
 An explicitly requested backend that cannot run raises :class:`BackendUnavailableError` saying why.
 Export (torch.export / ONNX) and ``torch.use_deterministic_algorithms(True)`` always use
 ``reference``.
@@ -62,11 +72,13 @@ __all__ = [
     "STRICT_ENV",
     "auto_decision",
     "backend_status",
+    "conv_kernel_verdicts",
     "is_missing_module",
     "kernel_sources_hash",
     "load_validation_records",
     "probe_failure",
     "register_backend_probe",
+    "register_conv_kernel_setter",
     "reload_validation_records",
     "resolve_backend",
     "strict_probes",
@@ -75,6 +87,7 @@ __all__ = [
     "MIN_SPEEDUP",
     "MODES",
     "RECORD_SCHEMA",
+    "RECORD_SCHEMAS",
 ]
 
 # ---- availability probes --------------------------------------------------------------------
@@ -185,6 +198,8 @@ def resolve_backend(requested: Optional[str] = None, x: Optional[torch.Tensor] =
         why = _probe(name, x)
         if why is not None:
             raise BackendUnavailableError(f"backend {name!r} cannot run: {why}")
+        if name == "cuda":
+            _use_recorded_conv_kernel(x)
         return name
     if x is not None and not x.is_cuda:
         # auto never picks the interpreter: it is a verification tool, not a fast path.
@@ -195,6 +210,8 @@ def resolve_backend(requested: Optional[str] = None, x: Optional[torch.Tensor] =
     mode = _check_mode(mode) if mode is not None else _current_mode()
     for candidate in _validated_ranking(index, dtype, mode):
         if _probe(candidate, x) is None:
+            if candidate == "cuda":
+                _use_recorded_conv_kernel(x)
             return candidate
     _log_fallback_once(x, "no validated fused backend (python -m msff.env says why)")
     return "reference"
@@ -208,11 +225,43 @@ def _validated_ranking(index: int, dtype: str, mode: str) -> tuple:
         if not torch.cuda.is_available():
             return ()
         index = torch.cuda.current_device()
-    return tuple(_decide(_gpu_info(index), dtype, mode)["ranked"])
+    return tuple(_decide(_gpu_info(index), dtype, mode, _conv_env())["ranked"])
+
+
+def _use_recorded_conv_kernel(x) -> None:
+    if x is not None and getattr(x, "is_cuda", False):
+        _recorded_conv_kernel(x.device.index if x.device.index is not None else -1)
+
+
+@torch.compiler.assume_constant_result
+def _recorded_conv_kernel(index: int) -> str:
+    """The conv kernel variant the validation records choose for CUDA device ``index`` (-1:
+    current), set once as the process default through the registered setter; "" when none (or
+    when ``MSFF_CUDA_CONV`` is set: the environment wins). A constant for torch.compile: the
+    default is set when tracing, and the C++ glue reads it at every call."""
+    if _conv_env() is not None or _CONV_API.get("set") is None:
+        return ""
+    if index < 0:
+        index = torch.cuda.current_device()
+    gpu = _gpu_info(index)
+    if gpu not in _CONV_APPLIED:
+        kernel = _conv_choice(gpu)["kernel"] or ""
+        if kernel:
+            previous = _CONV_API["set"](kernel)
+            log.debug("cuda conv kernel %s (was %s) from the validation record for %s", kernel,
+                      previous, gpu[0])
+        _CONV_APPLIED[gpu] = kernel
+    return _CONV_APPLIED[gpu]
 
 
 # ---- GPU validation records ------------------------------------------------------------------
-RECORD_SCHEMA = "msff-validation/1"
+#: written by ``make gpu-check``; 2 added per-unit verdicts (``units``) and CUDA conv ``variant``s
+RECORD_SCHEMA = "msff-validation/2"
+#: every schema the loader reads (1: no units, no variants; its cuda entries rank cuda as before)
+RECORD_SCHEMAS = ("msff-validation/1", RECORD_SCHEMA)
+#: the environment variable choosing the CUDA conv kernel; it always wins over a record
+CONV_ENV = "MSFF_CUDA_CONV"
+_UNIT_STATUS = ("passed", "failed", "timeout", "crashed", "skipped", "pending")
 MODES = ("train", "eval")
 #: a fused backend must beat the reference by this factor to become a default: smaller gains are
 #: within run-to-run noise and not worth a less exercised code path.
@@ -269,8 +318,8 @@ def validate_record(rec) -> Optional[str]:
     """None if ``rec`` (parsed JSON) is a well-formed validation record, else what is wrong."""
     if not isinstance(rec, dict):
         return f"top level must be an object, got {type(rec).__name__}"
-    if rec.get("schema") != RECORD_SCHEMA:
-        return f"schema must be {RECORD_SCHEMA!r}, got {rec.get('schema')!r}"
+    if rec.get("schema") not in RECORD_SCHEMAS:
+        return f"schema must be one of {RECORD_SCHEMAS}, got {rec.get('schema')!r}"
     gpu = rec.get("gpu")
     if not isinstance(gpu, dict) or not isinstance(gpu.get("name"), str) \
             or not isinstance(gpu.get("capability"), str) or "." not in gpu["capability"]:
@@ -295,6 +344,18 @@ def validate_record(rec) -> Optional[str]:
         if sp is not None and (isinstance(sp, bool) or not isinstance(sp, (int, float))
                                or not math.isfinite(sp) or sp <= 0):
             return f"entries[{i}].speedup must be a positive number or null, got {sp!r}"
+        v = e.get("variant")
+        if v is not None and (e["backend"] != "cuda" or not isinstance(v, str) or not v):
+            return f"entries[{i}].variant must be a CUDA conv kernel name (cuda entries only), got {v!r}"
+    units = rec.get("units", {})
+    if not isinstance(units, dict):
+        return "units must be an object"
+    for name, u in units.items():
+        if not isinstance(u, dict) or u.get("status") not in _UNIT_STATUS:
+            return f"units[{name!r}].status must be one of {_UNIT_STATUS}"
+        san = u.get("sanitizer", {})
+        if not isinstance(san, dict) or not all(isinstance(v, str) for v in san.values()):
+            return f"units[{name!r}].sanitizer must map tool names to result strings"
     return None
 
 
@@ -334,9 +395,11 @@ def _records() -> list[tuple[Path, dict]]:
 
 
 def reload_validation_records() -> None:
-    """Forget the cached records and decisions (after writing a record, or in tests)."""
+    """Forget the cached records and decisions (after writing a record, or in tests). A conv kernel
+    default already set stays set; the next cuda resolution sets the new records' choice."""
     _RECORDS.clear()
     _DECISIONS.clear()
+    _CONV_APPLIED.clear()
     _WARNED.clear()
     _SOURCE_HASHES.clear()
 
@@ -418,27 +481,138 @@ def _entry_blocker(path: Path, rec: dict, entry: dict, gpu: tuple[str, str]) -> 
 _DECISIONS: dict = {}
 
 
-def _decide(gpu: tuple[str, str], dtype: str, mode: str) -> dict:
-    key = (gpu, dtype, mode)
+# ---- CUDA conv kernel variants ---------------------------------------------------------------
+_CONV_API: dict = {}      # "kernels": the names, "set": set_conv_kernel_default (from msff.ops)
+_CONV_APPLIED: dict = {}  # gpu -> the variant set as the process default ("" when none)
+
+
+def register_conv_kernel_setter(kernels, setter: Callable[[str], str]) -> None:
+    """Install the cuda backend's conv kernel names and its ``set_conv_kernel_default(name)``
+    (returns the previous default). msff.ops wires msff.ops._cuda's in: this policy module cannot
+    import the backend without an import cycle."""
+    _CONV_API.update(kernels=tuple(kernels), set=setter)
+    _CONV_APPLIED.clear()
+
+
+def _conv_env() -> Optional[str]:
+    v = os.environ.get(CONV_ENV, "").strip()
+    return v or None
+
+
+def _geomean(xs) -> Optional[float]:
+    xs = [float(x) for x in xs if x]
+    return math.exp(sum(math.log(x) for x in xs) / len(xs)) if xs else None
+
+
+def conv_kernel_verdicts(records, gpu: tuple[str, str]) -> dict:
+    """What validation ``records`` (``[(path, record)]``) say of each CUDA conv kernel variant on
+    ``gpu`` (name, "major.minor"), ignoring the environment.
+
+    Returns:
+        ``{"kernel": the fastest variant (geometric mean of its recorded block speedups) whose every
+        parity case passed and whose memcheck and racecheck were clean, or None; "why"; "variants":
+        {name: {"ok", "speedup", "why", "record"}}}``.
+
+    Example:
+        >>> conv_kernel_verdicts([], ("NVIDIA H200", "9.0"))["kernel"] is None
+        True
+    """
+    variants: dict = {}
+    known = _CONV_API.get("kernels")
+    for path, rec in records:
+        if rec.get("dry_run") or rec["gpu"]["capability"] != gpu[1]:
+            continue
+        want, have = rec["sources"].get("cuda"), kernel_sources_hash("cuda")
+        for name, u in (rec.get("units") or {}).items():
+            if not name.startswith("cuda:"):
+                continue
+            v = name.split(":", 1)[1]
+            sp = _geomean(e.get("speedup") for e in rec["entries"]
+                          if e["backend"] == "cuda" and e.get("variant") == v)
+            san = u.get("sanitizer") or {}
+            problems = []
+            if have is not None and want != have:
+                problems.append(f"cuda kernels changed since the record (sources {want} != {have})")
+            if u["status"] != "passed":
+                problems.append(f"parity {u['status']}" + (f" ({u['reason']})" if u.get("reason") else ""))
+            bad = [f"{t} {san.get(t, 'not run')}" for t in ("memcheck", "racecheck")
+                   if san.get(t) != "clean"]
+            if bad:
+                problems.append("sanitizer " + ", ".join(bad))
+            if sp is None:
+                problems.append("not timed")
+            if known is not None and v not in known:
+                problems.append(f"not a conv kernel of this build {known}")
+            verdict = {"ok": not problems, "speedup": sp, "record": str(path), "why": "; ".join(
+                problems) or f"parity passed, memcheck and racecheck clean, {sp:.2f}x the reference"}
+            old = variants.get(v)
+            if old is None or (verdict["ok"], verdict["speedup"] or 0) > (old["ok"], old["speedup"] or 0):
+                variants[v] = verdict
+    ok = sorted((v for v in variants if variants[v]["ok"]), key=lambda v: -variants[v]["speedup"])
+    if ok:
+        why = f"{ok[0]}: {variants[ok[0]]['why']} ({Path(variants[ok[0]]['record']).name})"
+    elif variants:
+        why = "no variant passed parity and both sanitizers: " + "; ".join(
+            f"{v}: {d['why']}" for v, d in variants.items())
+    else:
+        why = "no record of CUDA conv kernel variants for this GPU family"
+    return {"kernel": ok[0] if ok else None, "why": why, "variants": variants}
+
+
+def _conv_choice(gpu: tuple[str, str]) -> dict:
+    """:func:`conv_kernel_verdicts` over the loaded records, with ``kernel`` = what runs: the
+    variant of ``MSFF_CUDA_CONV`` when set (the environment wins), else the records' choice."""
+    env = _conv_env()
+    key = ("conv", gpu, env)
+    if key not in _DECISIONS:
+        d = conv_kernel_verdicts(_records(), gpu)
+        if env is not None:
+            d = dict(d, kernel=env, why=f"{CONV_ENV}={env} is set and wins over the records "
+                     f"(their choice: {d['kernel'] or 'none'})")
+        _DECISIONS[key] = d
+    return _DECISIONS[key]
+
+
+def _decide(gpu: tuple[str, str], dtype: str, mode: str, env: Optional[str] = None) -> dict:
+    """The ranking for (gpu, dtype, mode); ``env`` (the MSFF_CUDA_CONV value) is part of the key
+    because the cuda backend is ranked by the entries of the conv kernel variant that will run."""
+    key = (gpu, dtype, mode, env)
     if key in _DECISIONS:
         return _DECISIONS[key]
-    best: dict[str, tuple[float, Path]] = {}
+    best: dict[str, tuple[float, Path, Optional[str]]] = {}
     reasons = []
     matching = 0
+    conv = None
     for path, rec in _records():
+        noted = False
         for e in rec["entries"]:
             if e["dtype"] != dtype or e["mode"] != mode:
                 continue
             matching += 1
+            if e["backend"] == "cuda" and e.get("variant") is not None:
+                conv = conv or _conv_choice(gpu)
+                if conv["kernel"] is None:
+                    if not noted:
+                        reasons.append(f"{path.name}: cuda: {conv['why']}")
+                        noted = True
+                    continue
+                if e["variant"] != conv["kernel"]:
+                    continue  # only the conv kernel that will run speaks for the cuda backend
+                verdict = conv["variants"].get(e["variant"])
+                if verdict is None or not verdict["ok"]:
+                    reasons.append(f"{path.name}: cuda conv kernel {e['variant']}: "
+                                   f"{verdict['why'] if verdict else 'no verdict in the record'}")
+                    continue
             why = _entry_blocker(path, rec, e, gpu)
             if why is not None:
                 reasons.append(why)
                 continue
             if e["backend"] not in best or e["speedup"] > best[e["backend"]][0]:
-                best[e["backend"]] = (float(e["speedup"]), path)
+                best[e["backend"]] = (float(e["speedup"]), path, e.get("variant"))
     ranked = sorted(best, key=lambda b: -best[b][0])
     if ranked:
-        why = "; ".join(f"{b}: {best[b][0]:.2f}x the reference, parity passed ({best[b][1].name})"
+        why = "; ".join(f"{b}: {best[b][0]:.2f}x the reference, parity passed ({best[b][1].name}"
+                        + (f", conv kernel {best[b][2]}" if best[b][2] else "") + ")"
                         for b in ranked)
     elif matching == 0:
         why = (f"no validation record for sm_{gpu[1].replace('.', '')} ({gpu[0]}), {dtype}, "
@@ -454,7 +628,9 @@ def auto_decision(dtype: str = "bfloat16", mode: str = "train",
                   gpu: Optional[tuple[str, str]] = None) -> dict:
     """What ``auto`` does on ``gpu`` (default: this machine's current GPU) for ``dtype`` and
     ``mode``, and why: ``{"gpu", "dtype", "mode", "ranked": [validated backends, fastest first],
-    "backend": what runs (the first ranked that can run, else "reference"), "why", "records"}``.
+    "backend": what runs (the first ranked that can run, else "reference"), "why", "records",
+    "cuda_conv": {"kernel": the conv kernel variant the cuda backend runs by the records or
+    MSFF_CUDA_CONV (None: the C++ default), "why"}}``.
 
     Example (a GPU family no shipped record covers, so ``auto`` runs the reference):
         >>> d = auto_decision("float32", "eval", gpu=("Tesla T4", "7.5"))
@@ -467,14 +643,17 @@ def auto_decision(dtype: str = "bfloat16", mode: str = "train",
     gpu = gpu if gpu is not None else _current_gpu()
     if gpu is None:
         return {"gpu": None, "dtype": dtype, "mode": mode, "ranked": [], "backend": "reference",
-                "why": "no CUDA GPU: auto runs the reference", "records": []}
-    d = _decide(tuple(gpu), dtype, mode)
+                "why": "no CUDA GPU: auto runs the reference", "records": [],
+                "cuda_conv": {"kernel": _conv_env(), "why": "no CUDA GPU"}}
+    d = _decide(tuple(gpu), dtype, mode, _conv_env())
     backend = "reference"
     if torch.cuda.is_available():
         x = torch.empty(0, device="cuda")
         backend = next((b for b in d["ranked"] if _probe(b, x) is None), "reference")
+    conv = _conv_choice(tuple(gpu))
     return {"gpu": list(gpu), "dtype": dtype, "mode": mode, "ranked": list(d["ranked"]),
-            "backend": backend, "why": d["why"], "records": d["records"]}
+            "backend": backend, "why": d["why"], "records": d["records"],
+            "cuda_conv": {"kernel": conv["kernel"], "why": conv["why"]}}
 
 
 def _log_fallback_once(x: Optional[torch.Tensor], why: str) -> None:

@@ -202,9 +202,11 @@ def test_build_script_decisions():
     assert rc != 0 and any("MSFF_BUILD_CUDA" in ln for ln in lines), lines
 
 
-@pytest.mark.parametrize("value,want", [(None, "generic"), ("tc", "tc"), ("tc-cpasync", "tc-cpasync")])
+@pytest.mark.parametrize("value,want", [(None, ["generic", "tc", "tc-cpasync", "sm80"]),
+                                        ("tc", ["tc"]), ("tc-cpasync", ["tc-cpasync"])])
 def test_gpu_check_records_which_cuda_conv_kernels_ran(tmp_path, monkeypatch, value, want):
-    # issue 12: a validation record must say which MSFF_CUDA_CONV variant its "cuda" rows measured
+    # issue 12: gpu-check sweeps every MSFF_CUDA_CONV variant (one unit each, tests/
+    # test_gpu_check_sweep.py); a variable set by the caller restricts the sweep to it
     from msff.gpu_check import GpuCheck
 
     if value is None:
