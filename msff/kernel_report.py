@@ -553,10 +553,13 @@ FLOOR_FLOPS = 800e12
 #: also run on Hopper (MSFF_CUDA_CONV=sm80), and an A100's floor (312 TFLOP/s) is 2.6x longer.
 CUDA_PLAN_DEVICES = {
     "sm_90a": dict(gpu="H100 SXM / H200", smem_optin=232448, sms=132, peak_flops=989e12,
-                   hbm_bytes_per_s=3.35e12),
+                   hbm_bytes_per_s=3.35e12, clock_hz=1.83e9),  # 989e12 = 132 x 4096 x 1.83e9
     "sm_80": dict(gpu="A100", smem_optin=166912, sms=108, peak_flops=312e12,
-                  hbm_bytes_per_s=2.039e12),
+                  hbm_bytes_per_s=2.039e12, clock_hz=1.41e9),  # 312e12 = 108 x 2048 x 1.41e9
 }
+#: shared-memory bandwidth per SM per clock (32 banks x 4 B) on both GPUs: the MMA main loop must
+#: find peak / (SMS x 128 B x clock) FLOPs per byte it reads from shared memory (H100: 32, A100: 16)
+SMEM_BYTES_PER_CLK = 128
 #: dtypes of the tensor-core kernels (fp32 always runs the generic line_conv.cu kernels)
 CUDA_CONV_DTYPES = ("bfloat16", "float16")
 CUDA_PASSES = ("forward", "input-grad", "weight-grad")
@@ -613,6 +616,20 @@ CUDA_TRAFFIC_SOURCES = {
         "float* part = p.partials + static_cast<int64_t>(split) * p.Cout * p.Cin * p.K;",
     "wgrad.partials: 4-byte stores, lanes K x 4 B (or more) apart: one 32-B sector each":
         "part[(static_cast<int64_t>(co) * p.Cin + ci) * p.K + t] = acc[j][q];",
+    "smem: sm_90a forward A = ldmatrix.x4 of the shifted halo per warp per (tap, k16) step":
+        "ldmatrix_x4(a, swz(cur + (ks >> 2) * chunk_bytes, r, u));",
+    "smem: sm_90a forward B = the resident weights, read by each warpgroup's wgmma":
+        "wgmma_rs<BN, T>(acc, a, wgmma_desc(w_base + t * g.tap_bytes + ks * 256, 128, g.sbo));",
+    "smem: sm_80 forward A = 2 ldmatrix.x4 per warp per step":
+        "for (int i = 0; i < MI; ++i) ldmatrix_x4(a[i], a_base + ((i * 16 + t) * g.lda + ks * 16) * 2);",
+    "smem: sm_80 forward B = BN/16 ldmatrix.x2 per warp per step":
+        "ldmatrix_x2(b, b_base + t * g.tap_bytes + j * g.sbo + ks * 256);",
+    "smem: sm_90a weight gradient A = 4 ldmatrix.x4.trans per warp per 16 pixels":
+        "for (int j = 0; j < 4; ++j) ldmatrix_x4_trans(a[j], a_lane + (kk + tap[j]) * geo.lda * 2);",
+    "smem: sm_90a weight gradient B = the g tile, read by 4 wgmma per warpgroup":
+        "for (int j = 0; j < 4; ++j) wgmma_rs_nmajor<WG_CO, T>(acc[j], a[j], desc);",
+    "smem: sm_80 weight gradient A = 2 ldmatrix.x4.trans, B = one ldmatrix.x2.trans per tap":
+        "ldmatrix_x2_trans(bf, a_base + (kk + t) * geo.lda * 2);",
     "wgrad.reduce: reduce_wgrad_kernel reads every slice, writes dw":
         "for (int s = 0; s < splits; ++s) acc += partials[s * elems + e];",
 }
@@ -721,6 +738,46 @@ def wgrad_tile_traffic(N, cin, cout, H, W, K, axis, *, seg, co_tiles, ci_tiles, 
     return t
 
 
+def smem_traffic(kind, N, cin, cout, H, W, K, axis, *, bm=128, bn=64, grid_y=1, seg=128,
+                 co_tile=64, ci_tile=32, co_tiles=1, ci_tiles=1, esize=2, prologue=False,
+                 staged_channels=None) -> dict:
+    """Shared-memory bytes of a tensor-core line convolution's main loop and staging
+    (line_conv_tc.cu; lines in :data:`CUDA_TRAFFIC_SOURCES`), summed over the grid. ``kind``:
+    ``fwd_sm90a`` (line_conv_tma_kernel / line_conv_sm90a_kernel: per (tap, k16) step every
+    consumer warp loads 512 B of A by ldmatrix.x4, each of the 2 warpgroups' wgmma reads 16 x BN
+    of B), ``fwd_sm80`` (per step each of 8 warps: 2 ldmatrix.x4 of A, BN/16 ldmatrix.x2 of B),
+    ``wgrad_sm90a`` (per 16 pixels each of 8 warps: 4 ldmatrix.x4.trans of A; each warpgroup's 4
+    wgmma read the 16 x 64 g slice), ``wgrad_sm80`` (per 16 pixels each warp: 2 ldmatrix.x4.trans
+    of g, K ldmatrix.x2.trans of the halo). ``staging`` = what cp.async / TMA write into the
+    stages (+ the prologue's in-place read and write of the valid rows); the fixed per-CTA
+    weights and the few-KB statistics scratch are left out. Returns ``mma`` (operand reads),
+    ``staging``, ``total``."""
+    L, lines = (W, H) if axis == 1 else (H, W)
+    if kind in ("fwd_sm90a", "fwd_sm80"):
+        cin_pad = -(-cin // 16) * 16
+        staged = staged_channels or cin_pad
+        n = N * lines * -(-L // bm) * grid_y  # (tile, n-tile) pairs
+        steps = K * (cin_pad // 16)
+        per_step = (8 * 512 + 2 * 16 * bn * 2 if kind == "fwd_sm90a"
+                    else 8 * (2 * 512 + (bn // 16) * 256))
+        mma = n * steps * per_step
+        staging = n * (bm + K - 1) * staged * esize
+        if prologue:
+            staging += 2 * grid_y * N * lines * halo_rows(L, K, bm) * cin * esize
+    elif kind in ("wgrad_sm90a", "wgrad_sm80"):
+        n = N * lines * -(-L // seg) * co_tiles * ci_tiles  # (segment, CTA tile) pairs
+        steps = seg // 16
+        per_step = (8 * 4 * 512 + 2 * 4 * 16 * co_tile * 2 if kind == "wgrad_sm90a"
+                    else 8 * (2 * 512 + K * 256))
+        mma = n * steps * per_step
+        staging = n * (seg * co_tile + (seg + K - 1) * ci_tile) * esize
+        if prologue:
+            staging += 2 * co_tiles * N * lines * halo_rows(L, K, seg) * cin * esize
+    else:
+        raise ValueError(f"unknown kind {kind!r}")
+    return dict(mma=mma, staging=staging, total=mma + staging)
+
+
 def roofline_times(flops: float, hbm_bytes: float, tiling_bytes: float,
                    dtype: str = "bfloat16") -> dict:
     """The CUDA roofline's verdict: the tiling traffic's time at the L2 bandwidth the report
@@ -774,6 +831,11 @@ def _cuda_conv_row(pass_, arch, dtype, stage, N, cin, cout, H, W, K, axis, plan_
             traffic = wgrad_tile_traffic(N, cin, cout, H, W, K, axis, seg=pl["wgrad_pixels"],
                                          co_tiles=pl["wgrad_grid_x"], ci_tiles=pl["wgrad_grid_y"],
                                          splits=pl["wgrad_splits"], esize=e, prologue=True)
+            smem = smem_traffic("wgrad_sm90a" if arch == "sm_90a" else "wgrad_sm80", N, cin,
+                                cout, H, W, K, axis, seg=pl["wgrad_pixels"],
+                                co_tile=pl["wgrad_bm"], ci_tile=pl["wgrad_bn"],
+                                co_tiles=pl["wgrad_grid_x"], ci_tiles=pl["wgrad_grid_y"],
+                                esize=e, prologue=True)
     else:
         fwd = pass_ == "forward"
         # the input gradient is the same kernel on g_r with Cin <-> Cout (lk_conv_backward_cuda)
@@ -804,6 +866,11 @@ def _cuda_conv_row(pass_, arch, dtype, stage, N, cin, cout, H, W, K, axis, plan_
             traffic = conv_tile_traffic(N, ci, co, H, W, K, axis, bm=pl["fwd_bm"], bn=pl["fwd_bn"],
                                         grid_x=pl["fwd_grid_x"], grid_y=pl["fwd_grid_y"], esize=e,
                                         **flags)
+            tma_staged = kernel == "line_conv_tma_kernel"  # boxes of 64 channels
+            smem = smem_traffic("fwd_sm90a" if arch == "sm_90a" else "fwd_sm80", N, ci, co, H, W,
+                                K, axis, bm=pl["fwd_bm"], bn=pl["fwd_bn"], grid_y=pl["fwd_grid_y"],
+                                esize=e, prologue=bool(flags.get("prologue")),
+                                staged_channels=-(-ci // 64) * 64 if tma_staged else None)
             if flags.get("stats"):
                 kernel += " + reduce_partials_kernel"
     row.update(flags=flags, hbm_bytes=hbm)
@@ -813,13 +880,19 @@ def _cuda_conv_row(pass_, arch, dtype, stage, N, cin, cout, H, W, K, axis, plan_
                    traffic=None, tiling_bytes=None, tiling_l2_s=None, tiling_hbm_s=None,
                    floor_800_s=v["floor_800_s"], math_989_s=v["math_989_s"], hbm_s=v["hbm_s"],
                    floor_s=v["floor_s"], ok_l2=None, ok_hbm=None, ok=None,
-                   tiling_l2_sector_s=None, ok_l2_sectors=None)
+                   tiling_l2_sector_s=None, ok_l2_sectors=None, smem=None)
     else:
         row.update(kernel=kernel, generic=None, plan=plan, traffic=traffic,
                    tiling_bytes=traffic["total"], **roofline_times(flops, hbm, traffic["total"], dtype))
         # informative: the same traffic counted in the 32-B sectors the stores touch
         row["tiling_l2_sector_s"] = traffic["sector_total"] / L2_BW
         row["ok_l2_sectors"] = row["tiling_l2_sector_s"] < row["floor_800_s"]
+        # informative: shared-memory bytes of the main loop, and the FLOP rate they allow on the
+        # plan's GPU (its SMs x 128 B/clk at the clock of its peak)
+        smem_bw = dev["sms"] * SMEM_BYTES_PER_CLK * dev["clock_hz"]
+        row["smem"] = dict(smem, bytes_per_s=smem_bw, s=smem["total"] / smem_bw,
+                           flop_per_byte=flops / smem["total"],
+                           roof_flops=flops / smem["total"] * smem_bw)
         row["device_math_s"] = flops / dev["peak_flops"]
         row["device_tiling_hbm_s"] = traffic["total"] / dev["hbm_bytes_per_s"]
     row["pass"] = row.pop("pass_")
@@ -1048,7 +1121,8 @@ def format_cuda_roofline(report, arch="sm_90a", dtype="bfloat16") -> list[str]:
                  f"{L2_BW / 1e12:.0f} TB/s (L2) and {HBM_BW / 1e12:.2f} TB/s (HBM) vs FLOPs at "
                  f"{FLOOR_FLOPS / 1e12:.0f} TFLOP/s",
              f"{'stage':5s} {'axis':4s} {'pass':11s} {'kernel':28s} {'plan':>14s} {'GFLOP':>6s} "
-             f"{'tileGB':>6s} {'L2_ms':>6s} {'HBM_ms':>6s} {'L2sec':>6s} {'fl800':>6s} {'fl989':>6s} ok"]
+             f"{'tileGB':>6s} {'L2_ms':>6s} {'HBM_ms':>6s} {'L2sec':>6s} {'smemTF':>6s} "
+             f"{'fl800':>6s} {'fl989':>6s} ok"]
     for r in rows:
         head = f"{r['stage']:5s} {r['axis']:4s} {r['pass']:11s}"
         if r["plan"] is None:
@@ -1063,13 +1137,15 @@ def format_cuda_roofline(report, arch="sm_90a", dtype="bfloat16") -> list[str]:
             f"{head} {r['kernel'].split(' ')[0][:28]:28s} {plan:>14s} {r['flops'] / 1e9:6.0f} "
             f"{r['tiling_bytes'] / 1e9:6.2f} {r['tiling_l2_s'] * 1e3:6.3f} "
             f"{r['tiling_hbm_s'] * 1e3:6.3f} {r['tiling_l2_sector_s'] * 1e3:6.3f} "
-            f"{r['floor_800_s'] * 1e3:6.3f} "
+            f"{r['smem']['roof_flops'] / 1e12:6.0f} {r['floor_800_s'] * 1e3:6.3f} "
             f"{r['math_989_s'] * 1e3:6.3f} {ok}")
     lines.append("plan: forward / input-grad BM pixels x BN channels, grid x (persistent CTAs) x y "
                  "(n-tiles); weight-grad co x ci channels per CTA, grid co tiles x ci tiles x "
                  "pixel splits. Flags: forward prologue+stats+add, input-grad gate+stats, "
                  "weight-grad prologue. L2sec: the same traffic in the 32-B sectors the stores "
                  "touch (4-byte epilogue pairs: y x2; weight-grad partials x8), informative; "
+                 "smemTF: the FLOP rate the main loop's shared-memory reads allow on the plan's "
+                 "GPU (128 B/clk/SM), informative; "
                  "ok = L2_ms and HBM_ms below fl800 (FLOPs at 800 TFLOP/s)")
     return lines
 

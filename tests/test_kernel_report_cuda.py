@@ -197,6 +197,23 @@ def test_weight_gradient_bytes_by_hand():
     assert t["sector_total"] == 290304 + 7 * 12 * 7680
 
 
+def test_shared_memory_bytes_by_hand():
+    # (tile, n-tile) pairs: 2 images x 3 lines x 2 segments = 12; k16 steps per tile: 5 taps x 1
+    f90 = kr.smem_traffic("fwd_sm90a", *TINY.values(), bm=128, bn=32, grid_y=1, prologue=True)
+    assert f90["mma"] == 12 * 5 * (8 * 512 + 2 * 16 * 32 * 2)  # 8 warps' ldmatrix.x4 + 2 wgmma B
+    assert f90["staging"] == 12 * 132 * 16 * 2 + 2 * (2 * 3 * 204) * 16 * 2  # halo + prologue r/w
+    assert f90["total"] == 368640 + 129024
+    f80 = kr.smem_traffic("fwd_sm80", *TINY.values(), bm=128, bn=32, grid_y=1)
+    assert f80["mma"] == 12 * 5 * 8 * (2 * 512 + 2 * 256) == 737280
+    # weight gradient: 12 segments x 1 CTA tile, 8 steps of 16 pixels each
+    w90 = kr.smem_traffic("wgrad_sm90a", *TINY.values(), seg=128, co_tiles=1, ci_tiles=1,
+                          prologue=True)
+    assert w90["mma"] == 12 * 8 * (8 * 4 * 512 + 2 * 4 * 16 * 64 * 2) == 3145728
+    assert w90["staging"] == 12 * (128 * 64 + 132 * 32) * 2 + 2 * (2 * 3 * 204) * 16 * 2
+    w80 = kr.smem_traffic("wgrad_sm80", *TINY.values(), seg=128)
+    assert w80["mma"] == 12 * 8 * 8 * (2 * 512 + 5 * 256) == 1769472
+
+
 @needs_c
 def test_rows_agree_with_hand_bytes_on_a_small_shape():
     out = kr.cuda_conv_roofline(archs=("sm_90a",), dtypes=("bfloat16",),
