@@ -26,11 +26,16 @@ TRITON_RULES_XFAIL: dict[str, str] = {
 }
 #: "file.cu:kernel" -> what fails today
 CUDA_RULES_XFAIL: dict[str, str] = {
-    "line_conv.cu:line_conv_fwd_kernel": "LDG.E.U16 operand loads in the main loop",
-    "line_conv.cu:line_conv_wgrad_kernel": "LDG.E.U16 operand loads in the main loop",
+    # empty since the generic kernels' 16-byte path (issue 12, part G)
 }
 #: CUDA kernels held to the conv main-loop rules (the rest: no spills only)
 CUDA_CONV = re.compile(r"^line_conv_(?!.*reduce)")
+#: The generic conv kernels of csrc/cuda/line_conv.cu: template <T, V>; V = 16 / sizeof(T) is the
+#: 16-byte path (cp.async 16-byte staging, held to every conv rule), V = 1 the scalar fallback for
+#: strided views / NCHW / channel counts that are not a multiple of V (exempt from the 2-byte load
+#: rule, which such layouts need; still no spills and tensor cores)
+CUDA_GENERIC_CONV = ("line_conv.cu:line_conv_fwd_kernel", "line_conv.cu:line_conv_wgrad_kernel")
+GENERIC_VECTOR = {"__nv_bfloat16": 8, "__half": 8, "float": 4}
 #: CUDA pointwise kernels (csrc/cuda/pointwise.cu, issue 12) held to the vector rules: their
 #: 16-byte-vector instantiations (template argument V > 1) load with LDG.E.128, never load 2-byte
 #: scalars in a loop, spill nothing; no kernel of pointwise.cu uses atomics (deterministic sums)
@@ -114,7 +119,10 @@ def test_table_lists_every_kernel(report):
         assert r["name"].split(" ", 1)[0] in table
 
 
-def _rule_failures(rows, conv: bool) -> list[str]:
+def _rule_failures(rows, conv: bool, scalar_fallback_ok: bool = False) -> list[str]:
+    """Rule breaches of compiled kernels. ``scalar_fallback_ok``: rows whose last template
+    argument is 1 (the scalar instantiation of a kernel templated on its vector width) may load
+    2-byte scalars; they must still spill nothing and use the tensor cores."""
     fails = []
     for r in rows:
         t, loop = r["sass"]["total"], r["sass"]["in_loop"]
@@ -123,7 +131,8 @@ def _rule_failures(rows, conv: bool) -> list[str]:
             fails.append(f"{label}: {r['spill_stores']} B spill stores")
         if conv and not (t.get("hgmma", 0) or t.get("hmma", 0)):
             fails.append(f"{label}: no HGMMA/HMMA")
-        if conv and loop.get("ldg_16", 0):
+        scalar = scalar_fallback_ok and _vector_width(r.get("short", "")) == 1
+        if conv and loop.get("ldg_16", 0) and not scalar:
             fails.append(f"{label}: {loop['ldg_16']} LDG.E.U16 in the main loop")
     return fails
 
@@ -151,8 +160,42 @@ def test_cuda_kernel_rules_sm90a(report, kernel):
     rows = [r for r in report["cuda"] if r.get("arch") == "sm_90a" and r.get("status") == "ok"
             and r["file"] == file and r["short"].split("<")[0] == name]
     assert rows, f"{kernel}: not in the report"
-    fails = _rule_failures(rows, bool(CUDA_CONV.match(name)))
+    fails = _rule_failures(rows, bool(CUDA_CONV.match(name)), kernel in CUDA_GENERIC_CONV)
     assert not fails, "\n".join(sorted(set(fails))[:20])
+
+
+def _generic_conv_failures(rows) -> list[str]:
+    """The generic conv kernels: per dtype one 16-byte instantiation <T, 16/sizeof(T)> that
+    stages its operands with 16-byte cp.async (LDGSTS.128), loads no 2-byte / 1-byte scalars in a
+    loop, uses the tensor cores and spills nothing; and one scalar fallback <T, 1> (no spills,
+    tensor cores)."""
+    fails = []
+    have = {(r["short"].split("<", 1)[1].split(",")[0].strip(), _vector_width(r["short"])) for r in rows}
+    want = {(t, v) for t, v in GENERIC_VECTOR.items()} | {(t, 1) for t in GENERIC_VECTOR}
+    if have != want:
+        fails.append(f"instantiations {sorted(have)}, expected {sorted(want)}")
+    fails += _rule_failures(rows, True, scalar_fallback_ok=True)
+    for r in rows:
+        if _vector_width(r["short"]) <= 1:
+            continue
+        t, loop = r["sass"]["total"], r["sass"]["in_loop"]
+        if not loop.get("ldgsts_128", 0):
+            fails.append(f"{r['short']}: operands not staged by 16-byte cp.async (LDGSTS.128) in the loop")
+        if loop.get("ldg_16", 0) or loop.get("ldg_8", 0) or t.get("ldgsts_narrow", 0):
+            fails.append(f"{r['short']}: narrow loads {loop.get('ldg_16', 0)} LDG.E.U16, "
+                         f"{t.get('ldgsts_narrow', 0)} narrow LDGSTS")
+    return fails
+
+
+@pytest.mark.skipif(not (shutil.which("nvcc") or Path("/usr/local/cuda/bin/nvcc").exists()),
+                    reason="nvcc not found")
+@pytest.mark.parametrize("kernel", CUDA_GENERIC_CONV)
+def test_cuda_generic_conv_vector_rules_sm90a(report, kernel):
+    file, name = kernel.split(":")
+    rows = [r for r in report["cuda"] if r.get("arch") == "sm_90a" and r.get("status") == "ok"
+            and r["file"] == file and r["short"].split("<")[0] == name]
+    fails = _generic_conv_failures(rows)
+    assert not fails, "\n".join(fails)
 
 
 def _vector_width(short: str) -> int:

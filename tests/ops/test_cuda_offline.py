@@ -360,3 +360,47 @@ def test_built_extension_carries_sm80_sm90a_and_ptx():
     out = subprocess.run([cuobjdump, "-lelf", "-lptx", so], capture_output=True, text=True).stdout
     for want in ("line_conv_tc.sm_80.cubin", "line_conv_tc.sm_90a.cubin", "line_conv_tc.sm_80.ptx"):
         assert want in out, out
+
+
+# ---- the generic kernels (csrc/cuda/line_conv.cu): a 16-byte path and a scalar fallback -------
+# Each kernel is template <T, V>: V = 8 (bf16/fp16) or 4 (fp32) stages every operand with 16-byte
+# cp.async (zero-filled padding / tails) and moves the epilogue's activations as 16-byte vectors;
+# V = 1 is the fallback for NCHW, strided views and channel counts that are not a multiple of V.
+LC_SRC = os.path.join(ROOT, "csrc", "cuda", "line_conv.cu")
+LC_KERNELS = ("line_conv_fwd_kernel", "line_conv_wgrad_kernel")
+LC_THREADS = 128
+
+
+@pytest.fixture(scope="module", params=["sm_90a", "sm_80"])
+def generic(request, tmp_path_factory):
+    defines = ("-DMSFF_WITH_CUDA=1",) + (("-DMSFF_HAVE_SM90A=1",) if request.param == "sm_90a" else ())
+    return _compile(request.param, str(tmp_path_factory.mktemp("lc")), src=LC_SRC, defines=defines)
+
+
+def test_generic_conv_vector_path_stages_16_byte_cp_async(generic):
+    info, ops = generic
+    seen = collections.Counter()
+    for name in info:
+        kern = next((k for k in LC_KERNELS if k in name), None)
+        assert kern is not None, f"unexpected kernel {name} in line_conv.cu"
+        o = ops[name]
+        assert info[name]["spill"] == 0, f"{name} spills {info[name]['spill']} bytes"
+        assert info[name]["regs"] * LC_THREADS * 2 <= REGS_PER_SM, (name, info[name]["regs"])  # >= 2 CTAs/SM
+        assert _count(o, "HMMA") > 0, f"{name}: no tensor-core HMMA in {dict(o)}"
+        m = re.search(r"(13__nv_bfloat16|6__half|f)Li(\d+)E", name)
+        assert m, name
+        seen[(kern, m.group(1), int(m.group(2)))] += 1
+        if m.group(2) == "1":
+            continue  # the scalar fallback: element loads are what a strided view needs
+        assert _count(o, "LDGSTS.E.BYPASS.128") > 0, f"{name}: operands not staged by 16-byte cp.async"
+        narrow = {op: n for op, n in o.items()
+                  if re.match(r"LDG\.E\.(U|S)(8|16)", op) or (op.startswith("LDGSTS") and not op.endswith(".128"))}
+        assert not narrow, f"{name}: narrow global loads {narrow}"
+        if kern == "line_conv_fwd_kernel":
+            # the epilogue writes y as 16-byte vectors, never element by element
+            assert _count(o, "STG.E.128") > 0, f"{name}: no 16-byte stores in {dict(o)}"
+            assert not {op for op in o if op in ("STG.E", "STG.E.U16")}, f"{name}: narrow stores {dict(o)}"
+    want = {(k, t, v): 1 for k in LC_KERNELS
+            for t, v in (("13__nv_bfloat16", 8), ("6__half", 8), ("f", 4),
+                         ("13__nv_bfloat16", 1), ("6__half", 1), ("f", 1))}
+    assert dict(seen) == want, sorted(seen)
