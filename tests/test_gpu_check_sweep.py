@@ -17,6 +17,9 @@ from msff import gpu_check as gc
 from msff.ops import dispatch as D
 
 H200 = ("NVIDIA H200", "9.0")
+#: the kernel sources hashes the records carry and the policy sees (fixed: other sessions edit csrc/
+#: while these tests run, and a changed hash rightly invalidates a record)
+SOURCES = {"triton": "7" * 16, "cuda": "c" * 16}
 CASES = [("block", "odd", "bfloat16", "train"), ("block", "odd", "float32", "eval"),
          ("block", "E1", "bfloat16", "train"), ("block", "E1", "bfloat16", "eval"),
          ("op", "E1", "bfloat16", "train")]
@@ -27,10 +30,15 @@ def environment():
 
     return {"gpu": "NVIDIA H200", "capability": "9.0", "sm_count": 132, "msff": msff.__version__,
             "torch": torch.__version__, "torch_cuda": "13.0", "triton": triton.__version__,
-            "sources": {b: B.kernel_sources_hash(b) for b in gc.FUSED}, "cuda_conv": []}
+            "sources": dict(SOURCES), "cuda_conv": []}
 
 
 import msff  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def fixed_sources(monkeypatch):
+    monkeypatch.setattr(D, "kernel_sources_hash", SOURCES.get)
 
 
 class Clock:
@@ -93,7 +101,7 @@ def make_check(tmp_path, runner, clock, units, budget=2000.0, autotune=False):
                        environment=environment(), sanitizer_tool="compute-sanitizer", clock=clock)
 
 
-ALL = ["triton", "cuda:generic", "cuda:tc", "cuda:tc-cpasync", "cuda:sm80"]
+ALL = ["cuda:generic", "cuda:tc", "cuda:tc-cpasync", "cuda:sm80", "triton"]
 BEHAVIOUR = {"triton": ("fail",), "cuda:generic": ("pass", 1.3), "cuda:tc": ("hang",),
              "cuda:tc-cpasync": ("crash",), "cuda:sm80": ("pass", 1.8)}
 
@@ -260,7 +268,7 @@ def test_schema_1_records_still_load_and_rank_cuda_as_before(tmp_path, monkeypat
            "gpu": {"name": "NVIDIA H200", "capability": "9.0"},
            "versions": {"msff": msff.__version__, "torch": torch.__version__,
                         "triton": triton.__version__},
-           "sources": {b: B.kernel_sources_hash(b) for b in gc.FUSED},
+           "sources": dict(SOURCES),
            "entries": [{"backend": "cuda", "dtype": "bfloat16", "mode": "train", "parity": True,
                         "speedup": 1.4}]}
     assert B.validate_record(old) is None
@@ -297,17 +305,20 @@ def test_budget_skips_what_does_not_fit(tmp_path):
     chk = make_check(tmp_path, runner, clock, ALL, budget=150.0)
     chk.sweep()
     units = chk.doc["units"]
-    # 150 s, 60 s per parity worker: triton starts (it needs 96 + 15 s), generic (26 + 15 of the 75
-    # left), then 15 s are left: the rest is skipped
-    assert units["triton"]["status"] == "passed" and units["cuda:generic"]["status"] == "passed"
+    # 150 s, 60 s per parity worker: generic and tc start (each needs 26 + 15 s), then 30 s are
+    # left: tc-cpasync, sm80 and triton (96 + 15 s) are skipped, and every later section
+    assert units["cuda:generic"]["status"] == "passed" and units["cuda:tc"]["status"] == "passed"
     assert all(units[u]["status"] == "skipped" and units[u]["reason"] == "budget"
-               for u in ("cuda:tc", "cuda:tc-cpasync", "cuda:sm80"))
+               for u in ("cuda:tc-cpasync", "cuda:sm80", "triton"))
+    assert units["cuda:tc"]["sanitizer"] == {"memcheck": "skipped: budget",
+                                             "racecheck": "skipped: budget"}
     skipped = [s["what"] for s in chk.doc["skipped"] if s["why"] == "budget"]
-    assert "parity cuda:tc" in skipped and any(s.startswith("bench") for s in skipped)
+    assert "parity cuda:sm80" in skipped and any(s.startswith("bench") for s in skipped)
     assert clock.t <= 150.0 - gc.RESERVE_S  # never started what would end past the reserve
     assert all(j.timeout_s <= 150.0 for j in runner.jobs)
     rec = chk.make_record()
-    assert rec["units"]["cuda:tc"]["status"] == "skipped"
+    assert rec["units"]["cuda:sm80"]["status"] == "skipped"
+    assert [j.task for j in runner.jobs] == ["parity", "parity"]
 
 
 def test_a_crashing_bench_provider_is_blamed_and_the_rest_resumed(tmp_path):
@@ -338,7 +349,7 @@ def test_a_crashing_bench_provider_is_blamed_and_the_rest_resumed(tmp_path):
 
 def test_sweep_units_before_hopper_runs_tc_once():
     units, skipped = gc.sweep_units(("triton", "cuda"), gc.CONV_VARIANTS, "8.0")
-    assert units == ["triton", "cuda:generic", "cuda:tc"]
+    assert units == ["cuda:generic", "cuda:tc", "triton"]
     assert {s["unit"] for s in skipped} == {"cuda:tc-cpasync", "cuda:sm80"}
     units, _ = gc.sweep_units(("cuda",), gc.CONV_VARIANTS, "9.0")
     assert units == [f"cuda:{v}" for v in gc.CONV_VARIANTS]
@@ -356,7 +367,7 @@ def test_plan_prints_the_sweep_and_its_estimates(capsys):
     for u in ("cuda:generic", "cuda:tc", "cuda:tc-cpasync", "cuda:sm80", "triton"):
         assert u in out
     assert "sanitizer" in out and "past the budget" in out
-    rows = gc.plan(["triton"] + [f"cuda:{v}" for v in gc.CONV_VARIANTS], budget_s=450)
+    rows = gc.plan([f"cuda:{v}" for v in gc.CONV_VARIANTS] + ["triton"], budget_s=450)
     assert rows[-1]["cum_s"] == sum(r["est_s"] for r in rows) or abs(
         rows[-1]["cum_s"] - sum(r["est_s"] for r in rows)) <= len(rows)
     # the essentials (parity of every unit, block timings, one sanitizer pass) fit 450 s
@@ -467,3 +478,14 @@ def test_workers_exit_when_the_check_is_gone(tmp_path):
     p = subprocess.run([sys.executable, "-c", code], timeout=50,
                        env={**__import__("os").environ, gc.PARENT_ENV: str(gone.pid)})
     assert p.returncode == 3
+
+
+def test_sanitizer_jobs_run_the_units_variant_without_the_caching_allocator(monkeypatch):
+    monkeypatch.setenv("MSFF_CUDA_CONV", "generic")
+    r = gc.SubprocessRunner(False, 3, "/opt/cuda/bin/compute-sanitizer")
+    cmd, env = r.sanitizer_command(gc.Job("sanitize", unit="cuda:tc", tool="racecheck"))
+    assert cmd[:5] == ["/opt/cuda/bin/compute-sanitizer", "--tool", "racecheck", "--error-exitcode", "99"]
+    assert cmd[-2:] == ["--sanitize-target", "cuda"]
+    assert env["MSFF_CUDA_CONV"] == "tc" and env["PYTORCH_NO_CUDA_MEMORY_CACHING"] == "1"
+    _, env = r.sanitizer_command(gc.Job("sanitize", unit="triton", tool="memcheck"))
+    assert "MSFF_CUDA_CONV" not in env
