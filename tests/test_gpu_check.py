@@ -34,6 +34,13 @@ def test_dry_run_end_to_end(tmp_path, capsys):
     assert {(e["dtype"], e["mode"]) for e in rec["entries"]} == {("bfloat16", "train"),
                                                                 ("bfloat16", "eval")}
     assert "validation record" in out and out.rstrip().splitlines()[-1].startswith("record:")
+    # the plan of the GPU sweep it stands in for: every CUDA conv variant is a unit
+    assert "the GPU sweep this dry run stands in for" in out
+    assert all(f"cuda:{v}" in out for v in gc.CONV_VARIANTS)
+    # the stand-in units ran in real worker subprocesses, one verdict each
+    assert {u: d["status"] for u, d in rec["units"].items()} == {"cuda:tc": "passed",
+                                                                 "triton": "passed"}
+    assert {e.get("variant") for e in rec["entries"]} == {"tc", None}
 
 
 def test_no_gpu_without_dry_run_says_so(capsys):
