@@ -287,8 +287,6 @@ def lowp_ok(out, truth, torch_lp, norm: str, dtype) -> tuple[bool, dict]:
     return bool(err <= bound), {"err": err, "torch_err": base, "bound": bound}
 
 
-# ---- the check ---------------------------------------------------------------------------------
-
 # ---- the cases (run inside a worker subprocess) ------------------------------------------------
 class Cases:
     """Parity cases and benchmark providers, run in a worker; each result goes to ``emit`` as one
@@ -316,6 +314,21 @@ class Cases:
 
     def add(self, section: str, row: dict) -> None:
         self.emit({"event": "row", "section": section, "row": row})
+
+    def abort_if_context_lost(self, err: BaseException) -> None:
+        """After ``err`` in a case: when the CUDA context no longer works (an illegal address, a
+        trap: sticky errors), every later case would fail for that reason alone, so the worker
+        exits now, its case still pending; the parent fails the case (and the unit, or the
+        provider) with this message."""
+        if not self.cuda:
+            return
+        try:
+            torch.cuda.synchronize()
+            torch.ones(1, device="cuda").add_(1).item()
+        except RuntimeError as lost:
+            print(f"CUDA context lost: {type(err).__name__}: {str(err)[:300]} "
+                  f"(then {type(lost).__name__}: {str(lost)[:200]})", file=sys.stderr, flush=True)
+            os._exit(70)
 
     def parity_unit(self, unit: str) -> None:
         """Every parity case of ``unit``, cheapest first: small shapes (bf16, which runs the
@@ -414,7 +427,8 @@ class Cases:
             failed = {k: v[1] for k, v in checks.items() if not v[0]}
             row.update(parity=not failed, checked=len(checks), failed=sorted(failed),
                        detail=failed or {k: v[1] for k, v in list(checks.items())[:3]})
-        except Exception as e:  # a crash is a parity failure, recorded with its message
+        except Exception as e:  # an error is a parity failure, recorded with its message
+            self.abort_if_context_lost(e)
             row.update(parity=False, error=f"{type(e).__name__}: {str(e)[:500]}")
         finally:
             if self.cuda:
@@ -480,7 +494,8 @@ class Cases:
             failed = {k: v[1] for k, v in checks.items() if not v[0]}
             row.update(parity=not failed, checked=len(checks), failed=sorted(failed),
                        detail=failed or {k: v[1] for k, v in checks.items()})
-        except Exception as e:  # a crash (our kernel or the driver) is a recorded parity failure
+        except Exception as e:  # an error (our kernel or the driver) is a recorded parity failure
+            self.abort_if_context_lost(e)
             row.update(parity=False, error=f"{type(e).__name__}: {str(e)[:500]}")
         finally:
             if self.cuda:
@@ -523,6 +538,7 @@ class Cases:
                        pct_bf16_peak=100 * flops / med / PEAK_BF16, reps=len(times))
             row.update(self._memory(step, fwd_keep if train else None))
         except Exception as e:  # a failing provider is recorded in its row; the others still run
+            self.abort_if_context_lost(e)
             row.update(error=f"{type(e).__name__}: {str(e)[:400]}")
         finally:
             if self.cuda:

@@ -489,3 +489,17 @@ def test_sanitizer_jobs_run_the_units_variant_without_the_caching_allocator(monk
     assert env["MSFF_CUDA_CONV"] == "tc" and env["PYTORCH_NO_CUDA_MEMORY_CACHING"] == "1"
     _, env = r.sanitizer_command(gc.Job("sanitize", unit="triton", tool="memcheck"))
     assert "MSFF_CUDA_CONV" not in env
+
+
+def test_a_worker_that_lost_its_cuda_context_leaves_its_case_pending(tmp_path):
+    # what Cases.abort_if_context_lost does after a sticky CUDA error (an illegal address)
+    cmd, events = _script(tmp_path, """
+        emit({"event": "begin", "what": "block E1 train bfloat16 cuda:tc", "row": {"case": "E1"},
+              "limit_s": 30})
+        print("CUDA context lost: AcceleratorError: CUDA error: an illegal memory access was "
+              "encountered", file=sys.stderr, flush=True)
+        os._exit(70)
+    """)
+    out = gc.run_process(cmd, {}, timeout_s=30, events=events)
+    assert out.status == "crashed" and out.in_progress == {"case": "E1"}
+    assert out.reason.startswith("exit 70 during block E1 train bfloat16 cuda:tc: CUDA context lost")
