@@ -222,7 +222,7 @@ def plan(units, *, dry: bool = False, autotune: bool = True, sanitizer: bool = T
 
 
 def format_plan(rows, budget_s: float, title: str) -> str:
-    lines = [f"{title} (estimated seconds on an H200 host; --budget {budget_s:.0f} s, "
+    lines = [f"{title} (estimated seconds, H200-class host; --budget {budget_s:.0f} s, "
              f"{RESERVE_S} s kept for the record)"]
     for r in rows:
         flag = "" if r["fits"] else "   <- past the budget: skipped or cut short"
