@@ -400,6 +400,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lk_conv_backward_cuda
       const TcWgradPlan pl = tc_wgrad_plan(p.N, p.Cin, p.Cout, p.H, p.W, p.K, p.axis, p.num_sms);
       part = at::empty({pl.partial_elems}, x.options().dtype(at::kFloat));
       p.partials = part.data_ptr<float>();
+    } else if (const int64_t elems = line_conv_wgrad_generic_partial_elems(p); elems > 0) {
+      part = at::empty({elems}, x.options().dtype(at::kFloat));  // per-split tiles, summed in order
+      p.partials = part.data_ptr<float>();
     }
     check_launch(line_conv_wgrad(p, stream), "lk_conv backward (weight gradient)");
     grad_w = dw.reshape(weight.sizes()).to(weight.scalar_type());

@@ -89,8 +89,10 @@ struct LineConvParams {
 ConvKernel line_conv_choose(const LineConvParams& p, ConvRequest request);
 
 // Weight gradient of the line convolution above (prologue recomputed from x, never stored):
-//   dw[co, ci, t] += sum_{n, p} g[n, co, p] * a[n, ci, p + t - K/2]
-// dw is fp32 (Cout, Cin, K) contiguous and must be zeroed by the caller. g has Cout channels.
+//   dw[co, ci, t] = sum_{n, p} g[n, co, p] * a[n, ci, p + t - K/2]
+// dw is fp32 (Cout, Cin, K) contiguous, overwritten from per-split fp32 partials summed in a fixed
+// order (deterministic, every kernel); nothing is written when there are no pixels or channels,
+// so the caller zeroes it for such shapes. g has Cout channels.
 struct LineConvWgradParams {
   View4 x;
   View4 g;
@@ -101,11 +103,15 @@ struct LineConvWgradParams {
   DType dtype;
   Fp32Mode fp32_mode;
   int num_sms;  // sizes the split over pixels
-  // Tensor-core kernel only (kernel != kGeneric): dw is overwritten (no zeroing needed) from the
-  // fp32 partials scratch of tc_wgrad_plan(...).partial_elems elements (csrc/cuda/line_conv_plan.h).
   ConvKernel kernel;  // from line_conv_wgrad_choose()
+  // fp32 partials scratch: tc_wgrad_plan(...).partial_elems elements (csrc/cuda/line_conv_plan.h)
+  // for the tensor-core kernels, line_conv_wgrad_generic_partial_elems(p) for kGeneric (may be
+  // 0 and then nullptr: one split writes dw directly).
   float* partials;
 };
+
+// Size (fp32 elements) of the generic weight gradient's partials scratch for p.
+int64_t line_conv_wgrad_generic_partial_elems(const LineConvWgradParams& p);
 
 // The weight-gradient kernel line_conv_wgrad would run for p, given the caller's request
 // (kSm80 = mma.sync, split-K over pixels, deterministic; it is also what kBest runs on Hopper).

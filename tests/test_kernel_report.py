@@ -168,7 +168,7 @@ def _generic_conv_failures(rows) -> list[str]:
     """The generic conv kernels: per dtype one 16-byte instantiation <T, 16/sizeof(T)> that
     stages its operands with 16-byte cp.async (LDGSTS.128), loads no 2-byte / 1-byte scalars in a
     loop, uses the tensor cores and spills nothing; and one scalar fallback <T, 1> (no spills,
-    tensor cores)."""
+    tensor cores). The weight gradient uses no atomics (deterministic split-K)."""
     fails = []
     have = {(r["short"].split("<", 1)[1].split(",")[0].strip(), _vector_width(r["short"])) for r in rows}
     want = {(t, v) for t, v in GENERIC_VECTOR.items()} | {(t, 1) for t in GENERIC_VECTOR}
@@ -184,6 +184,9 @@ def _generic_conv_failures(rows) -> list[str]:
         if loop.get("ldg_16", 0) or loop.get("ldg_8", 0) or t.get("ldgsts_narrow", 0):
             fails.append(f"{r['short']}: narrow loads {loop.get('ldg_16', 0)} LDG.E.U16, "
                          f"{t.get('ldgsts_narrow', 0)} narrow LDGSTS")
+    for r in rows:  # the weight gradient: per-split partials summed in order, deterministic
+        if r["short"].startswith("line_conv_wgrad_kernel") and r["sass"]["total"].get("atomics", 0):
+            fails.append(f"{r['short']}: {r['sass']['total']['atomics']} atomics")
     return fails
 
 

@@ -461,7 +461,10 @@ __global__ void __launch_bounds__(NTHREADS) line_conv_fwd_kernel(LineConvParams 
 // A block owns 64 output channels × 32 input channels × a group of 4 taps (one warp per tap) and
 // loops over a share of the pixel segments (grid.z splits the pixels). Per segment it stages
 // g (64 pixels × 64 channels) and the recomputed activation a (64 + 3 pixels × 32 channels);
-// warp w multiplies g^T by a shifted down w rows. Partial sums go to dw with fp32 atomics.
+// warp w multiplies g^T by a shifted down w rows. Each block writes its fp32 tile to its split's
+// slice of the partials (dw's layout; every element of a slice is written by exactly one block),
+// and reduce_wgrad_splits_kernel sums the slices in split order: deterministic, no atomics
+// (one split writes dw directly).
 // The 16-byte path (V > 1) stages both with cp.async and, for 16-bit types, double-buffers them
 // across segments so the copies of the next segment run under this one's mma (fp32 keeps one
 // stage: two would not fit the 48 KB of static shared memory).
@@ -676,16 +679,27 @@ __global__ void __launch_bounds__(NTHREADS) line_conv_wgrad_kernel(LineConvWgrad
     for (int j = 0; j < 2; ++j)
       wmma::store_matrix_sync(&smem.c[warp][i * 16][j * 16], acc[i][j], LDC, wmma::mem_row_major);
   __syncthreads();
-  // dw is (Cout, Cin, K): tap fastest. Walk taps fastest too, so neighbouring threads hit
-  // neighbouring addresses.
+  // This split's slice of the partials is (Cout, Cin, K) like dw: tap fastest. Walk taps fastest
+  // too, so neighbouring threads hit neighbouring addresses.
+  float* part = p.partials + static_cast<int64_t>(blockIdx.z) * p.Cout * p.Cin * p.K;
   for (int idx = tid; idx < WG_TAPS * WG_CO * WG_CI; idx += NTHREADS) {
     const int w_ = idx % WG_TAPS;
     const int ci_l = (idx / WG_TAPS) % WG_CI;
     const int co_l = idx / (WG_TAPS * WG_CI);
     const int tt = t0 + w_, ci = ci0 + ci_l, co = co0 + co_l;
     if (tt < p.K && ci < p.Cin && co < p.Cout)
-      atomicAdd(&p.dw[(static_cast<int64_t>(co) * p.Cin + ci) * p.K + tt], smem.c[w_][co_l][ci_l]);
+      part[(static_cast<int64_t>(co) * p.Cin + ci) * p.K + tt] = smem.c[w_][co_l][ci_l];
   }
+}
+
+// dw[e] = sum over splits, in split order, of the weight-gradient partials: deterministic.
+__global__ void __launch_bounds__(256) reduce_wgrad_splits_kernel(const float* partials, int splits, int64_t elems,
+                                                                  float* dw) {
+  const int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (e >= elems) return;
+  float acc = 0.0f;
+  for (int s = 0; s < splits; ++s) acc += partials[s * elems + e];
+  dw[e] = acc;
 }
 
 // ---- host side -------------------------------------------------------------------------------
@@ -734,27 +748,45 @@ cudaError_t launch_fwd(const LineConvParams& p, cudaStream_t stream) {
   return last_error();
 }
 
-template <typename T>
-cudaError_t launch_wgrad(const LineConvWgradParams& p, cudaStream_t stream) {
-  if (p.K < 1 || p.K % 2 == 0) return cudaErrorInvalidValue;
+// The weight gradient's grid: (tap groups x output-channel tiles, input-channel tiles, pixel
+// splits); splits = 0 when there is nothing to launch.
+dim3 wgrad_grid(const LineConvWgradParams& p) {
   const int L = p.axis == 1 ? p.W : p.H;
   const int lines = p.axis == 1 ? p.H : p.W;
   const int64_t segments = static_cast<int64_t>(p.N) * lines * ((L + BM - 1) / BM);
-  if (segments == 0 || p.Cout == 0 || p.Cin == 0) return cudaSuccess;
+  if (segments <= 0 || p.Cout <= 0 || p.Cin <= 0 || p.K < 1) return dim3(0, 0, 0);
   const int tap_groups = (p.K + WG_TAPS - 1) / WG_TAPS;
   const int co_tiles = (p.Cout + WG_CO - 1) / WG_CO;
   const int ci_tiles = (p.Cin + WG_CI - 1) / WG_CI;
   const int64_t tiles = static_cast<int64_t>(tap_groups) * co_tiles * ci_tiles;
   // Enough pixel splits for ~4 blocks per SM, but each split keeps >= 8 segments to amortise its
-  // atomics; at most 65535 (grid.z limit).
+  // partial tile (written once, then summed); at most 65535 (grid.z limit).
   int64_t splits = (4LL * (p.num_sms > 0 ? p.num_sms : 108) + tiles - 1) / tiles;
   splits = splits < (segments + 7) / 8 ? splits : (segments + 7) / 8;
   splits = splits < 1 ? 1 : (splits > 65535 ? 65535 : splits);
-  dim3 grid(static_cast<unsigned>(tap_groups * co_tiles), ci_tiles, static_cast<unsigned>(splits));
+  return dim3(static_cast<unsigned>(tap_groups * co_tiles), ci_tiles, static_cast<unsigned>(splits));
+}
+
+template <typename T>
+cudaError_t launch_wgrad(const LineConvWgradParams& p_in, cudaStream_t stream) {
+  if (p_in.K < 1 || p_in.K % 2 == 0) return cudaErrorInvalidValue;
+  const dim3 grid = wgrad_grid(p_in);
+  if (grid.z == 0) return cudaSuccess;
+  const int64_t elems = static_cast<int64_t>(p_in.Cout) * p_in.Cin * p_in.K;
+  LineConvWgradParams p = p_in;
+  if (grid.z == 1) {
+    p.partials = p.dw;  // one split: its tile is the sum
+  } else if (p.partials == nullptr) {
+    return cudaErrorInvalidValue;  // the caller sizes it with line_conv_wgrad_generic_partial_elems
+  }
   if (line_conv_wgrad_vector_ok(p))
     line_conv_wgrad_kernel<T, Pack16<T>::V><<<grid, NTHREADS, 0, stream>>>(p);
   else
     line_conv_wgrad_kernel<T, 1><<<grid, NTHREADS, 0, stream>>>(p);
+  cudaError_t err = last_error();
+  if (err != cudaSuccess || grid.z == 1) return err;
+  reduce_wgrad_splits_kernel<<<static_cast<unsigned>((elems + 255) / 256), 256, 0, stream>>>(
+      p.partials, static_cast<int>(grid.z), elems, p.dw);
   return last_error();
 }
 
@@ -771,6 +803,12 @@ cudaError_t line_conv_forward(const LineConvParams& p, cudaStream_t stream) {
       return launch_fwd<__nv_bfloat16>(p, stream);
   }
   return cudaErrorInvalidValue;
+}
+
+int64_t line_conv_wgrad_generic_partial_elems(const LineConvWgradParams& p) {
+  const dim3 grid = wgrad_grid(p);
+  if (grid.z <= 1) return 0;  // nothing to launch, or one split written straight into dw
+  return static_cast<int64_t>(grid.z) * p.Cout * p.Cin * p.K;
 }
 
 cudaError_t line_conv_wgrad(const LineConvWgradParams& p, cudaStream_t stream) {

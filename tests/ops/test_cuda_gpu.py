@@ -446,3 +446,14 @@ def test_generic_conv_vector_path_agrees_with_scalar_path(dtype, monkeypatch):
     for name, a, b in (("y", yv, ys), ("ch_sum", sv, ss), ("grad x", gv[0], gs[0]), ("grad w", gv[1], gs[1])):
         tol = rtol * b.abs().max().item() + 1e-6
         assert (a.float() - b.float()).abs().max().item() <= tol, name
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "contiguous"])
+def test_generic_conv_weight_gradient_is_bitwise_reproducible(layout, monkeypatch):
+    # per-split fp32 tiles summed in split order by reduce_wgrad_splits_kernel (no atomics); the
+    # shape gives many pixel splits (2 x 9 lines x 3 segments, >= 8 segments per split)
+    monkeypatch.setenv("MSFF_CUDA_CONV", "generic")
+    x, w, kw = lk_make(4, 32, 64, 9, 150, 15, "w", "all", layout, torch.bfloat16)
+    (_, _, _), g1 = lk_run(x, w, kw, "cuda")
+    (_, _, _), g2 = lk_run(x, w, kw, "cuda")
+    assert torch.equal(g1[1], g2[1])
