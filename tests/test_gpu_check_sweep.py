@@ -503,3 +503,20 @@ def test_a_worker_that_lost_its_cuda_context_leaves_its_case_pending(tmp_path):
     out = gc.run_process(cmd, {}, timeout_s=30, events=events)
     assert out.status == "crashed" and out.in_progress == {"case": "E1"}
     assert out.reason.startswith("exit 70 during block E1 train bfloat16 cuda:tc: CUDA context lost")
+
+
+def test_the_recorded_kernel_is_set_once_and_traces_as_a_constant(monkeypatch):
+    calls = []
+    monkeypatch.setattr(D, "_gpu_info", lambda index: H200)
+    monkeypatch.setattr(D, "_CONV_API", {"kernels": gc.CONV_VARIANTS,
+                                         "set": lambda name: calls.append(name) or "generic"})
+    monkeypatch.setattr(D, "_conv_choice", lambda gpu: {"kernel": "tc"})
+    monkeypatch.setattr(D, "_CONV_APPLIED", {})
+    monkeypatch.delenv("MSFF_CUDA_CONV", raising=False)
+
+    def f(x):
+        return x + len(D._recorded_conv_kernel(0))
+
+    g = torch.compile(f, fullgraph=True, backend="eager")
+    assert g(torch.zeros(2)).tolist() == [2.0, 2.0] and g(torch.ones(2)).tolist() == [3.0, 3.0]
+    assert calls == ["tc"]
