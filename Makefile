@@ -15,7 +15,7 @@ ZOO_SPEC ?=
 endif
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-gpu test-slow bench lint env clean kernel-report gpu-check
+.PHONY: install demo test test-gpu test-slow bench lint env clean kernel-report gpu-check gpu-check-device
 
 $(BIN)/.msff-installed: pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cu csrc/cuda/*.cuh)
 	$(PYTHON) -m venv $(VENV)
@@ -56,6 +56,12 @@ kernel-report: install
 GPU_CHECK_ARGS ?=
 gpu-check: install
 	env -u TRITON_INTERPRET $(BIN)/python -m msff.gpu_check $(GPU_CHECK_ARGS)
+
+# The same check on the workplace's lent GPU machine, whose python3 already holds torch and triton
+# and which can install nothing: builds msff._C in place for that GPU, runs the check within
+# GPU_BUDGET seconds (default 360), copies log, results and validation record to $OUT.
+gpu-check-device:
+	bash benchmarks/gpu_check_device.sh $(GPU_CHECK_ARGS)
 
 lint: install
 	$(BIN)/ruff check msff kernels tests benchmarks setup.py
