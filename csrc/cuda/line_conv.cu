@@ -446,13 +446,34 @@ __global__ void __launch_bounds__(NTHREADS) line_conv_fwd_kernel(LineConvParams 
   if (p.stat0 != nullptr) {
     __syncthreads();
     if (tid < BN && co0 + tid < p.Cout) {
-      float a0 = 0.0f, a1 = 0.0f;
-      for (int m = 0; m < BM; ++m) {
-        a0 += smem.epi.c[m][tid];
-        a1 += smem.epi.s1[m][tid];
+      if (!gate) {
+        // Σv, Σv² of this block's pixels as shifted sums (as tile_stats in line_conv_tc.cu): with
+        // c = the first pixel's value (pos0 < L: row 0 is always a pixel), S1 = Σ(v - c) and
+        // S2 = Σ(v - c)² round relative to the values' spread, not their mean, and
+        // Σv = S1 + n c, Σv² = S2 + c (2 S1 + n c) are formed in fp64; the host's
+        // M2 = Σv² - (Σv)² / count then keeps its digits when |mean| >> std. Rows past the end
+        // of the line are excluded (their staged value is 0, not a pixel).
+        const int rows = L - pos0 < BM ? L - pos0 : BM;
+        const float c = smem.epi.c[0][tid];
+        float a0 = 0.0f, a1 = 0.0f;
+        for (int m = 0; m < rows; ++m) {
+          const float d = smem.epi.c[m][tid] - c;
+          a0 += d;
+          a1 = fmaf(d, d, a1);
+        }
+        const double n = rows, cd = c, s1d = a0;
+        atomicAdd(&p.stat0[co0 + tid], s1d + n * cd);
+        atomicAdd(&p.stat1[co0 + tid], static_cast<double>(a1) + cd * (2.0 * s1d + n * cd));
+      } else {
+        // kGate: two plain sums (Σ acc·m·gate_x, Σ acc·m); rows past the end hold zeros.
+        float a0 = 0.0f, a1 = 0.0f;
+        for (int m = 0; m < BM; ++m) {
+          a0 += smem.epi.c[m][tid];
+          a1 += smem.epi.s1[m][tid];
+        }
+        atomicAdd(&p.stat0[co0 + tid], static_cast<double>(a0));
+        atomicAdd(&p.stat1[co0 + tid], static_cast<double>(a1));
       }
-      atomicAdd(&p.stat0[co0 + tid], static_cast<double>(a0));
-      atomicAdd(&p.stat1[co0 + tid], static_cast<double>(a1));
     }
   }
 }

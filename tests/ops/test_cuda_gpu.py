@@ -457,3 +457,20 @@ def test_generic_conv_weight_gradient_is_bitwise_reproducible(layout, monkeypatc
     (_, _, _), g1 = lk_run(x, w, kw, "cuda")
     (_, _, _), g2 = lk_run(x, w, kw, "cuda")
     assert torch.equal(g1[1], g2[1])
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "contiguous"])
+def test_generic_conv_statistics_keep_their_digits_when_the_mean_dominates(layout, monkeypatch):
+    # y = 1e3 + O(0.1): fp32 sums of y and y² per block lose every digit of M2 = Σ(y - ȳ)²; the
+    # generic epilogue's shifted sums (c = the block's first value) keep them (SPEC.md, lk_conv)
+    from msff.ops.lk_conv import lk_conv
+
+    monkeypatch.setenv("MSFF_CUDA_CONV", "generic")
+    x, w, _ = lk_make(2, 16, 24, 9, 150, 15, "w", "plain", layout)
+    w = (w.detach() * 0.1).requires_grad_()
+    bias = torch.full((24,), 1e3, device=DEV)
+    y, s, q = lk_conv(x, w, bias, stats=True, backend="cuda")
+    yr, sr, qr = lk_conv(x, w, bias, stats=True, backend="reference")
+    assert_close(y, yr, "y")
+    assert_close(s, sr, "ch_sum")
+    assert_close(q, qr, "M2")
