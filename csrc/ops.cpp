@@ -41,16 +41,19 @@ std::string cuda_conv_default(const std::string& name) {
 // Returns [fwd_bm, fwd_bn, fwd_threads, fwd_smem_bytes, fwd_grid_x, fwd_grid_y,
 //          wgrad_bm(co), wgrad_bn(ci), wgrad_pixels, wgrad_threads, wgrad_smem_bytes,
 //          wgrad_grid_x, wgrad_grid_y, wgrad_splits, wgrad_kmax]; fwd_bn = 0: no tile fits.
+// cc: the device's compute capability x 10; 90 plans the wgmma kernels (tc / tc-cpasync on
+// Hopper), anything else the mma.sync kernel (which may take the 64-pixel tile).
 std::vector<int64_t> lk_conv_cuda_plan(int64_t N, int64_t Cin, int64_t Cout, int64_t H, int64_t W, int64_t K,
-                                       int64_t axis, int64_t smem_optin, int64_t num_sms) {
+                                       int64_t axis, int64_t smem_optin, int64_t num_sms, int64_t cc) {
   using namespace msff;
   const TcFwdPlan f = tc_fwd_plan(static_cast<int>(N), static_cast<int>(Cin), static_cast<int>(Cout),
                                   static_cast<int>(H), static_cast<int>(W), static_cast<int>(K),
-                                  static_cast<int>(axis), static_cast<int>(smem_optin), static_cast<int>(num_sms));
+                                  static_cast<int>(axis), static_cast<int>(smem_optin), static_cast<int>(num_sms),
+                                  cc != 90);
   const TcWgradPlan w = tc_wgrad_plan(static_cast<int>(N), static_cast<int>(Cin), static_cast<int>(Cout),
                                       static_cast<int>(H), static_cast<int>(W), static_cast<int>(K),
                                       static_cast<int>(axis), static_cast<int>(num_sms));
-  return {TC_BM, f.bn, TC_THREADS, f.smem, f.grid_x, f.grid_y, WG_CO, WG_CI, WG_S, WG_THREADS,
+  return {f.bm, f.bn, TC_THREADS, f.smem, f.grid_x, f.grid_y, WG_CO, WG_CI, WG_S, WG_THREADS,
           w.smem, w.co_tiles, w.ci_tiles, w.splits, WG_KMAX};
 }
 
@@ -111,7 +114,7 @@ TORCH_LIBRARY(msff, m) {
       "Tensor grad_b2, Tensor grad_residual, Tensor grad_res_scale, Tensor grad_res_shift)");
   m.def(
       "_lk_conv_cuda_plan(int N, int Cin, int Cout, int H, int W, int K, int axis, int smem_optin, "
-      "int num_sms) -> int[]",
+      "int num_sms, int cc=90) -> int[]",
       &lk_conv_cuda_plan);
   m.def("_pointwise_cuda_plan(int N, int C, int H, int W) -> int[]", &pointwise_cuda_plan);
   m.def(

@@ -745,7 +745,8 @@ def smem_traffic(kind, N, cin, cout, H, W, K, axis, *, bm=128, bn=64, grid_y=1, 
     (line_conv_tc.cu; lines in :data:`CUDA_TRAFFIC_SOURCES`), summed over the grid. ``kind``:
     ``fwd_sm90a`` (line_conv_tma_kernel / line_conv_sm90a_kernel: per (tap, k16) step every
     consumer warp loads 512 B of A by ldmatrix.x4, each of the 2 warpgroups' wgmma reads 16 x BN
-    of B), ``fwd_sm80`` (per step each of 8 warps: 2 ldmatrix.x4 of A, BN/16 ldmatrix.x2 of B),
+    of B), ``fwd_sm80`` (per step each of 8 warps: 2 ldmatrix.x4 of A, BN/(8 WN) ldmatrix.x2
+    of B; WN = 2 warps along the channels at bm 128, 4 at bm 64),
     ``wgrad_sm90a`` (per 16 pixels each of 8 warps: 4 ldmatrix.x4.trans of A; each warpgroup's 4
     wgmma read the 16 x 64 g slice), ``wgrad_sm80`` (per 16 pixels each warp: 2 ldmatrix.x4.trans
     of g, K ldmatrix.x2.trans of the halo). ``staging`` = what cp.async / TMA write into the
@@ -758,8 +759,10 @@ def smem_traffic(kind, N, cin, cout, H, W, K, axis, *, bm=128, bn=64, grid_y=1, 
         staged = staged_channels or cin_pad
         n = N * lines * -(-L // bm) * grid_y  # (tile, n-tile) pairs
         steps = K * (cin_pad // 16)
+        # sm_80: WM x WN warps (bm 128: 4 x 2, bm 64: 2 x 4), each 32 pixels x bn / WN channels
+        wn = 8 // (bm // 32)
         per_step = (8 * 512 + 2 * 16 * bn * 2 if kind == "fwd_sm90a"
-                    else 8 * (2 * 512 + (bn // 16) * 256))
+                    else 8 * (2 * 512 + (bn // (8 * wn)) * 256))
         mma = n * steps * per_step
         staging = n * (bm + K - 1) * staged * esize
         if prologue:
@@ -842,7 +845,9 @@ def _cuda_conv_row(pass_, arch, dtype, stage, N, cin, cout, H, W, K, axis, plan_
         ci, co = (cin, cout) if fwd else (cout, cin)
         row.update(cin=ci, cout=co)
         hbm = M * ci * e + K * co * ci * e + 2 * M * co * e  # x, w, y, add / gate_x once
-        pl = plan_fn(N, ci, co, H, W, K, axis, dev["smem_optin"], dev["sms"])
+        # the mma.sync kernel (sm_80) may take the 64-pixel tile; the wgmma kernels plan 128
+        pl = plan_fn(N, ci, co, H, W, K, axis, dev["smem_optin"], dev["sms"],
+                     cc=90 if arch == "sm_90a" else 80)
         why = _tc_refusal(ci, co, K, TC_FWD_KMAX, pl["fwd_bn"] > 0)
         generic = "line_conv_fwd_kernel"
         flags = ({"prologue": True, "stats": True, "add": True} if fwd else

@@ -15,6 +15,7 @@
 namespace msff {
 
 constexpr int TC_BM = 128;       // forward: pixels per tile (one image line segment)
+constexpr int TC_BM_SMALL = 64;  // forward, mma.sync kernel only: the tile when 128 pixels do not fit
 constexpr int TC_THREADS = 256;  // 8 warps (two warpgroups on sm_90a)
 constexpr int WG_S = 128;        // weight gradient: pixels per staged segment (GEMM K step)
 constexpr int WG_CO = 64;        // weight gradient: output channels per CTA (GEMM M)
@@ -34,11 +35,11 @@ struct TcGeo {
   int w_bytes, stage_bytes, prm_bytes, total;
 };
 
-MSFF_HD inline TcGeo tc_geometry(int Cin, int K, int bn) {
+MSFF_HD inline TcGeo tc_geometry(int Cin, int K, int bn, int bm = TC_BM) {
   TcGeo g;
   g.cin_pad = round_up(Cin, 16);
   g.lda = g.cin_pad + 8;
-  g.rows = TC_BM + K - 1;
+  g.rows = bm + K - 1;
   g.sbo = g.cin_pad * 16;
   g.tap_bytes = g.cin_pad * bn * 2;
   g.w_bytes = round_up(K * g.tap_bytes, 128);
@@ -48,25 +49,37 @@ MSFF_HD inline TcGeo tc_geometry(int Cin, int K, int bn) {
   return g;
 }
 
-// The widest output-channel tile whose resident weights + two halo stages fit the opt-in shared
-// memory of one block; 0: none fits.
-inline int tc_pick_bn(int Cin, int Cout, int K, int smem_optin) {
+// A forward tile: bm pixels x bn output channels (bn == 0: none fits).
+struct TcTile {
+  int bm, bn;
+};
+
+// The forward tile whose resident weights + two halo stages fit the opt-in shared memory of one
+// block: the widest bn first (each n-tile stages the halo again), then 128 pixels before 64. The
+// 64-pixel tile (bn >= 32; 2 x 4 warps) exists only in the mma.sync kernel (small_bm): on an A100
+// (163 KB) E2's 128 channels get 64 x 32 (160 KB) instead of 128 x 16, half the halo re-staging.
+// The wgmma kernels need 128 pixels (two warpgroups of 64 rows).
+inline TcTile tc_pick_tile(int Cin, int Cout, int K, int smem_optin, bool small_bm) {
   const int first = Cout <= 16 ? 16 : (Cout <= 32 ? 32 : 64);
-  for (int bn = first; bn >= 16; bn /= 2)
-    if (tc_geometry(Cin, K, bn).total <= smem_optin) return bn;
-  return 0;
+  for (int bn = first; bn >= 16; bn /= 2) {
+    if (tc_geometry(Cin, K, bn, TC_BM).total <= smem_optin) return {TC_BM, bn};
+    if (small_bm && bn >= 32 && tc_geometry(Cin, K, bn, TC_BM_SMALL).total <= smem_optin) return {TC_BM_SMALL, bn};
+  }
+  return {TC_BM, 0};
 }
+inline int tc_pick_bn(int Cin, int Cout, int K, int smem_optin) { return tc_pick_tile(Cin, Cout, K, smem_optin, false).bn; }
 
 struct TcFwdPlan {
-  int bn, smem, grid_x, grid_y;
+  int bm, bn, smem, grid_x, grid_y;
   int64_t tiles;
 };
 
 // Persistent grid: one CTA per SM in all (shared memory allows one), pixel tiles strided over them.
-inline void tc_fwd_grid(int N, int Cout, int H, int W, int axis, int bn, int sms, TcFwdPlan* pl) {
+inline void tc_fwd_grid(int N, int Cout, int H, int W, int axis, int bn, int sms, TcFwdPlan* pl, int bm = TC_BM) {
   const int L = axis == 1 ? W : H, lines = axis == 1 ? H : W;
+  pl->bm = bm;
   pl->bn = bn;
-  pl->tiles = static_cast<int64_t>(N) * lines * ((L + TC_BM - 1) / TC_BM);
+  pl->tiles = static_cast<int64_t>(N) * lines * ((L + bm - 1) / bm);
   pl->grid_y = (Cout + bn - 1) / bn;
   int64_t ctas = (sms > 0 ? sms : 1) / pl->grid_y;
   if (ctas < 1) ctas = 1;
@@ -74,12 +87,16 @@ inline void tc_fwd_grid(int N, int Cout, int H, int W, int axis, int bn, int sms
   pl->grid_x = static_cast<int>(ctas);
 }
 
-inline TcFwdPlan tc_fwd_plan(int N, int Cin, int Cout, int H, int W, int K, int axis, int smem_optin, int sms) {
+// small_bm: the mma.sync kernel's plan (sm_80, and MSFF_CUDA_CONV=sm80 on Hopper); else the
+// wgmma kernels' (tc / tc-cpasync on Hopper).
+inline TcFwdPlan tc_fwd_plan(int N, int Cin, int Cout, int H, int W, int K, int axis, int smem_optin, int sms,
+                             bool small_bm = false) {
   TcFwdPlan pl{};
-  const int bn = tc_pick_bn(Cin, Cout, K, smem_optin);
-  if (bn == 0) return pl;
-  tc_fwd_grid(N, Cout, H, W, axis, bn, sms, &pl);
-  pl.smem = tc_geometry(Cin, K, bn).total;
+  pl.bm = TC_BM;
+  const TcTile t = tc_pick_tile(Cin, Cout, K, smem_optin, small_bm);
+  if (t.bn == 0) return pl;
+  tc_fwd_grid(N, Cout, H, W, axis, t.bn, sms, &pl, t.bm);
+  pl.smem = tc_geometry(Cin, K, t.bn, t.bm).total;
   return pl;
 }
 

@@ -243,18 +243,25 @@ __device__ __forceinline__ void epi_pair(const LineConvParams& p, const EpiCtx& 
   }
 }
 
-template <typename T, int BN, int ARCH>
+template <typename T, int BN, int ARCH, int BM = TC_BM>
 struct TcTraits {
-  // kSm80: 4 x 2 warps of 32 pixels x BN/2 channels; kSm90a: 8 warps of 16 pixels x BN.
-  static constexpr int ROW_GROUPS = ARCH == 90 ? 8 : 4;
-  static constexpr int NJ = ARCH == 90 ? BN / 8 : BN / 16;  // n8 blocks per thread
-  static constexpr int MI = ARCH == 90 ? 1 : 2;             // m16 blocks per thread
+  // kSm80: WM x WN warps of 32 pixels x BN/WN channels (BM = 128: 4 x 2; BM = 64: 2 x 4);
+  // kSm90a (BM = 128): 8 warps of 16 pixels x BN.
+  static constexpr int WM = ARCH == 90 ? 8 : BM / 32;        // warps along the pixels (row groups)
+  static constexpr int WN = 8 / WM;                           // warps along the channels
+  static constexpr int ROW_GROUPS = WM;
+  static constexpr int ROWS = BM / WM;                        // pixels per row group
+  static constexpr int NJ = BN / (8 * WN);                    // n8 blocks per thread
+  static constexpr int MI = ARCH == 90 ? 1 : 2;               // m16 blocks per thread
   static constexpr int ACC = MI * NJ * 4;
+  static_assert(ARCH != 90 || BM == 128, "the wgmma kernels tile 128 pixels (two warpgroups of 64)");
+  static_assert(NJ >= 1 && ROWS == 16 * MI, "warp tile");
 };
 
-// The tile of index `tile`: image n, line, first pixel pos0 along the convolution axis.
-__device__ __forceinline__ void tile_coords(int64_t tile, int segs, int lines, int* n, int* line, int* pos0) {
-  *pos0 = static_cast<int>(tile % segs) * TC_BM;
+// The tile of index `tile` (tiles of bm pixels): image n, line, first pixel pos0 along the axis.
+__device__ __forceinline__ void tile_coords(int64_t tile, int segs, int lines, int bm, int* n, int* line,
+                                            int* pos0) {
+  *pos0 = static_cast<int>(tile % segs) * bm;
   *line = static_cast<int>((tile / segs) % lines);
   *n = static_cast<int>(tile / (static_cast<int64_t>(segs) * lines));
 }
@@ -367,11 +374,11 @@ __device__ __forceinline__ void tile_stats(const float* acc, float (*s0)[2], flo
   sync();
 }
 
-template <typename T, int BN, int ARCH>
+template <typename T, int BN, int ARCH, int BM>
 __device__ __forceinline__ void line_conv_tc_body(const LineConvParams& p, unsigned char* smem) {
-  using Tr = TcTraits<T, BN, ARCH>;
+  using Tr = TcTraits<T, BN, ARCH, BM>;
   constexpr int NJ = Tr::NJ, MI = Tr::MI;
-  const TcGeo g = tc_geometry(p.Cin, p.K, BN);
+  const TcGeo g = tc_geometry(p.Cin, p.K, BN, BM);
   T* wsm = reinterpret_cast<T*>(smem);
   T* stage0 = reinterpret_cast<T*>(smem + g.w_bytes);
   T* stage1 = reinterpret_cast<T*>(smem + g.w_bytes + g.stage_bytes);
@@ -380,7 +387,7 @@ __device__ __forceinline__ void line_conv_tc_body(const LineConvParams& p, unsig
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int L = p.axis == 1 ? p.W : p.H;
   const int lines = p.axis == 1 ? p.H : p.W;
-  const int segs = (L + TC_BM - 1) / TC_BM;
+  const int segs = (L + BM - 1) / BM;
   const int64_t tiles = static_cast<int64_t>(p.N) * lines * segs;
   const int co0 = blockIdx.y * BN;
   const int pad = p.K / 2;
@@ -401,7 +408,7 @@ __device__ __forceinline__ void line_conv_tc_body(const LineConvParams& p, unsig
 
   auto load_halo = [&](int64_t tile, T* buf) {
     int n, line, pos0;
-    tile_coords(tile, segs, lines, &n, &line, &pos0);
+    tile_coords(tile, segs, lines, BM, &n, &line, &pos0);
     const int64_t x_line = p.axis == 1 ? n * p.x.sn + line * p.x.sh : n * p.x.sn + line * p.x.sw;
     const uint32_t base = smem_u32(buf);
     for (int idx = tid; idx < g.rows * c8n; idx += TC_THREADS) {
@@ -432,7 +439,7 @@ __device__ __forceinline__ void line_conv_tc_body(const LineConvParams& p, unsig
     if constexpr (ARCH == 90) fence_proxy_async();  // make them visible to wgmma's async proxy
 #endif
     __syncthreads();
-    tile_coords(tile, segs, lines, &e.n, &e.line, &e.pos0);
+    tile_coords(tile, segs, lines, BM, &e.n, &e.line, &e.pos0);
     if (prologue) {
       // relu(x * scale + shift), once per staged element; padding rows stay zero.
       for (int idx = tid; idx < g.rows * c8n; idx += TC_THREADS) {
@@ -471,11 +478,11 @@ __device__ __forceinline__ void line_conv_tc_body(const LineConvParams& p, unsig
       row_base = warp * 16 + g8;
       col_base = 2 * t4;
     } else {
-      const int warp_m = warp & 3, warp_n = warp >> 2;
+      const int warp_m = warp % Tr::WM, warp_n = warp / Tr::WM;
       const uint32_t a_base =
           smem_u32(cur) + ((warp_m * 32 + (lane & 15)) * g.lda + (lane >> 4) * 8) * 2;
       const uint32_t b_base =
-          smem_u32(wsm) + (warp_n * (BN / 16)) * g.sbo + ((lane >> 3) & 1) * 128 + (lane & 7) * 16;
+          smem_u32(wsm) + (warp_n * NJ) * g.sbo + ((lane >> 3) & 1) * 128 + (lane & 7) * 16;
       for (int t = 0; t < p.K; ++t) {
         for (int ks = 0; ks < ksteps; ++ks) {
           uint32_t a[MI][4];
@@ -491,7 +498,7 @@ __device__ __forceinline__ void line_conv_tc_body(const LineConvParams& p, unsig
         }
       }
       row_base = warp_m * 32 + g8;
-      col_base = warp_n * (BN / 2) + 2 * t4;
+      col_base = warp_n * (BN / Tr::WN) + 2 * t4;
     }
 
     // Epilogue straight from the accumulators: acc[(i * NJ + j) * 4 + q] is pixel
@@ -512,10 +519,10 @@ __device__ __forceinline__ void line_conv_tc_body(const LineConvParams& p, unsig
                       &val[(i * NJ + j) * 4 + 2 * hh], s0[j], s1[j]);
     __syncthreads();  // every warp is done reading `cur`: reuse it as the statistics scratch
     if (stats) {
-      // [3][ROW_GROUPS][BN] floats: <= 6 KB, and a halo stage is >= TC_BM rows x 24 elements x 2 B
-      static_assert(3 * Tr::ROW_GROUPS * BN * 4 <= TC_BM * 24 * 2, "statistics scratch exceeds a halo stage");
-      tile_stats<MI, NJ, Tr::ROW_GROUPS, TC_BM / Tr::ROW_GROUPS, BN>(
-          val, s0, s1, e.gate, ARCH == 90 ? warp : (warp & 3), row_base, col_base, L - e.pos0, lane, tid,
+      // [3][ROW_GROUPS][BN] floats: <= 6 KB, and a halo stage is >= BM rows x 24 elements x 2 B
+      static_assert(3 * Tr::ROW_GROUPS * BN * 4 <= BM * 24 * 2, "statistics scratch exceeds a halo stage");
+      tile_stats<MI, NJ, Tr::ROW_GROUPS, Tr::ROWS, BN>(
+          val, s0, s1, e.gate, ARCH == 90 ? warp : warp % Tr::WM, row_base, col_base, L - e.pos0, lane, tid,
           reinterpret_cast<float*>(cur), &cta_s0, &cta_s1, [] { __syncthreads(); });
       // the last barrier of tile_stats: the scratch (= `cur`) is free for the next prefetch
     }
@@ -580,7 +587,7 @@ __device__ __forceinline__ void line_conv_tma_body(const CUtensorMap* tmap, cons
                                                    unsigned char* smem_raw) {
 #ifdef MSFF_SM90A_DEVICE
   using Tr = TcTraits<T, BN, 90>;
-  constexpr int NJ = Tr::NJ;
+  constexpr int NJ = Tr::NJ, BM = TC_BM;
   const TcGeo g = tc_geometry(p.Cin, p.K, BN);
   // 1024-byte aligned base (the swizzle pattern is a function of address bits 7-9)
   const uint32_t raw = smem_u32(smem_raw);
@@ -600,7 +607,7 @@ __device__ __forceinline__ void line_conv_tma_body(const CUtensorMap* tmap, cons
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int L = p.axis == 1 ? p.W : p.H;
   const int lines = p.axis == 1 ? p.H : p.W;
-  const int segs = (L + TC_BM - 1) / TC_BM;
+  const int segs = (L + BM - 1) / BM;
   const int64_t tiles = static_cast<int64_t>(p.N) * lines * segs;
   const int co0 = blockIdx.y * BN;
   const int pad = p.K / 2;
@@ -623,7 +630,7 @@ __device__ __forceinline__ void line_conv_tma_body(const CUtensorMap* tmap, cons
         const int s = it % S;
         if (it >= S) mbar_wait(empty + 8 * s, ((it / S) & 1) ^ 1);  // the consumers freed stage s
         int n, line, pos0;
-        tile_coords(tile, segs, lines, &n, &line, &pos0);
+        tile_coords(tile, segs, lines, BM, &n, &line, &pos0);
         mbar_arrive_expect_tx(full + 8 * s, static_cast<uint32_t>(chunks * TMA_BC * g.rows * 2));
         for (int kc = 0; kc < chunks; ++kc)
           tma_load_4d(stages + s * tg.stage_bytes + kc * chunk_bytes, tmap, full + 8 * s, kc * TMA_BC,
@@ -662,7 +669,7 @@ __device__ __forceinline__ void line_conv_tma_body(const CUtensorMap* tmap, cons
     const int s = it % S;
     const uint32_t cur = stages + s * tg.stage_bytes;
     mbar_wait(full + 8 * s, (it / S) & 1);  // the TMA bytes of this tile have landed
-    tile_coords(tile, segs, lines, &e.n, &e.line, &e.pos0);
+    tile_coords(tile, segs, lines, BM, &e.n, &e.line, &e.pos0);
     if (prologue) {
       // relu(x * scale + shift), once per staged element; padding rows and channels stay zero.
       const int units = chunks * (TMA_BC / 8);
@@ -737,11 +744,11 @@ __global__ void __launch_bounds__(TMA_THREADS, 1)
 #endif
 }
 
-template <typename T, int BN>
+template <typename T, int BN, int BM>
 __global__ void __launch_bounds__(TC_THREADS, 1) line_conv_sm80_kernel(LineConvParams p) {
   extern __shared__ __align__(128) unsigned char tc_smem[];
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  line_conv_tc_body<T, BN, 80>(p, tc_smem);
+  line_conv_tc_body<T, BN, 80, BM>(p, tc_smem);
 #elif defined(__CUDA_ARCH__)
   __trap();  // the host never launches it below sm_80
 #endif
@@ -751,7 +758,7 @@ template <typename T, int BN>
 __global__ void __launch_bounds__(TC_THREADS, 1) line_conv_sm90a_kernel(LineConvParams p) {
   extern __shared__ __align__(128) unsigned char tc_smem[];
 #if defined(MSFF_SM90A_DEVICE)
-  line_conv_tc_body<T, BN, 90>(p, tc_smem);
+  line_conv_tc_body<T, BN, 90, TC_BM>(p, tc_smem);
 #elif defined(__CUDA_ARCH__)
   __trap();  // compiled without sm_90a: the host only launches it from an sm_90a build on a 9.0 GPU
 #endif
@@ -1062,17 +1069,22 @@ bool encode_halo_map(const LineConvParams& p, CUtensorMap* map) {
   return r == CUDA_SUCCESS;
 }
 
-template <typename T, int BN>
+template <typename T, int BN, int BM>
 cudaError_t launch_tc_bn(const LineConvParams& p_in, cudaStream_t stream) {
   LineConvParams p = p_in;
   TcFwdPlan pl{};
-  tc_fwd_grid(p.N, p.Cout, p.H, p.W, p.axis, BN, p.num_sms, &pl);
+  tc_fwd_grid(p.N, p.Cout, p.H, p.W, p.axis, BN, p.num_sms, &pl, BM);
   if (pl.tiles == 0) return cudaSuccess;  // empty batch or image: nothing to do, statistics stay 0
-  const TcGeo g = tc_geometry(p.Cin, p.K, BN);
+  const TcGeo g = tc_geometry(p.Cin, p.K, BN, BM);
   const int64_t ctas = pl.grid_x;
   const dim3 grid(static_cast<unsigned>(pl.grid_x), pl.grid_y);
   cudaError_t err;
-  if (p.kernel == ConvKernel::kSm90aTma) {
+  if constexpr (BM != TC_BM) {  // the 64-pixel tile: mma.sync kernel only
+    if (p.kernel != ConvKernel::kSm80) return cudaErrorInvalidValue;
+    err = cudaFuncSetAttribute(line_conv_sm80_kernel<T, BN, BM>, cudaFuncAttributeMaxDynamicSharedMemorySize, g.total);
+    if (err != cudaSuccess) return err;
+    line_conv_sm80_kernel<T, BN, BM><<<grid, TC_THREADS, g.total, stream>>>(p);
+  } else if (p.kernel == ConvKernel::kSm90aTma) {
     CUtensorMap map;
     if (!encode_halo_map(p, &map)) return cudaErrorInvalidValue;
     const TmaGeo tg = tma_geometry(p.Cin, p.K, BN, p.smem_optin);
@@ -1085,9 +1097,9 @@ cudaError_t launch_tc_bn(const LineConvParams& p_in, cudaStream_t stream) {
     if (err != cudaSuccess) return err;
     line_conv_sm90a_kernel<T, BN><<<grid, TC_THREADS, g.total, stream>>>(p);
   } else {
-    err = cudaFuncSetAttribute(line_conv_sm80_kernel<T, BN>, cudaFuncAttributeMaxDynamicSharedMemorySize, g.total);
+    err = cudaFuncSetAttribute(line_conv_sm80_kernel<T, BN, BM>, cudaFuncAttributeMaxDynamicSharedMemorySize, g.total);
     if (err != cudaSuccess) return err;
-    line_conv_sm80_kernel<T, BN><<<grid, TC_THREADS, g.total, stream>>>(p);
+    line_conv_sm80_kernel<T, BN, BM><<<grid, TC_THREADS, g.total, stream>>>(p);
   }
   err = last_error();
   if (err != cudaSuccess || p.stat0 == nullptr) return err;
@@ -1101,13 +1113,20 @@ cudaError_t launch_tc(const LineConvParams& p_in, cudaStream_t stream) {
   const DeviceFacts f = device_facts();
   LineConvParams p = p_in;
   p.smem_optin = f.smem_optin;
-  switch (tc_pick_bn(p.Cin, p.Cout, p.K, f.smem_optin)) {
+  // the same tile line_conv_choose planned with (the 64-pixel tile: mma.sync kernel only)
+  const TcTile t = tc_pick_tile(p.Cin, p.Cout, p.K, f.smem_optin, p.kernel == ConvKernel::kSm80);
+  if (t.bm == TC_BM_SMALL) {
+    if (t.bn == 64) return launch_tc_bn<T, 64, TC_BM_SMALL>(p, stream);
+    if (t.bn == 32) return launch_tc_bn<T, 32, TC_BM_SMALL>(p, stream);
+    return cudaErrorInvalidValue;
+  }
+  switch (t.bn) {
     case 64:
-      return launch_tc_bn<T, 64>(p, stream);
+      return launch_tc_bn<T, 64, TC_BM>(p, stream);
     case 32:
-      return launch_tc_bn<T, 32>(p, stream);
+      return launch_tc_bn<T, 32, TC_BM>(p, stream);
     case 16:
-      return launch_tc_bn<T, 16>(p, stream);
+      return launch_tc_bn<T, 16, TC_BM>(p, stream);
   }
   return cudaErrorInvalidValue;
 }
@@ -1172,11 +1191,12 @@ ConvKernel line_conv_choose(const LineConvParams& p, ConvRequest request) {
   if (!cp_async_ok(p.x)) return ConvKernel::kGeneric;
   if (!pair_ok(p.y) || !pair_ok(p.add) || !pair_ok(p.gate_x)) return ConvKernel::kGeneric;
   const DeviceFacts f = device_facts();
-  const int bn = tc_pick_bn(p.Cin, p.Cout, p.K, f.smem_optin);
-  if (f.cc < 80 || bn == 0) return ConvKernel::kGeneric;
+  const int bn = tc_pick_bn(p.Cin, p.Cout, p.K, f.smem_optin);  // the wgmma kernels' (128-pixel) tile
+  // the mma.sync kernel may also take the 64-pixel tile
+  if (f.cc < 80 || tc_pick_tile(p.Cin, p.Cout, p.K, f.smem_optin, true).bn == 0) return ConvKernel::kGeneric;
 #ifdef MSFF_HAVE_SM90A
-  if (f.cc == 90 && request == ConvRequest::kCpAsync) return ConvKernel::kSm90a;
-  if (f.cc == 90 && request == ConvRequest::kBest) {
+  if (f.cc == 90 && bn > 0 && request == ConvRequest::kCpAsync) return ConvKernel::kSm90a;
+  if (f.cc == 90 && bn > 0 && request == ConvRequest::kBest) {
     // TMA where the tensor map can describe x and the stages fit; else the cp.async pipeline
     const bool tma = halo_desc_of(p).ok && tma_geometry(p.Cin, p.K, bn, f.smem_optin).stages >= 2 &&
                      tensor_map_encoder() != nullptr;

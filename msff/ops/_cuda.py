@@ -158,7 +158,7 @@ def set_conv_kernel_default(name: str) -> str:
 
 
 def conv_plan(n: int, cin: int, cout: int, h: int, w: int, k: int, axis: int = 1,
-              smem_optin: int = 232448, num_sms: int = 132) -> dict:
+              smem_optin: int = 232448, num_sms: int = 132, cc: int = 90) -> dict:
     """The launch plan of the tensor-core lk_conv kernels for one shape, computed by the same C++
     functions their launchers call (csrc/cuda/line_conv_plan.h); needs ``msff._C``, not a GPU.
 
@@ -173,6 +173,9 @@ def conv_plan(n: int, cin: int, cout: int, h: int, w: int, k: int, axis: int = 1
         smem_optin: the device's opt-in shared memory per block in bytes (H100/H200: 232448,
             A100: 166912).
         num_sms: the device's SM count (H100 SXM/H200: 132, A100: 108).
+        cc: compute capability x 10: 90 plans the wgmma kernels (``tc`` / ``tc-cpasync`` on
+            Hopper: 128-pixel tiles), anything else the mma.sync kernel, which takes a 64-pixel
+            tile where 128 pixels leave room for 16 channels only (A100 at E2: 64 x 32).
 
     Returns:
         dict of the ints named in ``_PLAN_KEYS`` (``fwd_bn == 0``: no tile fits, the generic kernel
@@ -185,7 +188,7 @@ def conv_plan(n: int, cin: int, cout: int, h: int, w: int, k: int, axis: int = 1
     """
     if _C is None:
         raise RuntimeError(extension_error())
-    vals = torch.ops.msff._lk_conv_cuda_plan(n, cin, cout, h, w, k, axis, smem_optin, num_sms)
+    vals = torch.ops.msff._lk_conv_cuda_plan(n, cin, cout, h, w, k, axis, smem_optin, num_sms, cc)
     return dict(zip(_PLAN_KEYS, (int(v) for v in vals), strict=True))
 
 

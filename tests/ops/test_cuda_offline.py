@@ -411,3 +411,20 @@ def test_generic_conv_vector_path_stages_16_byte_cp_async(generic):
                          ("13__nv_bfloat16", 1), ("6__half", 1), ("f", 1))}
     want["reduce"] = 1
     assert dict(seen) == want, sorted(seen)
+
+
+def test_mma_sync_plan_takes_the_64_pixel_tile_where_128_leaves_16_channels():
+    # A100 at E2 (Cin = Cout = 128, k = 15): 32 channels of resident weights (123 KB) + two
+    # 128-pixel halo stages do not fit 163 KB, so the wgmma-style plan drops to 16 channels (8
+    # n-tiles, each staging every halo); the mma.sync kernel takes 64 x 32 instead.
+    wgmma = _plan(E2, dict(A100, cc=90))
+    mma = _plan(E2, dict(A100, cc=80))
+    assert (wgmma["fwd_bm"], wgmma["fwd_bn"]) == (128, 16)
+    assert (mma["fwd_bm"], mma["fwd_bn"]) == (64, 32)
+    assert mma["fwd_smem_bytes"] <= A100["smem_optin"] and mma["fwd_grid_y"] == 4
+    # halo bytes staged per output pixel: (bm + k - 1) / bm x n-tiles
+    assert (64 + 14) / 64 * 4 < 0.6 * ((128 + 14) / 128 * 8)
+    # where 128 pixels fit, both plans are the same (E1 on an A100; E1 and E2 on an H100)
+    for shape, dev in ((E1, A100), (E1, H100), (E2, H100)):
+        a, b = _plan(shape, dict(dev, cc=90)), _plan(shape, dict(dev, cc=80))
+        assert a == b and a["fwd_bm"] == 128, (shape, dev)
