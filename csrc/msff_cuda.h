@@ -113,6 +113,10 @@ struct LineConvWgradParams {
 // Size (fp32 elements) of the generic weight gradient's partials scratch for p.
 int64_t line_conv_wgrad_generic_partial_elems(const LineConvWgradParams& p);
 
+// dw[e] = sum over the `slices` fp32 slices of `elems` partials, in slice order (deterministic):
+// the last step of both weight gradients (reduce_wgrad_kernel, csrc/cuda/line_conv_tc.cu).
+cudaError_t reduce_wgrad_slices(const float* partials, int slices, int64_t elems, float* dw, cudaStream_t stream);
+
 // The weight-gradient kernel line_conv_wgrad would run for p, given the caller's request
 // (kSm80 = mma.sync, split-K over pixels, deterministic; it is also what kBest runs on Hopper).
 ConvKernel line_conv_wgrad_choose(const LineConvWgradParams& p, ConvRequest request);

@@ -116,6 +116,26 @@ cudaError_t line_conv_tc_forward(const LineConvParams& p, cudaStream_t stream);
 // The tensor-core weight gradient (line_conv_tc.cu), for p.kernel != kGeneric.
 cudaError_t line_conv_wgrad_tc(const LineConvWgradParams& p, cudaStream_t stream);
 
+// ---- 16-byte cp.async (sm_80+) -------------------------------------------------------------------
+__device__ __forceinline__ uint32_t smem_u32(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// 16-byte global -> shared copy, L2 only (operands are reused from shared memory, not L1).
+// valid = false copies 0 bytes and zero-fills the 16 destination bytes ("same" padding, tails);
+// src must still be a mapped address (callers pass the tensor's base then).
+__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0)
+               : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+// Wait until at most N of this thread's committed groups are pending. It orders only this
+// thread's copies: a __syncthreads must follow before other threads read what landed.
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
 // Launch error of the last kernel, or of a failed configuration call before it.
 inline cudaError_t last_error() { return cudaGetLastError(); }
 

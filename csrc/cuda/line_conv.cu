@@ -34,25 +34,6 @@ constexpr int NTHREADS = 128;  // 4 warps
 constexpr int KMAX = 31;      // largest kernel size supported (checked by the glue)
 
 // ---- 16-byte copies and vectors -------------------------------------------------------------
-__device__ __forceinline__ uint32_t smem_u32(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
-// 16-byte global -> shared copy (L2 only: operands are reused from shared memory, not L1).
-// valid = false copies 0 bytes and zero-fills the 16 destination bytes ("same" padding, tails);
-// src must still be a mapped address (callers pass the tensor's base then).
-__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, bool valid) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0)
-               : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-// Wait until at most N of this thread's committed groups are pending. It orders only this
-// thread's copies: a __syncthreads must follow before other threads read what landed.
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-}
-
 // One 16-byte store (st.global.v4: the compiler may otherwise split a uint4 store in four).
 __device__ __forceinline__ void st_global_v4(void* p, const uint4& u) {
   asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};\n" ::"l"(p), "r"(u.x), "r"(u.y), "r"(u.z), "r"(u.w)
@@ -484,8 +465,8 @@ __global__ void __launch_bounds__(NTHREADS) line_conv_fwd_kernel(LineConvParams 
 // g (64 pixels × 64 channels) and the recomputed activation a (64 + 3 pixels × 32 channels);
 // warp w multiplies g^T by a shifted down w rows. Each block writes its fp32 tile to its split's
 // slice of the partials (dw's layout; every element of a slice is written by exactly one block),
-// and reduce_wgrad_splits_kernel sums the slices in split order: deterministic, no atomics
-// (one split writes dw directly).
+// and reduce_wgrad_slices (reduce_wgrad_kernel, line_conv_tc.cu) sums the slices in split order:
+// deterministic, no atomics (one split writes dw directly).
 // The 16-byte path (V > 1) stages both with cp.async and, for 16-bit types, double-buffers them
 // across segments so the copies of the next segment run under this one's mma (fp32 keeps one
 // stage: two would not fit the 48 KB of static shared memory).
@@ -713,15 +694,6 @@ __global__ void __launch_bounds__(NTHREADS) line_conv_wgrad_kernel(LineConvWgrad
   }
 }
 
-// dw[e] = sum over splits, in split order, of the weight-gradient partials: deterministic.
-__global__ void __launch_bounds__(256) reduce_wgrad_splits_kernel(const float* partials, int splits, int64_t elems,
-                                                                  float* dw) {
-  const int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (e >= elems) return;
-  float acc = 0.0f;
-  for (int s = 0; s < splits; ++s) acc += partials[s * elems + e];
-  dw[e] = acc;
-}
 
 // ---- host side -------------------------------------------------------------------------------
 // The 16-byte path's layout rule, written once for every tensor the kernels touch per element:
@@ -806,9 +778,7 @@ cudaError_t launch_wgrad(const LineConvWgradParams& p_in, cudaStream_t stream) {
     line_conv_wgrad_kernel<T, 1><<<grid, NTHREADS, 0, stream>>>(p);
   cudaError_t err = last_error();
   if (err != cudaSuccess || grid.z == 1) return err;
-  reduce_wgrad_splits_kernel<<<static_cast<unsigned>((elems + 255) / 256), 256, 0, stream>>>(
-      p.partials, static_cast<int>(grid.z), elems, p.dw);
-  return last_error();
+  return reduce_wgrad_slices(p.partials, static_cast<int>(grid.z), elems, p.dw, stream);
 }
 
 }  // namespace

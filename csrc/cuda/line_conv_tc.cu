@@ -31,21 +31,6 @@
 namespace msff {
 namespace {
 
-__device__ __forceinline__ uint32_t smem_u32(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
-// 16-byte global -> shared copy; src_bytes = 0 zero-fills (the "same" padding, channel tails).
-__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, bool valid) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0)
-               : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-}
-
 __device__ __forceinline__ void ldmatrix_x4(uint32_t* r, uint32_t addr) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
@@ -1143,9 +1128,7 @@ cudaError_t launch_wgrad_tc(const LineConvWgradParams& p, cudaStream_t stream) {
   err = last_error();
   if (err != cudaSuccess) return err;
   const int64_t elems = static_cast<int64_t>(p.Cout) * p.Cin * p.K;
-  reduce_wgrad_kernel<<<static_cast<unsigned>((elems + 255) / 256), 256, 0, stream>>>(p.partials, pl.splits, elems,
-                                                                                      p.dw);
-  return last_error();
+  return reduce_wgrad_slices(p.partials, pl.splits, elems, p.dw, stream);
 }
 
 // 16-byte cp.async of 8 channels of one pixel: channels contiguous, pixels 16-byte aligned.
@@ -1169,6 +1152,12 @@ ConvKernel line_conv_wgrad_choose(const LineConvWgradParams& p, ConvRequest requ
   if ((request == ConvRequest::kBest || request == ConvRequest::kCpAsync) && f.cc == 90) return ConvKernel::kSm90a;
 #endif
   return ConvKernel::kSm80;
+}
+
+cudaError_t reduce_wgrad_slices(const float* partials, int slices, int64_t elems, float* dw, cudaStream_t stream) {
+  if (elems == 0) return cudaSuccess;
+  reduce_wgrad_kernel<<<static_cast<unsigned>((elems + 255) / 256), 256, 0, stream>>>(partials, slices, elems, dw);
+  return last_error();
 }
 
 cudaError_t line_conv_wgrad_tc(const LineConvWgradParams& p, cudaStream_t stream) {

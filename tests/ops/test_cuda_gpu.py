@@ -450,7 +450,7 @@ def test_generic_conv_vector_path_agrees_with_scalar_path(dtype, monkeypatch):
 
 @pytest.mark.parametrize("layout", ["channels_last", "contiguous"])
 def test_generic_conv_weight_gradient_is_bitwise_reproducible(layout, monkeypatch):
-    # per-split fp32 tiles summed in split order by reduce_wgrad_splits_kernel (no atomics); the
+    # per-split fp32 tiles summed in split order by reduce_wgrad_kernel (no atomics); the
     # shape gives many pixel splits (2 x 9 lines x 3 segments, >= 8 segments per split)
     monkeypatch.setenv("MSFF_CUDA_CONV", "generic")
     x, w, kw = lk_make(4, 32, 64, 9, 150, 15, "w", "all", layout, torch.bfloat16)
@@ -474,3 +474,46 @@ def test_generic_conv_statistics_keep_their_digits_when_the_mean_dominates(layou
     assert_close(y, yr, "y")
     assert_close(s, sr, "ch_sum")
     assert_close(q, qr, "M2")
+
+
+@pytest.mark.parametrize("variant", TC_VARIANTS)
+def test_tensor_core_statistics_keep_their_digits_when_the_mean_dominates(variant, monkeypatch):
+    # the same as above for the tensor-core kernels' tile_stats (shift c = the value of each row
+    # group's first row), bf16 channels_last with lines longer than one tile
+    from msff.ops.lk_conv import lk_conv
+
+    monkeypatch.setenv("MSFF_CUDA_CONV", variant)
+    x, w, _ = lk_make(2, 16, 24, 9, 150, 15, "w", "plain", "channels_last", torch.bfloat16)
+    w = (w.detach() * 0.1).requires_grad_()
+    bias = torch.full((24,), 1e3, device=DEV)
+    y, s, q = lk_conv(x, w, bias, stats=True, backend="cuda")
+    # float64 reference on the same bf16 inputs: the kernel's fp32 epilogue values differ by
+    # rounding only, so Σy to ~1e-7 and M2 (~27 per channel here) to ~1e-5; fp32 per-tile Σy²
+    # (|y| ~ 1e3) would be off by hundreds
+    xd, wd = x.detach().double(), w.detach().double()
+    _, sd, qd = lk_conv(xd, wd, bias.double(), stats=True, backend="reference")
+    assert torch.allclose(s.double(), sd, rtol=1e-5), (s[:4], sd[:4])
+    assert torch.allclose(q.double(), qd, rtol=1e-3), (q[:4], qd[:4])
+
+
+def test_mma_sync_kernel_runs_its_64_pixel_tile(monkeypatch):
+    # Cin 160, k 15 on an H100/H200: 32 channels of resident weights + two 128-pixel halo stages
+    # exceed 227 KB, two 64-pixel stages fit: MSFF_CUDA_CONV=sm80 runs line_conv_sm80_kernel<.., 64>
+    from msff.ops._cuda import conv_plan
+
+    props = torch.cuda.get_device_properties(0)
+    smem = getattr(props, "shared_memory_per_block_optin", 232448)
+    plan = conv_plan(2, 160, 64, 9, 150, 15, 1, smem, props.multi_processor_count, cc=80)
+    if plan["fwd_bm"] != 64:
+        pytest.skip(f"this GPU's {smem} B of shared memory plan {plan['fwd_bm']} x {plan['fwd_bn']}")
+    monkeypatch.setenv("MSFF_CUDA_CONV", "sm80")
+    x, w, kw = lk_make(2, 160, 64, 9, 150, 15, "w", "all", "channels_last", torch.bfloat16)
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        _lowp(x, w, kw, "cuda")
+        torch.cuda.synchronize()
+    names = [e.name for e in prof.events() if "line_conv_sm80_kernel" in e.name]
+    # line_conv_sm80_kernel<T, BN, BM>: BM = 64
+    assert names and all(n.replace(" ", "").endswith(",64>(msff::LineConvParams)") or "Li64EEEv" in n
+                         for n in names), names[:4]
