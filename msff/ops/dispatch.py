@@ -151,12 +151,23 @@ def _probe(name: str, x: Optional[torch.Tensor]) -> Optional[str]:
     return probe(x)
 
 
-def _forced_reference() -> Optional[str]:
+def _is_exporting() -> bool:
+    """torch.export is tracing (not a plain torch.compile). torch.compiler.is_exporting() returns
+    the module flag ``_is_exporting_flag``, but Dynamo of torch 2.11 folds the *call* to True under
+    any torch.compile (the fused backends then silently ran the reference there); reading the flag
+    itself is right under both, so read it where torch has it."""
+    flag = getattr(torch.compiler, "_is_exporting_flag", None)
+    if isinstance(flag, bool):
+        return flag
     try:
-        if torch.compiler.is_exporting():
-            return "torch.export is tracing"
+        return bool(torch.compiler.is_exporting())
     except AttributeError:  # pragma: no cover - older torch
-        pass
+        return False
+
+
+def _forced_reference() -> Optional[str]:
+    if _is_exporting():
+        return "torch.export is tracing"
     if torch.onnx.is_in_onnx_export():
         return "ONNX export is running"
     if torch.are_deterministic_algorithms_enabled():
