@@ -514,7 +514,10 @@ def choose_config(kind: str, key: tuple, run, candidates) -> str:
     """The candidate to launch for a shape ``key``: the ``MSFF_TRITON_CONFIG`` pin if any; else,
     on a GPU with autotuning on (``MSFF_TRITON_AUTOTUNE``, default on), the fastest of
     ``candidates`` by ``triton.testing.do_bench`` of ``run(name)`` (once per key and process);
-    else the first candidate."""
+    else the first candidate. A candidate whose launch needs more shared memory than the GPU
+    has (Triton's ``OutOfResources``, raised before the kernel runs: fp32 tiles are twice the
+    bytes, e.g. m256n64k64w8s3 wants 240 KB and n256k64w8 288 KB at 128 channels against 227 KB
+    per block on H100/H200) is left out of the timing; only when none fits is its error raised."""
     pinned = config_override(kind)
     if pinned is not None:
         return pinned
@@ -522,10 +525,18 @@ def choose_config(kind: str, key: tuple, run, candidates) -> str:
     if triton_interpret() or not autotune_enabled() or len(names) == 1:
         return names[0]
     if key not in _TUNED:
+        from triton.runtime.errors import OutOfResources
         from triton.testing import do_bench
 
-        times = {n: do_bench(lambda n=n: run(n), warmup=3, rep=10) for n in names}
-        _TUNED[key] = min(names, key=lambda n: times[n])
+        times, refused = {}, []
+        for n in names:
+            try:
+                times[n] = do_bench(lambda n=n: run(n), warmup=3, rep=10)
+            except OutOfResources as e:
+                refused.append(e)
+        if not times:
+            raise refused[0]
+        _TUNED[key] = min(times, key=times.get)
     return _TUNED[key]
 
 

@@ -220,6 +220,31 @@ def test_config_pin_and_autotune_choice(monkeypatch):
     assert len(calls) == 3
 
 
+def test_autotune_skips_candidates_that_do_not_fit_in_shared_memory(monkeypatch):
+    # fp32 tiles on H100/H200 (227 KB per block): m256n64k64w8s3 needs 240 KB; the launch raises
+    # Triton's OutOfResources before the kernel runs, and the autotuner times the others
+    import triton.testing
+    from triton.runtime.errors import OutOfResources
+
+    monkeypatch.delenv(klc.CONFIG_ENV, raising=False)
+    monkeypatch.delenv(klc.AUTOTUNE_ENV, raising=False)
+    monkeypatch.setattr(klc, "triton_interpret", lambda: False)
+    monkeypatch.setattr(klc, "_TUNED", {})
+    monkeypatch.setattr(triton.testing, "do_bench", lambda fn, warmup=0, rep=0: fn())
+    too_big = {"m256n64k64w8s3", "m128n128k64w8s3"}
+
+    def run(name):
+        if name in too_big:
+            raise OutOfResources(245760, 232448, "shared memory")
+        return {"m128n64k64w4s4": 1.0}[name]
+
+    assert klc.choose_config("fwd", ("fwd", 0, torch.float32, 1), run,
+                             klc.FWD_CANDIDATES) == "m128n64k64w4s4"
+    too_big |= set(klc.FWD_CANDIDATES)  # none fits: the first refusal is the error
+    with pytest.raises(OutOfResources, match="shared memory"):
+        klc.choose_config("fwd", ("fwd", 0, torch.float32, 2), run, klc.FWD_CANDIDATES)
+
+
 def test_dtype_defaults():
     # fp32 weight gradients default to the 256-wide N tile (the 512-wide one spilled 36 B on
     # sm_80); everything else to the first candidate; a pin overrides both
