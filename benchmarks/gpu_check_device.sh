@@ -11,8 +11,9 @@
 #   4. copies the log, the results JSON and the validation record into $OUT (the device tool's
 #      return folder; ./gpu-check-out when unset) so they can be committed here.
 # Exit status: that of the check (the build's when it fails). Environment: GPU_PY (python3),
-# GPU_BUDGET (360), OUT. On the device tool: `run` with command `make gpu-check-device` and
-# timeout_s 540 (machine start + build ~2-3 min + 360 s + record fit in the 15-minute lease).
+# GPU_BUDGET (360), OUT. On the device tool: `run` with command `bash benchmarks/gpu_check_device.sh`
+# (`make` is not listed on that image) and timeout_s 540 (machine start ~1-2 min + build < 1 min on
+# 16 cores + 360 s + record fit in the 15-minute lease).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${GPU_PY:-python3}
