@@ -180,7 +180,7 @@ def _ext_modules():
 
     sources = ["csrc/ops.cpp"]
     define_macros = []
-    cxx = ["-O3"]  # the C++ standard comes from torch (C++20 for torch >= 2.10)
+    cxx = ["-O3"]  # the C++ standard comes from torch (C++17 up to 2.11, C++20 in 2.14)
     ext_kwargs = {}
     if want_cuda:
         sources += ["csrc/cuda_ops.cpp"] + sorted(
