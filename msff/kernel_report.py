@@ -603,7 +603,7 @@ CUDA_TRAFFIC_SOURCES = {
     "epilogue: one 4-byte channel pair per thread (a warp: 8 pixels x 16 B, half a 32-B sector)":
         "*reinterpret_cast<typename Pair<T>::type*>(base + offset4(v, n, c, h, w)) = Pair<T>::from_float2(a, b);",
     "statistics: 2 x BN fp64 partials per CTA":
-        "p.partials[blockIdx.x * static_cast<int64_t>(p.Cout) + co0 + tid] = cta_s0;",
+        "p.partials[blockIdx.x * static_cast<int64_t>(p.Cout) + co0 + tid] = s0;",
     "statistics: reduce_partials_kernel reads every CTA's partials in order":
         "a += partials[static_cast<int64_t>(i) * C + c];",
     "wgrad.g: 128 pixels x 64 output channels per segment, per (co tile, ci tile) CTA":

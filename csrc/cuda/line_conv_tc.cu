@@ -359,6 +359,43 @@ __device__ __forceinline__ void tile_stats(const float* acc, float (*s0)[2], flo
   sync();
 }
 
+// The epilogue of one tile from the accumulators (element (i, j, hh, q) of acc: tile row
+// row_base + 16 i + 8 hh, channel co0 + col_base + 8 j + q): epi_pair for every channel pair, then
+// pre() (a barrier the caller needs before its scratch is reused) and, with stats, tile_stats.
+template <typename T, int MI, int NJ, int GROUPS, int ROWS, int BN, typename Pre, typename Sync>
+__device__ __forceinline__ void tile_epilogue(const LineConvParams& p, const EpiCtx& e, const float* acc, int co0,
+                                              int row_base, int col_base, int group, int lane, int tid, bool stats,
+                                              float* scratch, double* cta_s0, double* cta_s1, Pre pre, Sync sync) {
+  float s0[NJ][2], s1[NJ][2];
+  float val[MI * NJ * 4];  // kConv: the epilogue values (rows past the line: 0, never summed)
+#pragma unroll
+  for (int i = 0; i < MI * NJ * 4; ++i) val[i] = 0.0f;
+#pragma unroll
+  for (int j = 0; j < NJ; ++j) s0[j][0] = s0[j][1] = s1[j][0] = s1[j][1] = 0.0f;
+#pragma unroll
+  for (int i = 0; i < MI; ++i)
+#pragma unroll
+    for (int j = 0; j < NJ; ++j)
+#pragma unroll
+      for (int hh = 0; hh < 2; ++hh)
+        epi_pair<T>(p, e, row_base + 16 * i + 8 * hh, co0 + col_base + 8 * j, &acc[(i * NJ + j) * 4 + 2 * hh],
+                    &val[(i * NJ + j) * 4 + 2 * hh], s0[j], s1[j]);
+  pre();
+  if (stats)
+    tile_stats<MI, NJ, GROUPS, ROWS, BN>(val, s0, s1, e.gate, group, row_base, col_base, e.L - e.pos0, lane, tid,
+                                         scratch, cta_s0, cta_s1, sync);
+}
+
+// The CTA's fp64 statistics partials (2, gridDim.x, Cout), summed by reduce_partials_kernel.
+template <int BN>
+__device__ __forceinline__ void write_cta_stats(const LineConvParams& p, int co0, int tid, bool stats, double s0,
+                                                double s1) {
+  if (!stats || tid >= BN || co0 + tid >= p.Cout) return;
+  const int64_t P = gridDim.x;
+  p.partials[blockIdx.x * static_cast<int64_t>(p.Cout) + co0 + tid] = s0;
+  p.partials[(P + blockIdx.x) * static_cast<int64_t>(p.Cout) + co0 + tid] = s1;
+}
+
 template <typename T, int BN, int ARCH, int BM>
 __device__ __forceinline__ void line_conv_tc_body(const LineConvParams& p, unsigned char* smem) {
   using Tr = TcTraits<T, BN, ARCH, BM>;
@@ -488,36 +525,16 @@ __device__ __forceinline__ void line_conv_tc_body(const LineConvParams& p, unsig
 
     // Epilogue straight from the accumulators: acc[(i * NJ + j) * 4 + q] is pixel
     // row_base + 16 i + 8 (q >> 1), channel col_base + 8 j + (q & 1).
-    float s0[NJ][2], s1[NJ][2];
-    float val[Tr::ACC];  // kConv: the epilogue values (rows past the line: 0, never summed)
-#pragma unroll
-    for (int i = 0; i < Tr::ACC; ++i) val[i] = 0.0f;
-#pragma unroll
-    for (int j = 0; j < NJ; ++j) s0[j][0] = s0[j][1] = s1[j][0] = s1[j][1] = 0.0f;
-#pragma unroll
-    for (int i = 0; i < MI; ++i)
-#pragma unroll
-      for (int j = 0; j < NJ; ++j)
-#pragma unroll
-        for (int hh = 0; hh < 2; ++hh)
-          epi_pair<T>(p, e, row_base + 16 * i + 8 * hh, co0 + col_base + 8 * j, &acc[(i * NJ + j) * 4 + 2 * hh],
-                      &val[(i * NJ + j) * 4 + 2 * hh], s0[j], s1[j]);
-    __syncthreads();  // every warp is done reading `cur`: reuse it as the statistics scratch
-    if (stats) {
-      // [3][ROW_GROUPS][BN] floats: <= 6 KB, and a halo stage is >= BM rows x 24 elements x 2 B
-      static_assert(3 * Tr::ROW_GROUPS * BN * 4 <= BM * 24 * 2, "statistics scratch exceeds a halo stage");
-      tile_stats<MI, NJ, Tr::ROW_GROUPS, Tr::ROWS, BN>(
-          val, s0, s1, e.gate, ARCH == 90 ? warp : warp % Tr::WM, row_base, col_base, L - e.pos0, lane, tid,
-          reinterpret_cast<float*>(cur), &cta_s0, &cta_s1, [] { __syncthreads(); });
-      // the last barrier of tile_stats: the scratch (= `cur`) is free for the next prefetch
-    }
+    // [3][ROW_GROUPS][BN] floats: <= 6 KB, and a halo stage is >= BM rows x 24 elements x 2 B
+    static_assert(3 * Tr::ROW_GROUPS * BN * 4 <= BM * 24 * 2, "statistics scratch exceeds a halo stage");
+    // the barrier before the statistics: every warp is done reading `cur`, which becomes their
+    // scratch; tile_stats' last barrier frees it for the next prefetch
+    tile_epilogue<T, MI, NJ, Tr::ROW_GROUPS, Tr::ROWS, BN>(
+        p, e, acc, co0, row_base, col_base, ARCH == 90 ? warp : warp % Tr::WM, lane, tid, stats,
+        reinterpret_cast<float*>(cur), &cta_s0, &cta_s1, [] { __syncthreads(); }, [] { __syncthreads(); });
   }
   cp_async_wait<0>();
-  if (stats && tid < BN && co0 + tid < p.Cout) {
-    const int64_t P = gridDim.x;
-    p.partials[blockIdx.x * static_cast<int64_t>(p.Cout) + co0 + tid] = cta_s0;
-    p.partials[(P + blockIdx.x) * static_cast<int64_t>(p.Cout) + co0 + tid] = cta_s1;
-  }
+  write_cta_stats<BN>(p, co0, tid, stats, cta_s0, cta_s1);
 }
 
 // ---- sm_90a: TMA-fed, warp-specialised forward / input gradient (line_conv_tma_kernel) ---------
@@ -693,28 +710,10 @@ __device__ __forceinline__ void line_conv_tma_body(const CUtensorMap* tmap, cons
     __syncwarp();
     if (lane == 0) mbar_arrive(empty + 8 * s);
 
-    const int row_base = warp * 16 + g8, col_base = 2 * t4;
-    float s0[NJ][2], s1[NJ][2];
-    float val[Tr::ACC];  // kConv: the epilogue values (rows past the line: 0, never summed)
-#pragma unroll
-    for (int i = 0; i < Tr::ACC; ++i) val[i] = 0.0f;
-#pragma unroll
-    for (int j = 0; j < NJ; ++j) s0[j][0] = s0[j][1] = s1[j][0] = s1[j][1] = 0.0f;
-#pragma unroll
-    for (int j = 0; j < NJ; ++j)
-#pragma unroll
-      for (int hh = 0; hh < 2; ++hh)
-        epi_pair<T>(p, e, row_base + 8 * hh, co0 + col_base + 8 * j, &acc[j * 4 + 2 * hh], &val[j * 4 + 2 * hh],
-                    s0[j], s1[j]);
-    if (stats)
-      tile_stats<1, NJ, 8, TC_BM / 8, BN>(val, s0, s1, e.gate, warp, row_base, col_base, L - e.pos0, lane, tid,
-                                          scratch, &cta_s0, &cta_s1, [] { consumers_sync(); });
+    tile_epilogue<T, 1, NJ, 8, TC_BM / 8, BN>(p, e, acc, co0, warp * 16 + g8, 2 * t4, warp, lane, tid, stats,
+                                             scratch, &cta_s0, &cta_s1, [] {}, [] { consumers_sync(); });
   }
-  if (stats && tid < BN && co0 + tid < p.Cout) {
-    const int64_t P = gridDim.x;
-    p.partials[blockIdx.x * static_cast<int64_t>(p.Cout) + co0 + tid] = cta_s0;
-    p.partials[(P + blockIdx.x) * static_cast<int64_t>(p.Cout) + co0 + tid] = cta_s1;
-  }
+  write_cta_stats<BN>(p, co0, tid, stats, cta_s0, cta_s1);
 #endif
 }
 
