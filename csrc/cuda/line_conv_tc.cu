@@ -270,6 +270,16 @@ __device__ __forceinline__ void stage_weights(const LineConvParams& p, const TcG
   }
 }
 
+// The prologue's scale / shift into shared memory: prm = [scale (cin_pad) | shift (cin_pad)], zero
+// past Cin. The caller's barrier makes them visible before the first prologue_unit.
+__device__ __forceinline__ void stage_prologue_params(const LineConvParams& p, const TcGeo& g, float* prm, int tid,
+                                                      int nthreads) {
+  for (int i = tid; i < g.cin_pad; i += nthreads) {
+    prm[i] = i < p.Cin ? p.in_scale[i] : 0.0f;
+    prm[g.cin_pad + i] = i < p.Cin ? p.in_shift[i] : 0.0f;
+  }
+}
+
 // The pending BN + ReLU of the producer, relu(x * scale + shift), applied in place to one staged
 // 16-byte unit (channels 8 c8 .. 8 c8 + 7); prm = [scale (cin_pad) | shift (cin_pad)].
 template <typename T>
@@ -419,12 +429,7 @@ __device__ __forceinline__ void line_conv_tc_body(const LineConvParams& p, unsig
   const int64_t x_step = p.axis == 1 ? p.x.sw : p.x.sh;
   const bool prologue = p.in_scale != nullptr;
 
-  if (prologue) {
-    for (int i = tid; i < g.cin_pad; i += TC_THREADS) {
-      prm[i] = i < p.Cin ? p.in_scale[i] : 0.0f;
-      prm[g.cin_pad + i] = i < p.Cin ? p.in_shift[i] : 0.0f;
-    }
-  }
+  if (prologue) stage_prologue_params(p, g, prm, tid, TC_THREADS);
   stage_weights<T, BN>(p, g, smem_u32(wsm), co0, tid, TC_THREADS);
   cp_async_commit();
 
@@ -643,12 +648,7 @@ __device__ __forceinline__ void line_conv_tma_body(const CUtensorMap* tmap, cons
   }
 
   // ---- consumers ----
-  if (prologue) {
-    for (int i = tid; i < g.cin_pad; i += TMA_CONSUMERS) {
-      prm[i] = i < p.Cin ? p.in_scale[i] : 0.0f;
-      prm[g.cin_pad + i] = i < p.Cin ? p.in_shift[i] : 0.0f;
-    }
-  }
+  if (prologue) stage_prologue_params(p, g, prm, tid, TMA_CONSUMERS);
   {
     stage_weights<T, BN>(p, g, smem_u32(wsm), co0, tid, TMA_CONSUMERS);
     cp_async_commit();
